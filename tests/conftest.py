@@ -1,0 +1,26 @@
+"""Shared test set-up: repository root on the path, the optional ../shared folder, small thread count."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+torch.set_num_threads(2)
+
+
+def shared_path(*parts):
+    """Path inside ../shared, or skip the calling test with the reason when it is absent."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent: ../shared (fixtures and research data) ships only with the developers' checkout")
+    return path
+
+
+@pytest.fixture
+def shared():
+    return shared_path
