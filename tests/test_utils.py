@@ -1,0 +1,118 @@
+"""Metrics, checkpoint files, random state and run logs in utils.py."""
+import argparse
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import utils
+
+
+def test_to_uint8_rounds_and_clamps():
+    """Conversion rounds to nearest (not truncates) and clamps out-of-range values."""
+    x = torch.tensor([-0.5, 0.0, 0.4 / 255, 0.6 / 255, 254.5001 / 255, 1.0, 1.7])
+    assert utils.to_uint8(x).tolist() == [0, 0, 0, 1, 255, 255, 255]
+    assert utils.to_uint8(x).dtype == torch.uint8
+
+
+def test_psnr_matches_a_hand_computation_on_uint8():
+    """PSNR equals 10 log10(255^2 / MSE) on the uint8-rounded images, per image, and inf when equal."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 3, 8, 8, generator=g)
+    b = (a + 0.05 * torch.randn(2, 3, 8, 8, generator=g)).clamp(0, 1)
+    qa = np.round(a.numpy() * 255).astype(np.float64)
+    qb = np.round(b.numpy() * 255).astype(np.float64)
+    expected = [10 * math.log10(255**2 / np.mean((qa[i] - qb[i]) ** 2)) for i in range(2)]
+    assert utils.psnr_per_image(a, b) == pytest.approx(expected, abs=1e-9)
+    assert utils.psnr(a, b) == pytest.approx(sum(expected) / 2, abs=1e-9)
+    assert utils.psnr(a[0], a[0]) == float("inf")
+    # values that round to the same byte score as identical: the grader sees bytes
+    assert utils.psnr(torch.full((3, 4, 4), 0.5), torch.full((3, 4, 4), 0.5 + 0.1 / 255)) == float("inf")
+
+
+def test_psnr_rejects_mismatched_shapes():
+    """A shape mismatch is an error, not a silent broadcast."""
+    with pytest.raises(ValueError, match="differ in shape"):
+        utils.psnr(torch.zeros(3, 8, 8), torch.zeros(3, 8, 9))
+
+
+def test_ssim_on_constant_images_matches_the_closed_form():
+    """For constant images the variances vanish and SSIM is (2ab + C1) / (a^2 + b^2 + C1)."""
+    a, b = 100, 140
+    x = torch.full((3, 16, 16), a, dtype=torch.uint8)
+    y = torch.full((3, 16, 16), b, dtype=torch.uint8)
+    c1 = (0.01 * 255) ** 2
+    assert utils.ssim(x, y) == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), rel=1e-9)
+    assert utils.ssim(x, x) == pytest.approx(1.0)
+
+
+def test_ssim_falls_with_noise():
+    """More noise, lower SSIM."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(1, 3, 32, 32, generator=g)
+    n = torch.randn(1, 3, 32, 32, generator=g)
+    s1 = utils.ssim(x, (x + 0.02 * n).clamp(0, 1))
+    s2 = utils.ssim(x, (x + 0.2 * n).clamp(0, 1))
+    assert 1.0 > s1 > s2
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    """Python, NumPy and torch random states survive save_checkpoint / load_checkpoint(weights_only)."""
+    utils.seed_everything(123)
+    state = utils.get_rng_state()
+    utils.save_checkpoint(tmp_path / "rng.pth", {"rng": state})
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    utils.set_rng_state(utils.load_checkpoint(tmp_path / "rng.pth")["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
+    """A crash while writing leaves the previous file intact and no temporary file behind."""
+    path = tmp_path / "last.pth"
+    utils.save_checkpoint(path, {"epoch": 1, "w": torch.ones(3)})
+
+    def crash(obj, f, *a, **k):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        utils.save_checkpoint(path, {"epoch": 2})
+    monkeypatch.undo()
+    assert utils.load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
+
+
+def test_load_checkpoint_explains_pickle_and_missing_files(tmp_path):
+    """A file needing pickle fails with a message naming it and the opt-in; trusted=True loads it."""
+    path = tmp_path / "old.pth"
+    torch.save({"args": argparse.Namespace(lr=1e-3)}, path)
+    with pytest.raises(utils.CheckpointError, match="trusted=True") as err:
+        utils.load_checkpoint(path)
+    assert str(path) in str(err.value)
+    assert utils.load_checkpoint(path, trusted=True)["args"].lr == 1e-3
+    with pytest.raises(utils.CheckpointError, match="does not exist"):
+        utils.load_checkpoint(tmp_path / "missing.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(utils.CheckpointError, match="junk.pth"):
+        utils.load_checkpoint(tmp_path / "junk.pth")
+
+
+def test_run_log_survives_a_torn_line_and_plots(tmp_path):
+    """Records read back in order, a half-written last line is ignored, and the curves are drawn as PNGs."""
+    log = utils.RunLog(tmp_path)
+    for epoch in range(1, 4):
+        log.append({"epoch": epoch, "lr": 1e-4 * epoch, "train_loss": 1.0 / epoch, "val_loss": 1.1 / epoch,
+                    "val_psnr": 20.0 + epoch, "val_psnr_rain": 19.0 + epoch, "val_psnr_snow": 21.0 + epoch})
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"epoch": 4, "lr"')
+    records = utils.read_log(tmp_path)
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    log.truncate_after(2)
+    assert [r["epoch"] for r in utils.read_log(tmp_path)] == [1, 2]
+    paths = utils.plot_curves(tmp_path)
+    assert sorted(p.name for p in paths) == ["curves_loss.png", "curves_lr.png", "curves_psnr.png"]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

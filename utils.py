@@ -1,0 +1,275 @@
+"""Metrics, checkpoint files, seeding, run logs and training curves.
+
+Run as a script to draw the curves of a run folder::
+
+    python utils.py RUN_DIR            # writes RUN_DIR/curves_loss.png, curves_psnr.png, curves_lr.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+LOG_NAME = "log.jsonl"
+
+
+# ----------------------------------------------------------------------------------------------------------- metrics
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """The one conversion from [0, 1] floats to 8-bit: clamp, times 255, round (never truncate)."""
+    return x.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+def _as_batch(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4:
+        raise ValueError(f"expected an image (C, H, W) or a batch (B, C, H, W), got shape {tuple(x.shape)}")
+    return x
+
+
+def _quantised_pair(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    pred, target = _as_batch(pred), _as_batch(target)
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    q = lambda t: t if t.dtype == torch.uint8 else to_uint8(t)  # noqa: E731
+    return q(pred).double(), q(target).double()
+
+
+def psnr_per_image(pred: torch.Tensor, target: torch.Tensor) -> list[float]:
+    """PSNR of each image the way the grader computes it: uint8-rounded RGB, whole image, no border crop.
+
+    Float inputs are taken as [0, 1] and quantised with :func:`to_uint8`; uint8 inputs are used as they are.
+    Identical images score ``inf``.
+    """
+    p, t = _quantised_pair(pred, target)
+    mse = (p - t).pow(2).flatten(1).mean(1)
+    return [float("inf") if m == 0 else 10.0 * math.log10(255.0**2 / float(m)) for m in mse]
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean over the batch of :func:`psnr_per_image` (a single image gives its own PSNR)."""
+    values = psnr_per_image(pred, target)
+    return sum(values) / len(values)
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    g = torch.exp(-((torch.arange(size, dtype=torch.float64) - size // 2) ** 2) / (2 * sigma**2))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]
+
+
+def ssim_per_image(pred: torch.Tensor, target: torch.Tensor) -> list[float]:
+    """SSIM (Wang et al. 2004) on uint8-rounded RGB: 11x11 Gaussian window (sigma 1.5), no padding,
+    K1 = 0.01, K2 = 0.03, computed per channel and averaged over channels and positions."""
+    p, t = _quantised_pair(pred, target)
+    c = p.shape[1]
+    window = _gaussian_window().to(p.device).expand(c, 1, 11, 11)
+    if min(p.shape[-2:]) < 11:
+        raise ValueError(f"SSIM needs images of at least 11x11 pixels, got {tuple(p.shape[-2:])}")
+    blur = lambda x: F.conv2d(x, window, groups=c)  # noqa: E731
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mu_p, mu_t = blur(p), blur(t)
+    var_p = blur(p * p) - mu_p**2
+    var_t = blur(t * t) - mu_t**2
+    cov = blur(p * t) - mu_p * mu_t
+    ssim_map = ((2 * mu_p * mu_t + c1) * (2 * cov + c2)) / ((mu_p**2 + mu_t**2 + c1) * (var_p + var_t + c2))
+    return [float(v) for v in ssim_map.flatten(1).mean(1)]
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean over the batch of :func:`ssim_per_image`."""
+    values = ssim_per_image(pred, target)
+    return sum(values) / len(values)
+
+
+# ----------------------------------------------------------------------------------------------------------- seeding
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_rng_state() -> dict[str, Any]:
+    """Every global random state as plain tensors and lists, so it survives ``torch.load(weights_only=True)``."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`get_rng_state` returned."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    nps = state["numpy"]
+    np.random.set_state((nps["name"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"],
+                         nps["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------------------- checkpoints
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable, or needs pickle to load."""
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, flushed to disk, then renamed.
+
+    A crash at any moment leaves either the previous file or the new one, never a broken one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_location: Any = "cpu") -> Any:
+    """Load a checkpoint with ``torch.load(weights_only=True)``.
+
+    Args:
+        path: the file.
+        trusted: allow full unpickling for a file you trust (it can run code). Only needed for files that store
+            Python objects, such as an ``argparse.Namespace``.
+        map_location: passed to ``torch.load``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=not trusted)
+    except Exception as err:  # torch raises UnpicklingError or RuntimeError depending on the version
+        text = str(err)
+        if not trusted and ("weights_only" in text or "Unpickl" in type(err).__name__ or "GLOBAL" in text):
+            raise CheckpointError(
+                f"{path} stores Python objects that need pickle to load, which can run code. If you trust the file, "
+                "load it with trusted=True (command line: --trust_checkpoint). Details: " + text.splitlines()[0]
+            ) from err
+        raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint ({type(err).__name__}: "
+                              f"{text.splitlines()[0] if text else ''})") from err
+
+
+# ---------------------------------------------------------------------------------------------------------- run logs
+class RunLog:
+    """Per-epoch log of a run: one JSON object per line in ``run_dir/log.jsonl``, flushed at once.
+
+    Args:
+        run_dir: the run folder.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / LOG_NAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, allow_nan=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def truncate_after(self, epoch: int) -> None:
+        """Drop records of epochs after ``epoch`` (used when a run resumes from an earlier checkpoint)."""
+        kept = [r for r in read_log(self.path.parent) if r.get("epoch", 0) <= epoch]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+
+
+def read_log(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of ``run_dir/log.jsonl``; a torn last line (a crash while writing) is ignored."""
+    path = Path(run_dir) / LOG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run folder written by trainer.py?")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _series(records: Iterable[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for r in records:
+        value = r.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            xs.append(r["epoch"])
+            ys.append(value)
+    return xs, ys
+
+
+def plot_curves(run_dir: str | os.PathLike) -> list[Path]:
+    """Draw training/validation loss, validation PSNR (overall and per type) and learning rate of a run folder."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    records = read_log(run_dir)
+    if not records:
+        raise ValueError(f"{run_dir / LOG_NAME} holds no epochs yet")
+    keys = sorted({k for r in records for k in r})
+    panels = [
+        ("curves_loss.png", "loss", [k for k in ("train_loss", "val_loss") if k in keys]),
+        ("curves_psnr.png", "validation PSNR (dB)", [k for k in keys if k.startswith("val_psnr")]),
+        ("curves_lr.png", "learning rate", [k for k in ("lr",) if k in keys]),
+    ]
+    written = []
+    for name, ylabel, series in panels:
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key in series:
+            xs, ys = _series(records, key)
+            label = "overall" if key == "val_psnr" else key.replace("val_psnr_", "").replace("_", " ")
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(run_dir / name, dpi=120)
+        plt.close(fig)
+        written.append(run_dir / name)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Draw the loss, PSNR and learning-rate curves of a training run.")
+    parser.add_argument("run_dir", help="a run folder written by trainer.py (it holds log.jsonl)")
+    args = parser.parse_args(argv)
+    for path in plot_curves(args.run_dir):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
