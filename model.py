@@ -1,0 +1,449 @@
+"""PromptIR (Potlapalli et al., NeurIPS 2023): a Restormer encoder-decoder with prompt blocks in the decoder.
+
+``PromptIR()`` is the official network as released (``PromptIR(decoder=True)``): the same module names, tensor shapes
+and forward function, checked number for number against ``../shared/fixtures/promptir_parity``. The six modules the
+official forward never calls (``DEAD_MODULES``) are left out; weights that still carry them load anyway.
+
+Besides the network this file owns the presets for tests and the demo, the one weight loader for every checkpoint
+layout we meet, and freezing modules by name for fine-tuning.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from utils import CheckpointError, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+# Official modules that its forward never calls (215,296 parameters): dropped from checkpoints without a word.
+DEAD_MODULES = ("chnl_reduce1", "chnl_reduce2", "chnl_reduce3",
+                "reduce_noise_channel_1", "reduce_noise_channel_2", "reduce_noise_channel_3")
+# The modules the second fine-tuning stage trains; everything else stays frozen.
+STAGE2_MODULES = ("refinement", "output", "decoder_level1", "noise_level1", "reduce_noise_level1", "up2_1")
+
+PAD_MULTIPLE = 8  # three 2x downsamplings
+# Reflection cannot add as many pixels as the side has: sides of 1 to 4 pixels would need 7 to 4 more, 5 needs 3.
+MIN_SIZE = 5
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "official": {},
+    "small": {"dim": 24, "num_blocks": (2, 3, 3, 4), "num_refinement_blocks": 2, "prompt_dims": (32, 64, 160)},
+    "tiny": {"dim": 8, "num_blocks": (1, 1, 1, 1), "num_refinement_blocks": 1, "heads": (1, 1, 1, 1),
+             "prompt_dims": (8, 16, 16), "prompt_sizes": (16, 8, 4)},
+}
+
+
+class LayerNorm(nn.Module):
+    """Layer normalisation over the channels of a (B, C, H, W) map, with weight and bias (Restormer's "WithBias").
+
+    Args:
+        dim: number of channels.
+        eps: added to the variance.
+    """
+
+    def __init__(self, dim: int, *, eps: float = 1e-5):
+        super().__init__()
+        self.body = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rearrange(self.body(rearrange(x, "b c h w -> b h w c")), "b h w c -> b c h w")
+
+
+class Attention(nn.Module):
+    """Multi-Dconv head transposed attention (MDTA, Restormer): attention between channels, not pixels.
+
+    Queries, keys and values come from a 1x1 then a depthwise 3x3 convolution. Per head, queries and keys are
+    L2-normalised over the pixels, and the (C/heads x C/heads) attention map is scaled by a learned temperature.
+
+    Args:
+        dim: number of channels.
+        num_heads: number of heads; must divide ``dim``.
+    """
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"Attention: {num_heads} heads do not divide {dim} channels; choose heads that do")
+        self.num_heads = num_heads
+        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
+        self.qkv = nn.Conv2d(dim, dim * 3, kernel_size=1, bias=False)
+        self.qkv_dwconv = nn.Conv2d(dim * 3, dim * 3, kernel_size=3, padding=1, groups=dim * 3, bias=False)
+        self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        q, k, v = (rearrange(t, "b (head c) h w -> b head c (h w)", head=self.num_heads)
+                   for t in self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1))
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        attn = (q @ k.transpose(-2, -1) * self.temperature).softmax(dim=-1)
+        return self.project_out(rearrange(attn @ v, "b head c (h w) -> b (head c) h w", h=h, w=w))
+
+
+class FeedForward(nn.Module):
+    """Gated-Dconv feed-forward network (GDFN, Restormer): GELU(gate) * value, both from a depthwise 3x3 convolution.
+
+    Args:
+        dim: number of channels.
+        ffn_expansion_factor: hidden channels are ``int(dim * ffn_expansion_factor)``.
+    """
+
+    def __init__(self, dim: int, ffn_expansion_factor: float):
+        super().__init__()
+        hidden = int(dim * ffn_expansion_factor)
+        self.project_in = nn.Conv2d(dim, hidden * 2, kernel_size=1, bias=False)
+        self.dwconv = nn.Conv2d(hidden * 2, hidden * 2, kernel_size=3, padding=1, groups=hidden * 2, bias=False)
+        self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.dwconv(self.project_in(x)).chunk(2, dim=1)
+        return self.project_out(F.gelu(gate) * value)
+
+
+class TransformerBlock(nn.Module):
+    """Restormer block: ``x + Attention(LayerNorm(x))``, then ``x + FeedForward(LayerNorm(x))``.
+
+    Args:
+        dim: number of channels.
+        num_heads: attention heads.
+        ffn_expansion_factor: hidden width of the feed-forward network relative to ``dim``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, ffn_expansion_factor: float):
+        super().__init__()
+        self.norm1 = LayerNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = LayerNorm(dim)
+        self.ffn = FeedForward(dim, ffn_expansion_factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.ffn(self.norm2(x))
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Embeds the image into features with one 3x3 convolution (overlapping patches).
+
+    Args:
+        in_channels: image channels.
+        embed_dim: feature channels.
+    """
+
+    def __init__(self, in_channels: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class Downsample(nn.Module):
+    """Halves height and width and doubles the channels: 3x3 convolution to ``n_feat // 2``, then PixelUnshuffle(2).
+
+    Args:
+        n_feat: input channels; must be even.
+    """
+
+    def __init__(self, n_feat: int):
+        super().__init__()
+        if n_feat % 2:
+            raise ValueError(f"Downsample needs an even number of channels, got {n_feat}; use an even width (dim)")
+        self.body = nn.Sequential(nn.Conv2d(n_feat, n_feat // 2, kernel_size=3, padding=1, bias=False),
+                                  nn.PixelUnshuffle(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class Upsample(nn.Module):
+    """Doubles height and width and halves the channels: 3x3 convolution to ``n_feat * 2``, then PixelShuffle(2).
+
+    Args:
+        n_feat: input channels.
+    """
+
+    def __init__(self, n_feat: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(n_feat, n_feat * 2, kernel_size=3, padding=1, bias=False),
+                                  nn.PixelShuffle(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class PromptGenBlock(nn.Module):
+    """Prompt generation block: a degradation-aware prompt computed from the features.
+
+    Global average pooling and a linear layer give one softmax weight per learned prompt; the weighted sum of the
+    prompts is resized bilinearly to the feature size and passed through a 3x3 convolution.
+
+    Args:
+        prompt_dim: channels of each prompt (and of the output).
+        prompt_len: number of learned prompts.
+        prompt_size: height and width of the learned prompts.
+        lin_dim: channels of the features the weights are computed from.
+    """
+
+    def __init__(self, prompt_dim: int, prompt_len: int, prompt_size: int, lin_dim: int):
+        super().__init__()
+        self.prompt_param = nn.Parameter(torch.rand(1, prompt_len, prompt_dim, prompt_size, prompt_size))
+        self.linear_layer = nn.Linear(lin_dim, prompt_len)
+        self.conv3x3 = nn.Conv2d(prompt_dim, prompt_dim, kernel_size=3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = self.linear_layer(x.mean(dim=(-2, -1))).softmax(dim=1)
+        prompt = torch.einsum("bl,lchw->bchw", weights, self.prompt_param[0])
+        prompt = F.interpolate(prompt, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.conv3x3(prompt)
+
+
+def _stage(dim: int, num_heads: int, ffn_expansion_factor: float, depth: int) -> nn.Sequential:
+    return nn.Sequential(*(TransformerBlock(dim, num_heads, ffn_expansion_factor) for _ in range(depth)))
+
+
+class PromptIR(nn.Module):
+    """PromptIR: all-in-one image restoration with prompts (the official ``PromptIR(decoder=True)``).
+
+    A four-level Restormer encoder-decoder. After the latent level and after decoder levels 3 and 2 a prompt block
+    computes a prompt from the features; prompt and features are concatenated, passed through one transformer block
+    (``noise_level3/2/1``, with ``heads[2]`` heads) and reduced by a 1x1 convolution. The output is
+    ``output(features) + input``, not clamped. Any height and width of at least ``MIN_SIZE`` work: the input is
+    reflect-padded to a multiple of 8 and the result cropped back.
+
+    The defaults are the official sizes (35,376,967 parameters). Widths the official code writes as numbers that only
+    hold for ``dim=48`` are derived here: a prompt block's linear layer reads the feature channels of its level, and
+    a ``noise_level`` block is as wide as those channels plus the prompt channels.
+
+    Args:
+        channels: image channels (input and output).
+        dim: feature channels of the first level; level ``i`` has ``dim * 2**i``. Must be even.
+        num_blocks: transformer blocks per level, finest first (encoder levels 1-3 and the latent level; the decoder
+            levels 3, 2, 1 repeat the counts of levels 3, 2, 1).
+        num_refinement_blocks: transformer blocks after the decoder.
+        heads: attention heads per level, finest first.
+        ffn_expansion_factor: hidden width of the feed-forward networks relative to their input.
+        prompt_dims: channels of the prompts of ``prompt1`` (used at level 2), ``prompt2`` (level 3) and ``prompt3``
+            (latent level).
+        prompt_len: number of learned prompts per prompt block.
+        prompt_sizes: height and width of the learned prompts of ``prompt1``, ``prompt2``, ``prompt3``.
+    """
+
+    def __init__(self, *, channels: int = 3, dim: int = 48, num_blocks: Sequence[int] = (4, 6, 6, 8),
+                 num_refinement_blocks: int = 4, heads: Sequence[int] = (1, 2, 4, 8),
+                 ffn_expansion_factor: float = 2.66, prompt_dims: Sequence[int] = (64, 128, 320), prompt_len: int = 5,
+                 prompt_sizes: Sequence[int] = (64, 32, 16)):
+        super().__init__()
+        for name, value, length in (("num_blocks", num_blocks, 4), ("heads", heads, 4),
+                                    ("prompt_dims", prompt_dims, 3), ("prompt_sizes", prompt_sizes, 3)):
+            if len(value) != length:
+                raise ValueError(f"PromptIR: {name} needs {length} values, got {tuple(value)}")
+        widths = [dim * 2**level for level in range(4)]  # 48, 96, 192, 384 in the official network
+        ffn = ffn_expansion_factor
+
+        # Registered in the official order, so state_dict keys come out in the order of the released checkpoint.
+        self.patch_embed = OverlapPatchEmbed(channels, dim)
+        self.prompt1 = PromptGenBlock(prompt_dims[0], prompt_len, prompt_sizes[0], lin_dim=widths[1])
+        self.prompt2 = PromptGenBlock(prompt_dims[1], prompt_len, prompt_sizes[1], lin_dim=widths[2])
+        self.prompt3 = PromptGenBlock(prompt_dims[2], prompt_len, prompt_sizes[2], lin_dim=widths[3])
+
+        self.encoder_level1 = _stage(widths[0], heads[0], ffn, num_blocks[0])
+        self.down1_2 = Downsample(widths[0])
+        self.encoder_level2 = _stage(widths[1], heads[1], ffn, num_blocks[1])
+        self.down2_3 = Downsample(widths[1])
+        self.encoder_level3 = _stage(widths[2], heads[2], ffn, num_blocks[2])
+        self.down3_4 = Downsample(widths[2])
+        self.latent = _stage(widths[3], heads[3], ffn, num_blocks[3])
+
+        # Level 3: the prompted latent is reduced to widths[2], upsampled to widths[1] and joined with encoder level 3.
+        self.up4_3 = Upsample(widths[2])
+        self.reduce_chan_level3 = nn.Conv2d(widths[1] + widths[2], widths[2], kernel_size=1, bias=False)
+        self.noise_level3 = TransformerBlock(widths[3] + prompt_dims[2], heads[2], ffn)
+        self.reduce_noise_level3 = nn.Conv2d(widths[3] + prompt_dims[2], widths[2], kernel_size=1, bias=False)
+        self.decoder_level3 = _stage(widths[2], heads[2], ffn, num_blocks[2])
+
+        self.up3_2 = Upsample(widths[2])
+        self.reduce_chan_level2 = nn.Conv2d(widths[1] * 2, widths[1], kernel_size=1, bias=False)
+        self.noise_level2 = TransformerBlock(widths[2] + prompt_dims[1], heads[2], ffn)
+        self.reduce_noise_level2 = nn.Conv2d(widths[2] + prompt_dims[1], widths[2], kernel_size=1, bias=False)
+        self.decoder_level2 = _stage(widths[1], heads[1], ffn, num_blocks[1])
+
+        # Level 1 keeps the concatenated width widths[1] (no channel reduction), as in Restormer.
+        self.up2_1 = Upsample(widths[1])
+        self.noise_level1 = TransformerBlock(widths[1] + prompt_dims[0], heads[2], ffn)
+        self.reduce_noise_level1 = nn.Conv2d(widths[1] + prompt_dims[0], widths[1], kernel_size=1, bias=False)
+        self.decoder_level1 = _stage(widths[1], heads[0], ffn, num_blocks[0])
+
+        self.refinement = _stage(widths[1], heads[0], ffn, num_refinement_blocks)
+        self.output = nn.Conv2d(widths[1], channels, kernel_size=3, padding=1, bias=False)
+
+    @staticmethod
+    def _prompted(x: torch.Tensor, prompt: PromptGenBlock, noise_level: TransformerBlock,
+                  reduce: nn.Conv2d) -> torch.Tensor:
+        return reduce(noise_level(torch.cat([x, prompt(x)], dim=1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Restore a batch (B, C, H, W) or one image (C, H, W); the result has the input's shape."""
+        if x.ndim == 3:
+            return self(x.unsqueeze(0)).squeeze(0)
+        if x.ndim != 4:
+            raise ValueError(f"PromptIR expects (B, C, H, W) or (C, H, W), got shape {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        pad_h, pad_w = -h % PAD_MULTIPLE, -w % PAD_MULTIPLE
+        if pad_h >= h or pad_w >= w:
+            raise ValueError(f"PromptIR needs images of at least {MIN_SIZE}x{MIN_SIZE} pixels (they are reflect-padded "
+                             f"to a multiple of {PAD_MULTIPLE}), got {h}x{w}")
+        inp = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect") if pad_h or pad_w else x
+
+        enc1 = self.encoder_level1(self.patch_embed(inp))
+        enc2 = self.encoder_level2(self.down1_2(enc1))
+        enc3 = self.encoder_level3(self.down2_3(enc2))
+        latent = self.latent(self.down3_4(enc3))
+        latent = self._prompted(latent, self.prompt3, self.noise_level3, self.reduce_noise_level3)
+
+        dec3 = self.decoder_level3(self.reduce_chan_level3(torch.cat([self.up4_3(latent), enc3], dim=1)))
+        dec3 = self._prompted(dec3, self.prompt2, self.noise_level2, self.reduce_noise_level2)
+        dec2 = self.decoder_level2(self.reduce_chan_level2(torch.cat([self.up3_2(dec3), enc2], dim=1)))
+        dec2 = self._prompted(dec2, self.prompt1, self.noise_level1, self.reduce_noise_level1)
+        dec1 = self.decoder_level1(torch.cat([self.up2_1(dec2), enc1], dim=1))
+
+        out = self.output(self.refinement(dec1)) + inp
+        return out[..., :h, :w]
+
+
+def build_model(preset: str = "official", **overrides: Any) -> PromptIR:
+    """A PromptIR of a named size (``PRESETS``), with any constructor argument overridden."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return PromptIR(**{**PRESETS[preset], **overrides})
+
+
+# ------------------------------------------------------------------------------------------------------- weights
+# Where the weights sit in a checkpoint, tried in this order (BasicSR's EMA copy before its plain one; our trainer
+# writes "model"; the official release is a Lightning checkpoint with "state_dict"). Wrappers may nest.
+WRAPPER_KEYS = ("params_ema", "params", "model", "state_dict", "net")
+# Added to key names by the official Lightning module, DistributedDataParallel and torch.compile; possibly stacked.
+KEY_PREFIXES = ("net.", "module.", "_orig_mod.")
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _holds_weights(obj: Any) -> bool:
+    return isinstance(obj, nn.Module) or (isinstance(obj, Mapping) and len(obj) > 0)
+
+
+def _strip_prefixes(key: str) -> str:
+    while key.startswith(KEY_PREFIXES):
+        key = key[len(next(p for p in KEY_PREFIXES if key.startswith(p))):]
+    return key
+
+
+def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
+    """The PromptIR weights inside a loaded checkpoint, named as in our model.
+
+    Accepts a plain state dict, a module, or a dict that holds one under a key of ``WRAPPER_KEYS`` (first match wins,
+    wrappers may nest). Strips ``KEY_PREFIXES`` from the start of each key, as often as they are stacked, and drops
+    the official network's ``DEAD_MODULES``. To load an EMA copy saved by our trainer, pass ``checkpoint["ema"]``.
+
+    Raises:
+        CheckpointError: no weights found, or two keys that become the same name.
+    """
+    while not _is_state_dict(obj):
+        if isinstance(obj, nn.Module):
+            obj = obj.state_dict()
+            continue
+        if not isinstance(obj, Mapping):
+            raise CheckpointError(f"expected a state dict or a dict holding one, found a {type(obj).__name__}")
+        key = next((k for k in WRAPPER_KEYS if _holds_weights(obj.get(k))), None)
+        if key is None:
+            raise CheckpointError(f"found no weights: expected a state dict (names to tensors) or a dict holding one "
+                                  f"under one of {', '.join(WRAPPER_KEYS)}; its keys are {', '.join(map(str, obj))}")
+        obj = obj[key]
+    state: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        name = _strip_prefixes(key)
+        if name in state:
+            raise CheckpointError(f"two weights are both named {name!r} once prefixes are stripped")
+        if name.split(".", 1)[0] not in DEAD_MODULES:
+            state[name] = value
+    return state
+
+
+def _listing(title: str, items: list[str], limit: int = 25) -> str:
+    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"  {title} ({len(items)}):\n" + "\n".join(f"    {item}" for item in items[:limit]) + more
+
+
+def load_weights(model: nn.Module, source: str | os.PathLike | Any, *, trusted: bool = False,
+                 strict: bool = True) -> nn.Module:
+    """Load weights of any layout ``extract_state_dict`` knows into ``model`` and return it.
+
+    Args:
+        model: the network to fill.
+        source: a checkpoint path (read with ``torch.load(weights_only=True)`` through ``utils.load_checkpoint``)
+            or an already-loaded checkpoint, state dict or module.
+        trusted: allow full unpickling for a file you trust (needed for files that store Python objects).
+        strict: every key must match. With ``strict=False`` missing and unexpected keys are logged and skipped;
+            shape mismatches are errors either way.
+
+    Raises:
+        CheckpointError: the file cannot be read, holds no weights, or does not fit the model; the message lists
+            the missing, unexpected and mismatched keys.
+    """
+    where = str(source) if isinstance(source, (str, os.PathLike)) else "the given weights"
+    obj = load_checkpoint(source, trusted=trusted) if isinstance(source, (str, os.PathLike)) else source
+    try:
+        state = extract_state_dict(obj)
+    except CheckpointError as err:
+        raise CheckpointError(f"{where}: {err}") from None
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
+                  for k in own if k in state and state[k].shape != own[k].shape]
+    listed = [("shape mismatches", mismatched)] + ([("missing", missing), ("unexpected", unexpected)] if strict else [])
+    problems = [_listing(title, keys) for title, keys in listed if keys]
+    if problems:
+        raise CheckpointError(f"{where} does not fit this model:\n" + "\n".join(problems) +
+                              "\nWas it saved from a model of other sizes? Build the model with the same preset.")
+    if missing or unexpected:
+        log.warning("%s: skipped %d missing and %d unexpected keys (strict=False): %s", where, len(missing),
+                    len(unexpected), ", ".join(missing + unexpected))
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------------- freezing
+def freeze_except(model: nn.Module, names: Sequence[str]) -> None:
+    """Train only the named top-level modules of ``model`` (for example ``STAGE2_MODULES``); freeze the rest."""
+    names = [names] if isinstance(names, str) else list(names)
+    valid = [name for name, _ in model.named_children()]
+    unknown = sorted(set(names) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown module name(s) {', '.join(unknown)}; valid top-level modules: {', '.join(valid)}")
+    model.requires_grad_(False)
+    for name, child in model.named_children():
+        if name in names:
+            child.requires_grad_(True)
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """A table of trainable and total parameters per top-level module of ``model``, with a total line."""
+    rows = []
+    for name, child in model.named_children():
+        params = list(child.parameters())
+        rows.append((name, sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)))
+    rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows)))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'module':<{width}}  {'trainable':>12}  {'total':>12}"]
+    lines += [f"{name:<{width}}  {trainable:>12,}  {total:>12,}" for name, trainable, total in rows]
+    lines.insert(-1, "-" * len(lines[0]))
+    return "\n".join(lines)
