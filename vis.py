@@ -1,0 +1,161 @@
+"""Side-by-side pictures of restorations: degraded | restored, and | clean | error map when clean images exist.
+
+::
+
+    python vis.py                                    # pred.npz + datasets/test/degraded, 8 random images, into vis/
+    python vis.py --gt_folder val/clean --names rain-3.png snow-7.png
+
+Each panel is titled with its file name and, when a clean image exists, the PSNR of what it shows (the grader's PSNR:
+uint8 RGB, whole image). The error map is the mean absolute difference over the channels, in 8-bit levels, drawn
+from black (0) to white (``ERROR_SCALE`` levels or more) on the same scale in every picture.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dataloader import DataError, read_image_uint8
+from inference import PredictionFileError, check_npz, find_clean, scan_inputs
+from utils import psnr
+
+ERROR_SCALE = 64  # 8-bit levels drawn as white in the error maps
+PANEL_INCHES = 3.2
+
+
+@dataclass(frozen=True)
+class Example:
+    """One image to draw: uint8 arrays (3, H, W); ``clean`` is None without clean images."""
+
+    name: str
+    degraded: np.ndarray
+    restored: np.ndarray
+    clean: np.ndarray | None = None
+
+
+def choose_names(available: Sequence[str], *, names: Sequence[str] | None = None, num: int = 8,
+                 seed: int = 0) -> list[str]:
+    """The images to draw, in the folder's order: ``names`` (all must exist) or ``num`` chosen at random by ``seed``."""
+    if names:
+        unknown = [name for name in names if name not in available]
+        if unknown:
+            raise DataError(f"--names not in the input folder: {', '.join(unknown)} (it holds "
+                            f"{', '.join(available[:5])}{', ...' if len(available) > 5 else ''})")
+        chosen = set(names)
+    else:
+        chosen = set(random.Random(seed).sample(list(available), min(num, len(available))))
+    return [name for name in available if name in chosen]
+
+
+def load_examples(pred_npz: str | os.PathLike, input_folder: str | os.PathLike, *,
+                  gt_folder: str | os.PathLike | None = None, names: Sequence[str] | None = None, num: int = 8,
+                  seed: int = 0) -> list[Example]:
+    """Read the chosen images and their predictions, after checking that the prediction file matches the folder.
+
+    Raises:
+        PredictionFileError: the prediction file is missing or its keys or shapes do not match the folder (named).
+        DataError: the folder, a chosen name or a clean image is missing, or an image is unreadable.
+    """
+    sizes = scan_inputs(input_folder, gt_folder)  # every image readable, with a clean partner of its size
+    check_npz(pred_npz, sizes)
+    chosen = choose_names(list(sizes), names=names, num=num, seed=seed)
+    partners = find_clean(chosen, gt_folder) if gt_folder else {}
+    with np.load(pred_npz, allow_pickle=False) as data:
+        return [Example(name, read_image_uint8(Path(input_folder) / name).numpy(), data[name],
+                        read_image_uint8(partners[name]).numpy() if gt_folder else None)
+                for name in chosen]
+
+
+def _psnr_title(image: np.ndarray, clean: np.ndarray | None) -> str:
+    return "" if clean is None else f"\nPSNR {psnr(torch.from_numpy(image), torch.from_numpy(clean)):.2f} dB"
+
+
+def draw_grid(examples: Sequence[Example], path: str | os.PathLike) -> Path:
+    """One PNG with a row per example: degraded | restored (| clean | error map)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with_clean = any(ex.clean is not None for ex in examples)
+    cols = 4 if with_clean else 2
+    aspect = max(ex.degraded.shape[1] / ex.degraded.shape[2] for ex in examples)
+    fig, axes = plt.subplots(len(examples), cols, squeeze=False,
+                             figsize=(cols * PANEL_INCHES, len(examples) * (PANEL_INCHES * aspect + 0.5)))
+    for row, ex in zip(axes, examples):
+        panels = [(ex.degraded, f"{ex.name} degraded{_psnr_title(ex.degraded, ex.clean)}"),
+                  (ex.restored, f"{ex.name} restored{_psnr_title(ex.restored, ex.clean)}")]
+        if ex.clean is not None:
+            error = np.abs(ex.restored.astype(np.int16) - ex.clean.astype(np.int16)).mean(0)
+            panels += [(ex.clean, f"{ex.name} clean"),
+                       (error, f"{ex.name} |restored - clean|\n0 to {ERROR_SCALE} levels")]
+        for ax, (image, title) in zip(row, panels):
+            if image.ndim == 3:
+                ax.imshow(image.transpose(1, 2, 0))
+            else:
+                ax.imshow(image, cmap="magma", vmin=0, vmax=ERROR_SCALE)
+            ax.set_title(title, fontsize=9)
+        for ax in row:
+            ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def visualize(pred_npz: str | os.PathLike, input_folder: str | os.PathLike, out_dir: str | os.PathLike, *,
+              gt_folder: str | os.PathLike | None = None, names: Sequence[str] | None = None, num: int = 8,
+              seed: int = 0, per_grid: int = 4) -> list[Path]:
+    """Draw the chosen images into ``out_dir/grid_<i>.png``, ``per_grid`` rows each; returns the files written."""
+    examples = load_examples(pred_npz, input_folder, gt_folder=gt_folder, names=names, num=num, seed=seed)
+    digits = len(str(math.ceil(len(examples) / per_grid)))
+    return [draw_grid(examples[i:i + per_grid], Path(out_dir) / f"grid_{i // per_grid + 1:0{digits}d}.png")
+            for i in range(0, len(examples), per_grid)]
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Draw degraded images beside their restorations from pred.npz "
+                                     "(and beside the clean images with an error map, given --gt_folder).")
+    parser.add_argument("--pred_npz", default="pred.npz", help="prediction file of inference.py (default: %(default)s)")
+    parser.add_argument("--input_folder", default="datasets/test/degraded",
+                        help="the degraded images the predictions were made from (default: %(default)s)")
+    parser.add_argument("--gt_folder", help="clean images: same file names, or <type>_clean-<N> for <type>-<N>")
+    parser.add_argument("--out_dir", default="vis", help="where the PNG grids go (default: %(default)s)")
+    parser.add_argument("--names", nargs="+", metavar="NAME", help="file names to draw (default: a random sample)")
+    parser.add_argument("--num", type=_positive, default=8, help="images in the random sample (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random sample (default: %(default)s)")
+    parser.add_argument("--per_grid", type=_positive, default=4, help="rows per PNG (default: %(default)s)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> list[Path]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        paths = visualize(args.pred_npz, args.input_folder, args.out_dir, gt_folder=args.gt_folder, names=args.names,
+                          num=args.num, seed=args.seed, per_grid=args.per_grid)
+    except (DataError, PredictionFileError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    for path in paths:
+        print(path)
+    return paths
+
+
+if __name__ == "__main__":
+    main()
