@@ -1,0 +1,28 @@
+"""Second fine-tuning stage: as the first, but only the modules nearest the output train (``model.STAGE2_MODULES``:
+refinement, output, decoder_level1, noise_level1, reduce_noise_level1, up2_1); the rest is frozen and the optimizer
+sees only the trainable parameters.
+
+    python second_stage_ft.py --data_dir datasets --checkpoint gfl_ft_first/best.pth --fp16 --save_dir gfl_ft_second
+    python second_stage_ft.py --data_dir datasets --checkpoint gfl_ft_second/best.pth --save_dir gfl_ft_second_again
+
+--trainable MODULE ... picks other top-level modules. Running it again from its own output continues fine-tuning
+with a fresh schedule (the original's "stage 2 again").
+"""
+import trainer
+from model import STAGE2_MODULES
+
+DEFAULTS = {"lr": 1.5e-4, "epochs": 100, "warmup_epochs": 5, "loss": "gfl", "augment": "views",
+            "save_dir": "ft_second", "trainable": list(STAGE2_MODULES)}
+
+
+def build_parser():
+    """trainer.py's command line with this stage's defaults, ``--checkpoint`` and ``--trainable``."""
+    return trainer.build_parser(DEFAULTS, fine_tune=True, description=__doc__)
+
+
+def main(argv=None):
+    trainer.main(argv, parser=build_parser())
+
+
+if __name__ == "__main__":
+    main()

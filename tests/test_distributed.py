@@ -1,0 +1,59 @@
+"""Training with several processes (torchrun, gloo on the CPU) stays in step with one process of the same global
+batch."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import trainer
+import utils
+from conftest import ROOT
+from model import build_model
+from test_trainer import make_homework_set
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on CPUs shared with other jobs two threads run many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path):
+    """torchrun with 2 CPU processes (1 image x 2 accumulation steps each, no_sync on the first) ends with the
+    weights of one process training on 2 images x 2 steps, within 1e-6, and validates to the same PSNR."""
+    data = make_homework_set(tmp_path / "data", per_kind=6, size=16, symmetric=True)
+    common = [str(a) for a in ("--data_dir", data, "--preset", "tiny", "--device", "cpu", "--num_workers", 0,
+                               "--epochs", 2, "--warmup_epochs", 1, "--val_per_type", 1, "--augment", "views",
+                               "--lr", 1e-3)]
+    # 10 training pairs: updates of 4, 4 and 2 images in both runs (the last group is short).
+    one = trainer.train(trainer.build_parser().parse_args(
+        [*common, "--batch_size", "2", "--accum_steps", "2", "--save_dir", str(tmp_path / "one")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+                           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "trainer.py", *common,
+                           "--batch_size", "1", "--accum_steps", "2", "--save_dir", str(tmp_path / "two")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "= 4 per update" in proc.stdout and "2 process(es)" in proc.stdout
+    a = utils.load_checkpoint(tmp_path / "one" / "last.pth")
+    b = utils.load_checkpoint(tmp_path / "two" / "last.pth")
+    assert one.step == a["step"] == b["step"] == 6
+    diffs = [float((a["model"][k] - b["model"][k]).abs().max()) for k in a["model"]]
+    assert max(diffs) < 1e-6, max(diffs)
+    utils.seed_everything(42)  # the initial weights of both runs, to show that training moved them far
+    initial = build_model("tiny").state_dict()
+    assert max(float((a["model"][k] - initial[k]).abs().max()) for k in initial) > 1e-3
+    log_one, log_two = utils.read_log(tmp_path / "one"), utils.read_log(tmp_path / "two")
+    assert [r["val_psnr"] for r in log_two] == pytest.approx([r["val_psnr"] for r in log_one], abs=1e-4)

@@ -1,0 +1,385 @@
+"""trainer.py and the fine-tuning scripts: command line, exact accumulation and resume, stopping on a signal,
+skipping non-finite steps, fine-tuning stages, and that training on real rain learns."""
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import first_stage_ft
+import second_stage_ft
+import trainer
+import utils
+from augment import NUM_VIEWS, dihedral
+from conftest import ROOT
+from dataloader import find_pairs, read_image, stratified_split
+from GFL_Loss import CharbonnierLoss
+from model import STAGE2_MODULES
+
+README_COMMANDS = [
+    "python trainer.py --data_dir datasets --batch_size 2 --accum_steps 4 --epochs 250 --lr 2e-4 --fp16 --warmup 10  "
+    "--loss gfl --save_dir gfl_ckpt --num_workers 4",
+    "python first_stage_ft.py --data_dir datasets --batch_size 2 --accum_steps 4 --epochs 100 --lr 1.5e-4 --fp16 "
+    "--warmup 5  --loss gfl --save_dir gfl_ft_first --num_workers 4 --checkpoint best.pth",
+    "python second_stage_ft.py --data_dir datasets --batch_size 2 --accum_steps 4 --epochs 100 --lr 1.5e-4 --fp16 "
+    "--warmup 5  --loss gfl --save_dir gfl_ft_second --num_workers 4 --checkpoint best.pth",
+]
+PARSERS = {"trainer.py": trainer.build_parser, "first_stage_ft.py": first_stage_ft.build_parser,
+           "second_stage_ft.py": second_stage_ft.build_parser}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on CPUs shared with other jobs two threads run many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_homework_set(root, *, per_kind, size, symmetric=False, seed=0):
+    """A homework-layout data set of random rain and snow pairs (degraded = clean + a brightening veil). With
+    ``symmetric`` every image looks the same in all 8 dihedral views, so the random view drawn for it cannot matter.
+    """
+    rng = np.random.default_rng(seed)
+    for side in ("degraded", "clean"):
+        (root / "train" / side).mkdir(parents=True, exist_ok=True)
+
+    def image(pixels):
+        if symmetric:
+            x = torch.from_numpy(pixels).permute(2, 0, 1)
+            pixels = (sum(dihedral(x, k) for k in range(NUM_VIEWS)) // NUM_VIEWS).permute(1, 2, 0).numpy()
+        return Image.fromarray(pixels.astype(np.uint8))
+
+    for kind in ("rain", "snow"):
+        for i in range(1, per_kind + 1):
+            clean = rng.integers(0, 200, (size, size, 3))
+            degraded = np.clip(clean + rng.integers(0, 56, (size, size, 1)), 0, 255)
+            image(clean).save(root / "train" / "clean" / f"{kind}_clean-{i}.png")
+            image(degraded).save(root / "train" / "degraded" / f"{kind}-{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """6 pairs per kind of 24x24 images: 1 per kind for validation, 10 for training (5 batches of 2: updates of
+    2, 2 and 1 batches with --accum_steps 2)."""
+    return make_homework_set(tmp_path_factory.mktemp("data"), per_kind=6, size=24)
+
+
+def parse(*argv, script=trainer):
+    return script.build_parser().parse_args([str(a) for a in argv])
+
+
+def tiny(data, run, *extra, script=trainer):
+    """Options of a small, quick CPU run in the folder ``run`` (None: not given); ``extra`` overrides them."""
+    return parse("--data_dir", data, *(("--save_dir", run) if run else ()), "--preset", "tiny", "--device", "cpu",
+                 "--num_workers", 0, "--batch_size", 2, "--accum_steps", 2, "--epochs", 2, "--warmup_epochs", 1,
+                 "--patch_size", 16, "--val_per_type", 1, "--lr", 1e-3, *extra, script=script)
+
+
+def weights(path, key="model"):
+    return utils.load_checkpoint(path)[key]
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """A finished 2-epoch tiny run (its folder), the starting point of the fine-tuning tests."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    trainer.train(tiny(data, run, "--epochs", 2, "--warmup_epochs", 0))
+    return run
+
+
+# --------------------------------------------------------------------------------------------- command line
+@pytest.mark.parametrize("command", README_COMMANDS, ids=["trainer", "first_stage", "second_stage"])
+def test_the_original_readme_commands_parse_as_written(command):
+    """The original README's commands parse unchanged (--warmup spells --warmup_epochs) with their values."""
+    words = shlex.split(command)
+    args = PARSERS[words[1]]().parse_args(words[2:])
+    assert (args.batch_size, args.accum_steps, args.num_workers, args.fp16, args.loss) == (2, 4, 4, True, "gfl")
+    assert args.data_dir == "datasets" and not args.bf16
+    if words[1] == "trainer.py":
+        assert (args.epochs, args.lr, args.warmup_epochs, args.save_dir) == (250, 2e-4, 10, "gfl_ckpt")
+        assert args.augment == "strong" and args.trainable is None
+    else:
+        assert (args.epochs, args.lr, args.warmup_epochs, args.checkpoint) == (100, 1.5e-4, 5, "best.pth")
+        assert args.augment == "views"
+    if words[1] == "second_stage_ft.py":
+        assert args.trainable == list(STAGE2_MODULES)
+
+
+def test_defaults_are_the_original_recipe():
+    """Without options every script uses the original's defaults (and ours: seed 42, clip 1.0, 320 per type)."""
+    base = trainer.build_parser().parse_args(["--data_dir", "d"])
+    assert (base.lr, base.epochs, base.warmup_epochs, base.loss, base.batch_size, base.accum_steps) == \
+        (2e-4, 250, 10, "gfl", 2, 4)
+    assert (base.seed, base.grad_clip, base.val_per_type, base.ema, base.fp16, base.bf16) == \
+        (42, 1.0, 320, None, False, False)
+    ft = first_stage_ft.build_parser().parse_args(["--data_dir", "d", "--checkpoint", "c"])
+    assert (ft.lr, ft.epochs, ft.warmup_epochs, ft.loss, ft.augment, ft.trainable) == \
+        (1.5e-4, 100, 5, "gfl", "views", None)
+
+
+def test_contradicting_or_missing_options_fail_before_any_work(data, tmp_path, trained):
+    """Each bad combination raises ConfigError saying what to do, and nothing is written."""
+    run = tmp_path / "run"
+    cases = [
+        (("--fp16", "--bf16"), "pick one"),
+        (("--resume", tmp_path / "nope.pth"), "does not exist"),
+        (("--warmup", 5, "--epochs", 5), "must be smaller than --epochs"),
+        (("--accum_steps", 0), "--accum_steps must be at least 1"),
+        (("--fp16",), "needs a CUDA device"),
+        (("--ema", 1.5), "decay between 0 and 1"),
+        (("--save_dir", trained), "already holds a run"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(trainer.ConfigError, match=message):
+            trainer.check_args(tiny(data, run, *extra))
+    with pytest.raises(trainer.ConfigError, match="--data_dir .* is not a folder"):
+        trainer.check_args(tiny(tmp_path / "missing", run))
+    with pytest.raises(trainer.ConfigError, match="pass --checkpoint"):
+        trainer.check_args(tiny(data, run, script=first_stage_ft))
+    with pytest.raises(trainer.ConfigError, match="--checkpoint .* does not exist"):
+        trainer.check_args(tiny(data, run, "--checkpoint", tmp_path / "x.pth", script=second_stage_ft))
+    with pytest.raises(trainer.ConfigError, match="preset 'tiny', not --preset small"):
+        trainer.Trainer(tiny(data, run, "--resume", trained, "--preset", "small"))
+    with pytest.raises(trainer.ConfigError, match="already completed 2 of --epochs 2"):
+        trainer.Trainer(tiny(data, tmp_path / "run2", "--resume", trained))
+    with pytest.raises(trainer.ConfigError, match="unknown module name"):
+        trainer.Trainer(tiny(data, run, "--checkpoint", trained / "last.pth", "--trainable", "nope",
+                             script=second_stage_ft))
+    assert not run.exists()
+
+
+def test_main_reports_errors_without_a_traceback(data, tmp_path, capsys):
+    """On the command line a bad option ends with exit status 2 and a one-line error on stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.main(["--data_dir", str(data), "--fp16", "--bf16", "--save_dir", str(tmp_path / "r")])
+    assert exit_info.value.code == 2
+    assert "error: --fp16 and --bf16 exclude each other" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------ loop
+def test_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor():
+    """lr_factor: (s+1)/warmup during warm-up, 1 at its end, half-way down the cosine at mid-decay, min at the end."""
+    f = lambda s: trainer.lr_factor(s, warmup_steps=4, total_steps=14, min_factor=0.01)  # noqa: E731
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0 and f(9) == pytest.approx(0.505) and f(14) == pytest.approx(0.01)
+    assert f(100) == pytest.approx(0.01)
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_accumulation_equals_one_big_batch_even_for_an_uneven_group(data, tmp_path):
+    """The gradient an update hands the optimizer (accumulated, clipped) from micro-batches of 2 and 1 images equals
+    the one from the 3 images in one batch (relative 1e-4, absolute 1e-7)."""
+    t = trainer.Trainer(tiny(data, tmp_path / "r", "--augment", "views", "--loss", "charbonnier"))
+    first, second = iter(t.train_loader), iter(t.train_loader)
+    batch, extra = next(first), next(second)
+    lq, gt = torch.cat([batch["lq"], extra["lq"][:1]]), torch.cat([batch["gt"], extra["gt"][:1]])
+    handed = []
+    t.optimizer.step = lambda: handed.append([p.grad.clone() for p in t.params])  # weights stay as they are
+    with trainer.StopRequest() as stop:
+        t._update([{"lq": lq[:2], "gt": gt[:2]}, {"lq": lq[2:], "gt": gt[2:]}], stop)
+        t._update([{"lq": lq, "gt": gt}], stop)
+    split, whole = handed
+    assert sum(bool(g.abs().max() > 0) for g in whole) > 0.9 * len(whole)
+    for a, b in zip(split, whole):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_two_epochs_then_resume_equals_four_straight(data, tmp_path):
+    """4 epochs in one go and 2 + resume 2 (strong augmentation, EMA, GFL, random crops) give bit-identical weights,
+    EMA, optimizer state and log (torch.equal)."""
+    extra = ("--epochs", 4, "--warmup_epochs", 1, "--ema", 0.9)
+    straight = trainer.train(tiny(data, tmp_path / "a", *extra))
+    half = trainer.Trainer(tiny(data, tmp_path / "b", *extra)).fit(until_epoch=2)
+    assert (half.epoch, half.step) == (2, straight.step // 2)
+    resumed = trainer.train(tiny(data, None, *extra, "--resume", tmp_path / "b"))
+    assert resumed.run_dir == tmp_path / "b" and (resumed.epoch, resumed.step) == (4, straight.step)
+    a, b = utils.load_checkpoint(tmp_path / "a" / "last.pth"), utils.load_checkpoint(tmp_path / "b" / "last.pth")
+    assert_same_state(a["model"], b["model"])
+    assert_same_state(a["ema"], b["ema"])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == straight.step
+    untimed = lambda run: [{k: v for k, v in r.items() if k not in ("time_s", "images_per_s")}  # noqa: E731
+                           for r in utils.read_log(run)]
+    assert untimed(tmp_path / "a") == untimed(tmp_path / "b")
+    assert straight.step == 4 * math.ceil(5 / 2)  # 5 batches per epoch, the last update from one batch
+    assert utils.read_log(tmp_path / "a")[-1]["lr"] == pytest.approx(trainer.MIN_LR)
+
+
+def _sigterm_args(data, run):
+    return ["--data_dir", data, "--save_dir", run, "--preset", "tiny", "--device", "cpu", "--num_workers", 0,
+            "--batch_size", 1, "--accum_steps", 1, "--epochs", 1, "--warmup_epochs", 0, "--patch_size", 16,
+            "--val_per_type", 0, "--augment", "strong"]
+
+
+# Runs trainer.main in a subprocess that announces its third optimizer update and holds it until a signal comes.
+SIGNAL_WRAPPER = """
+import sys, time
+import trainer
+original = trainer.Trainer._update
+def update(self, group, stop):
+    result = original(self, group, stop)
+    if self.step == 2:
+        print("UPDATE 3", flush=True)
+        deadline = time.monotonic() + 60
+        while stop.signum is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return result
+trainer.Trainer._update = update
+trainer.main(sys.argv[1:])
+"""
+
+
+def test_sigterm_mid_epoch_saves_a_resumable_last_checkpoint(data, tmp_path):
+    """SIGTERM during the third update of a 12-update epoch: the process finishes the update in flight, writes
+    last.pth at update 4 and exits 143; resuming then ends with exactly the weights of an uninterrupted run."""
+    run = tmp_path / "run"
+    argv = [str(a) for a in _sigterm_args(data, run)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen([sys.executable, "-c", SIGNAL_WRAPPER, *argv], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "UPDATE 3" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    output = "".join(seen) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "SIGTERM: stopping after this optimizer update" in output
+    saved = utils.load_checkpoint(run / "last.pth")
+    assert (saved["epoch"], saved["step"]) == (0, 4)
+    resumed = trainer.train(parse(*_sigterm_args(data, run), "--resume", run))
+    straight = trainer.train(parse(*_sigterm_args(data, tmp_path / "straight")))
+    assert resumed.step == straight.step == 12
+    assert_same_state(weights(run / "last.pth"), weights(tmp_path / "straight" / "last.pth"))
+
+
+class _NaNOn:
+    """A Charbonnier loss that returns NaN on the given (0-based) calls."""
+
+    def __init__(self, calls):
+        self.calls, self.count, self.inner = calls, -1, CharbonnierLoss()
+
+    def __call__(self, pred, target, epoch=None):
+        self.count += 1
+        loss = self.inner(pred, target, epoch)
+        return loss * float("nan") if self.count in self.calls or "all" in self.calls else loss
+
+
+def test_non_finite_steps_are_skipped_and_a_run_of_them_stops_training(data, tmp_path, monkeypatch):
+    """A NaN loss skips that update (logged as skipped_steps, weights stay finite); max_bad_steps NaN updates in a
+    row stop the run with TrainingError, leaving the last good last.pth untouched."""
+    monkeypatch.setattr(trainer, "build_loss", lambda name, num_epochs=None: _NaNOn({1}))
+    result = trainer.train(tiny(data, tmp_path / "skip"))
+    log = utils.read_log(tmp_path / "skip")
+    assert [r["skipped_steps"] for r in log] == [1, 0] and result.step == 6
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path / "skip" / "last.pth").values())
+
+    monkeypatch.setattr(trainer, "build_loss", lambda name, num_epochs=None: _NaNOn({"all"}))
+    with pytest.raises(trainer.TrainingError, match="3 updates in a row"):
+        trainer.train(tiny(data, tmp_path / "nan", "--max_bad_steps", 3))
+    assert not (tmp_path / "nan" / "last.pth").exists()
+
+
+def test_without_validation_best_follows_last(data, tmp_path):
+    """--val_per_type 0: no validation (val fields null in the log) and best.pth is written with last.pth."""
+    trainer.train(tiny(data, tmp_path / "r", "--val_per_type", 0, "--epochs", 1, "--warmup_epochs", 0))
+    assert_same_state(weights(tmp_path / "r" / "best.pth"), weights(tmp_path / "r" / "last.pth"))
+    record = utils.read_log(tmp_path / "r")[0]
+    assert record["val_psnr"] is None and record["train_loss"] > 0
+    assert (tmp_path / "r" / "args.json").is_file() and (tmp_path / "r" / "curves_loss.png").is_file()
+
+
+def test_bf16_autocast_trains_on_the_cpu(data, tmp_path):
+    """--bf16 runs under CPU autocast: float32 weights stay finite, the loss is finite, no loss scaler is saved."""
+    trainer.train(tiny(data, tmp_path / "r", "--bf16", "--epochs", 1, "--warmup_epochs", 0))
+    saved = utils.load_checkpoint(tmp_path / "r" / "last.pth")
+    assert saved["scaler"] is None and saved["args"]["bf16"]
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in saved["model"].values())
+    assert math.isfinite(utils.read_log(tmp_path / "r")[0]["train_loss"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["--fp16", "--bf16"])
+def test_mixed_precision_on_cuda_trains_and_resumes(data, tmp_path, precision):
+    """On CUDA: fused AdamW, fp16 with a GradScaler whose state is saved (bf16 without one), and a resume that
+    restores it."""
+    extra = ("--device", "cuda", precision, "--epochs", 2, "--ema", 0.9)
+    t = trainer.Trainer(tiny(data, tmp_path / "r", *extra))
+    assert all(group["fused"] for group in t.optimizer.param_groups)
+    t.fit(until_epoch=1)
+    saved = utils.load_checkpoint(tmp_path / "r" / "last.pth")
+    assert (saved["scaler"] is not None) == (precision == "--fp16")
+    result = trainer.train(tiny(data, None, *extra, "--resume", tmp_path / "r"))
+    assert result.epoch == 2
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path / "r" / "last.pth").values())
+
+
+# ------------------------------------------------------------------------------------------------ fine-tuning
+def test_first_stage_starts_from_the_checkpoint_with_a_fresh_schedule(data, tmp_path, trained):
+    """Stage 1 takes the model config and weights of --checkpoint (no --preset given), trains every parameter with
+    a new optimizer (its step count starts at 0) and no strong augmentation."""
+    start = weights(trained / "best.pth")
+    t = trainer.Trainer(parse("--data_dir", data, "--save_dir", tmp_path / "ft1", "--checkpoint", trained / "best.pth",
+                              "--device", "cpu", "--num_workers", 0, "--epochs", 1, "--warmup", 0, "--patch_size", 16,
+                              "--val_per_type", 0, script=first_stage_ft))
+    assert t.model_config == {"preset": "tiny"} and not t.policy.strong and t.step == 0
+    assert_same_state(t.raw.state_dict(), start)
+    assert sum(p.numel() for g in t.optimizer.param_groups for p in g["params"]) == \
+        sum(p.numel() for p in t.raw.parameters())
+    result = t.fit()
+    assert result.step == 2 and utils.load_checkpoint(tmp_path / "ft1" / "last.pth")["model_config"]["preset"] == "tiny"
+
+
+def test_second_stage_trains_only_its_modules_and_runs_again_from_its_own_output(data, tmp_path, trained, capsys):
+    """Stage 2 changes only STAGE2_MODULES (the optimizer holds only their parameters), prints the trainable table,
+    and a second stage-2 run from its own best.pth works ("FT again")."""
+    start = weights(trained / "best.pth")
+    second = lambda src, dst: tiny(data, dst, "--checkpoint", src, "--epochs", 1,  # noqa: E731
+                                   "--warmup_epochs", 0, script=second_stage_ft)
+    t = trainer.Trainer(second(trained / "best.pth", tmp_path / "ft2"))
+    trainable = {id(p) for p in t.raw.parameters() if p.requires_grad}
+    assert {id(p) for g in t.optimizer.param_groups for p in g["params"]} == trainable
+    t.fit()
+    assert "reduce_noise_level1" in capsys.readouterr().out
+    after = weights(tmp_path / "ft2" / "last.pth")
+    for name, value in after.items():
+        moved = not torch.equal(value, start[name])
+        assert moved == (name.split(".")[0] in STAGE2_MODULES), name
+    again = trainer.train(second(tmp_path / "ft2" / "best.pth", tmp_path / "ft2_again"))
+    assert again.epoch == 1
+    final = weights(tmp_path / "ft2_again" / "last.pth")
+    assert any(not torch.equal(final[k], after[k]) for k in after if k.startswith("refinement"))
+    assert all(torch.equal(final[k], after[k]) for k in after if k.startswith("encoder_level1"))
+
+
+# ---------------------------------------------------------------------------------------------- it learns
+def test_training_on_real_rain_beats_the_degraded_input(shared, tmp_path):
+    """The tiny model trained for 24 updates on Rain100H (batches of 8 random 32 px crops) restores 3 held-out
+    images to a PSNR (the grader's way) at least 2 dB above that of the rainy inputs."""
+    root = shared("data", "rain100h")
+    args = parse("--data_dir", root, "--save_dir", tmp_path / "r", "--preset", "tiny", "--device", "cpu",
+                 "--num_workers", 0, "--batch_size", 8, "--accum_steps", 1, "--epochs", 2, "--warmup_epochs", 0,
+                 "--patch_size", 32, "--val_per_type", 3, "--lr", 2e-3, "--loss", "charbonnier", "--augment", "views")
+    result = trainer.train(args)
+    _, val_pairs = stratified_split(find_pairs(root), val_per_type=3, seed=42)
+    inputs = [utils.psnr(read_image(p.degraded), read_image(p.clean)) for p in val_pairs]
+    record = utils.read_log(tmp_path / "r")[-1]
+    assert result.step == 2 * (97 // 8)
+    assert record["val_psnr"] > sum(inputs) / len(inputs) + 2.0, (record["val_psnr"], inputs)

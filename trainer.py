@@ -1,0 +1,595 @@
+"""The training loop of PromptIR for rain and snow removal, its command line, and training from scratch.
+
+    python trainer.py --data_dir datasets --fp16 --save_dir gfl_ckpt        # the original recipe
+    python trainer.py --data_dir datasets --save_dir gfl_ckpt --resume gfl_ckpt   # continue where it stopped
+    torchrun --nproc_per_node=4 trainer.py --data_dir datasets --bf16       # several GPUs (--batch_size is per GPU)
+
+``first_stage_ft.py`` and ``second_stage_ft.py`` run the same loop with their own defaults. The run folder
+(``--save_dir``) holds args.json, log.jsonl (one record per epoch), last.pth (after every epoch, and on Ctrl-C or
+SIGTERM), best.pth (best validation PSNR) and the curves drawn at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import utils
+from augment import AugmentPolicy
+from dataloader import DataError, build_loaders
+from GFL_Loss import LOSSES, build_loss
+from model import PRESETS, build_model, freeze_except, load_weights, trainable_summary
+
+FORMAT_VERSION = 1
+MIN_LR = 1e-6  # where the cosine ends
+TRAIN_DEFAULTS = {"lr": 2e-4, "epochs": 250, "warmup_epochs": 10, "loss": "gfl", "augment": "strong",
+                  "save_dir": "checkpoints"}
+
+
+class ConfigError(ValueError):
+    """Options that contradict each other or point at nothing; the message says what to do."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example, every step has a non-finite loss)."""
+
+
+# ------------------------------------------------------------------------------------------------- command line
+def build_parser(defaults=None, *, fine_tune=False, description=None):
+    """The command line shared by trainer.py and the fine-tuning scripts.
+
+    Args:
+        defaults (Mapping | None): values that differ from ``TRAIN_DEFAULTS`` (lr, epochs, warmup_epochs, loss,
+            augment, save_dir, and for fine-tuning ``trainable``: a list of module names, None for all).
+        fine_tune (bool): add ``--checkpoint`` (the weights to start from) and ``--trainable``.
+        description (str | None): the script's help text.
+    """
+    d = {**TRAIN_DEFAULTS, **(defaults or {})}
+    p = argparse.ArgumentParser(description=description or __doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--data_dir", required=True, help="dataset root (see dataloader.py for the layouts)")
+    data.add_argument("--batch_size", type=int, default=2, help="images per micro-batch per GPU (default 2)")
+    data.add_argument("--num_workers", type=int, default=4, help="data loader processes (default 4)")
+    data.add_argument("--patch_size", type=int, default=None,
+                      help="train on random square crops of this size (default: whole images)")
+    data.add_argument("--val_per_type", type=int, default=320,
+                      help="validation images per degradation type (default 320; 0: no validation)")
+    data.add_argument("--cache", action="store_true", help="decode all images once and keep them in memory")
+    data.add_argument("--augment", choices=("strong", "views"), default=d["augment"],
+                      help="strong: random crops and views, then CutBlur, Mixup or Blend on some batches; "
+                           f"views: crops and views only (default {d['augment']})")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--lr", type=float, default=d["lr"], help=f"peak learning rate (default {d['lr']})")
+    opt.add_argument("--epochs", type=int, default=d["epochs"], help=f"epochs (default {d['epochs']})")
+    opt.add_argument("--warmup_epochs", "--warmup", dest="warmup_epochs", type=int, default=d["warmup_epochs"],
+                     help=f"linear warm-up epochs before the cosine decay (default {d['warmup_epochs']})")
+    opt.add_argument("--accum_steps", type=int, default=4, help="micro-batches per optimizer update (default 4)")
+    opt.add_argument("--loss", choices=LOSSES, default=d["loss"], help=f"training loss (default {d['loss']})")
+    opt.add_argument("--weight_decay", type=float, default=1e-4,
+                     help="AdamW weight decay, not applied to biases and norm weights (default 1e-4)")
+    opt.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm (default 1.0; 0: off)")
+    opt.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                     help="keep an exponential moving average of the weights (e.g. 0.999), used for validation")
+    opt.add_argument("--max_bad_steps", type=int, default=20,
+                     help="stop after this many steps in a row with a non-finite loss or gradient (default 20)")
+    opt.add_argument("--fp16", action="store_true", help="float16 autocast with loss scaling (CUDA only)")
+    opt.add_argument("--bf16", action="store_true", help="bfloat16 autocast, no loss scaling (not with --fp16)")
+    run = p.add_argument_group("run")
+    run.add_argument("--save_dir", default=None,
+                     help=f"run folder (default: the --resume folder, else {d['save_dir']})")
+    run.add_argument("--resume", default=None, help="continue from a checkpoint, or a run folder (its last.pth)")
+    run.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                     help="model size (default official; a checkpoint's own config wins)")
+    run.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
+    run.add_argument("--val_interval", type=int, default=1, help="validate every this many epochs (default 1)")
+    run.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    run.add_argument("--trust_checkpoint", action="store_true",
+                     help="allow checkpoints that need pickle to load (only for files you trust)")
+    p.set_defaults(fine_tune=fine_tune, default_save_dir=d["save_dir"], checkpoint=None, trainable=None)
+    if fine_tune:
+        ft = p.add_argument_group("fine-tuning")
+        ft.add_argument("--checkpoint", help="weights to start from (required unless --resume)")
+        ft.add_argument("--trainable", nargs="+", default=d.get("trainable"), metavar="MODULE",
+                        help="train only these top-level modules (default: "
+                             f"{' '.join(d['trainable']) if d.get('trainable') else 'all'})")
+    return p
+
+
+def _run_file(path):
+    """A checkpoint path, or a run folder standing for its last.pth."""
+    path = Path(path)
+    return path / "last.pth" if path.is_dir() else path
+
+
+def check_args(args):
+    """Fail on options that contradict each other or point at nothing, before any work starts; fills in
+    ``save_dir`` and ``device``. Raises ConfigError with what to do."""
+    if args.fp16 and args.bf16:
+        raise ConfigError("--fp16 and --bf16 exclude each other: pick one (bf16 needs no loss scaling)")
+    for name, low in (("batch_size", 1), ("accum_steps", 1), ("epochs", 1), ("val_interval", 1),
+                      ("max_bad_steps", 1), ("num_workers", 0), ("warmup_epochs", 0), ("val_per_type", 0)):
+        if getattr(args, name) < low:
+            raise ConfigError(f"--{name} must be at least {low}, got {getattr(args, name)}")
+    if args.warmup_epochs >= args.epochs:
+        raise ConfigError(f"--warmup_epochs ({args.warmup_epochs}) must be smaller than --epochs ({args.epochs}): "
+                          "lower the warm-up or train longer")
+    if not args.lr > 0 or args.weight_decay < 0 or args.grad_clip < 0:
+        raise ConfigError("--lr must be > 0, --weight_decay and --grad_clip >= 0")
+    if args.ema is not None and not 0 < args.ema < 1:
+        raise ConfigError(f"--ema is a decay between 0 and 1 (e.g. 0.999), got {args.ema}")
+    if args.patch_size is not None and args.patch_size < 8:
+        raise ConfigError(f"--patch_size must be at least 8 pixels, got {args.patch_size}")
+    if not Path(args.data_dir).is_dir():
+        raise ConfigError(f"--data_dir {args.data_dir} is not a folder: point it at the dataset root")
+    if args.resume:
+        args.resume = str(_run_file(args.resume))
+        if not Path(args.resume).is_file():
+            raise ConfigError(f"--resume {args.resume} does not exist: give a checkpoint or a run folder with last.pth")
+    if args.fine_tune and not args.resume:
+        if not args.checkpoint:
+            raise ConfigError("fine-tuning starts from weights: pass --checkpoint PATH (or --resume to continue a "
+                              "fine-tuning run)")
+        if not Path(args.checkpoint).is_file():
+            raise ConfigError(f"--checkpoint {args.checkpoint} does not exist")
+    args.save_dir = str(args.save_dir or (Path(args.resume).parent if args.resume else args.default_save_dir))
+    last = Path(args.save_dir) / "last.pth"
+    if last.is_file() and not (args.resume and Path(args.resume).parent.resolve() == last.parent.resolve()):
+        raise ConfigError(f"{args.save_dir} already holds a run (last.pth): continue it with --resume "
+                          f"{args.save_dir}, or choose another --save_dir")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"--device {args.device}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: CUDA is not available here; use --device cpu")
+    if args.fp16 and device.type != "cuda":
+        raise ConfigError("--fp16 needs a CUDA device (float16 autocast on the CPU is slow and unscaled): "
+                          "use --bf16 or leave both off")
+    args.device = str(device)
+
+
+# -------------------------------------------------------------------------------------------------- helpers
+class EMA:
+    """Exponential moving average of a network's weights and buffers, updated after every optimizer step.
+
+    Args:
+        model (nn.Module): the network to follow; a frozen copy in eval mode is kept as ``self.module``.
+        decay (float): weight of the old average at each update, e.g. 0.999.
+    """
+
+    def __init__(self, model, *, decay):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model):
+        torch._foreach_lerp_(list(self.module.state_dict().values()), list(model.state_dict().values()),
+                             1 - self.decay)
+
+
+class StopRequest:
+    """Turns SIGINT and SIGTERM into a request to stop after the current optimizer update (a second signal stops
+    at once, without saving). Installs its handlers only in the main thread; data loader workers forked from it
+    ignore the signals, so a Ctrl-C in the terminal leaves them serving the update in flight."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+        self._pid = os.getpid()
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if os.getpid() != self._pid:
+            return
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        tqdm.write(f"{signal.Signals(signum).name}: stopping after this optimizer update and writing last.pth "
+                   "(send it again to quit at once, without saving)")
+
+
+def lr_factor(step, *, warmup_steps, total_steps, min_factor):
+    """Learning rate of update ``step`` (0-based) relative to the peak: linear warm-up, then cosine to
+    ``min_factor``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min((step - warmup_steps) / max(1, total_steps - warmup_steps), 1.0)
+    return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _groups(batches, size):
+    """Consecutive lists of ``size`` batches (the last one may be shorter): one optimizer update each."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+@dataclass
+class Result:
+    """What a finished (or stopped) run reached."""
+    run_dir: Path
+    epoch: int
+    step: int
+    best_psnr: float
+    signal: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """One training run: from scratch, fine-tuning from ``--checkpoint``, or resumed from ``--resume``.
+
+    Args:
+        args (argparse.Namespace): parsed options of ``build_parser`` (checked here with ``check_args``).
+    """
+
+    def __init__(self, args):
+        check_args(args)
+        self.args = args
+        self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        self.device = torch.device(args.device)
+        if self.distributed:
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", local_rank)
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        self.main = self.rank == 0
+        if self.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")
+            torch.backends.cudnn.benchmark = True  # training shapes are fixed (whole images or --patch_size crops)
+        utils.seed_everything(args.seed + self.rank)
+        self.run_dir = Path(args.save_dir)
+        # The data are checked (every pair, every file) before anything big is loaded or built.
+        self.train_loader, self.val_loader = build_loaders(
+            args.data_dir, batch_size=args.batch_size, num_workers=args.num_workers, patch_size=args.patch_size,
+            val_per_type=args.val_per_type, seed=args.seed, cache=args.cache, distributed=self.distributed)
+        self.updates_per_epoch = math.ceil(len(self.train_loader) / args.accum_steps)
+
+        resume = utils.load_checkpoint(args.resume, trusted=args.trust_checkpoint) if args.resume else None
+        init = None
+        if args.fine_tune and resume is None:
+            init = utils.load_checkpoint(args.checkpoint, trusted=args.trust_checkpoint)
+        self.model_config = self._model_config(resume or init)
+        self.raw = build_model(**self.model_config)
+        if init is not None:
+            load_weights(self.raw, init)
+        if args.trainable:
+            try:
+                freeze_except(self.raw, args.trainable)
+            except ValueError as err:
+                raise ConfigError(f"--trainable: {err}") from None
+        self.raw.to(self.device)
+        if self.distributed:  # DDP starts every process from rank 0's weights
+            self.net = DistributedDataParallel(self.raw, device_ids=[self.device.index] if self.device.index is not None
+                                               else None)
+        else:
+            self.net = self.raw
+        self.ema = EMA(self.raw, decay=args.ema) if args.ema else None
+
+        self.policy = AugmentPolicy(strong=args.augment == "strong")  # draws from the global RNG (checkpointed)
+        self.loss = build_loss(args.loss, num_epochs=args.epochs)
+        self.amp_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
+        self.scaler = torch.amp.GradScaler("cuda") if args.fp16 else None
+
+        self.params = [p for p in self.raw.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in self.params if p.ndim > 1], "weight_decay": args.weight_decay},
+                  {"params": [p for p in self.params if p.ndim <= 1], "weight_decay": 0.0}]
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        self.optimizer = torch.optim.AdamW(groups, lr=args.lr, **fused)
+        warmup, total = args.warmup_epochs * self.updates_per_epoch, args.epochs * self.updates_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
+            s, warmup_steps=warmup, total_steps=total, min_factor=MIN_LR / args.lr))
+
+        self.epoch, self.step, self.best_psnr = 0, 0, float("-inf")
+        if resume is not None:
+            self._load(resume)
+
+    # -------------------------------------------------------------------------------------------- set-up
+    def _model_config(self, checkpoint):
+        """The model's build_model kwargs: a checkpoint's own config wins; an explicit --preset must agree."""
+        preset = self.args.preset
+        saved = checkpoint.get("model_config") if isinstance(checkpoint, dict) else None
+        if saved:
+            if preset and preset != saved.get("preset"):
+                source = self.args.resume or self.args.checkpoint
+                raise ConfigError(f"{source} holds a model of preset {saved.get('preset')!r}, not --preset {preset}: "
+                                  "drop --preset (the checkpoint's is used) or start a new run")
+            return dict(saved)
+        return {"preset": preset or "official"}
+
+    def _load(self, ckpt):
+        """Restore everything a checkpoint holds so that training continues as if it had never stopped."""
+        self.raw.load_state_dict(ckpt["model"])
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as err:
+            raise ConfigError(f"--resume {self.args.resume}: the optimizer does not fit ({err}); resume with the "
+                              "same --trainable modules") from None
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if (self.scaler is None) != (ckpt.get("scaler") is None):
+            raise ConfigError(f"--resume {self.args.resume} was trained with{'out' if self.scaler else ''} --fp16: "
+                              "resume with the same precision")
+        if self.scaler is not None:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
+        self.epoch, self.step, self.best_psnr = ckpt["epoch"], ckpt["step"], ckpt["best_psnr"]
+        if self.epoch >= self.args.epochs:
+            raise ConfigError(f"--resume {self.args.resume} has already completed {self.epoch} of --epochs "
+                              f"{self.args.epochs}: pass a larger --epochs to train longer")
+        if not 0 <= self.step - self.epoch * self.updates_per_epoch < self.updates_per_epoch:
+            raise ConfigError(f"--resume {self.args.resume} stopped at update {self.step} of epoch {self.epoch + 1}, "
+                              f"which has {self.updates_per_epoch} updates here: resume with the same data, "
+                              "--batch_size, --accum_steps and number of processes")
+        utils.set_rng_state(ckpt["rng"])
+        if ckpt.get("loader_generator") is not None and self.train_loader.generator is not None:
+            self.train_loader.generator.set_state(ckpt["loader_generator"])
+
+    def _say(self, text):
+        if self.main:
+            tqdm.write(text)
+
+    def checkpoint(self):
+        """The state of the run right now, in the checkpoint schema (a plain dict)."""
+        generator = self.train_loader.generator
+        return {"format_version": FORMAT_VERSION, "model": self.raw.state_dict(),
+                "ema": self.ema.module.state_dict() if self.ema else None, "model_config": self.model_config,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None, "epoch": self.epoch, "step": self.step,
+                "best_psnr": self.best_psnr, "args": vars(self.args), "rng": utils.get_rng_state(),
+                "loader_generator": generator.get_state() if generator is not None else None}
+
+    # ---------------------------------------------------------------------------------------------- loop
+    def fit(self, *, until_epoch=None):
+        """Train to ``--epochs`` (or stop after ``until_epoch`` epochs, writing last.pth as usual).
+
+        Returns:
+            Result: the run folder, epochs and updates done, best validation PSNR, and the signal that stopped it.
+        """
+        args, stop_at = self.args, min(until_epoch or self.args.epochs, self.args.epochs)
+        log = None
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+            log = utils.RunLog(self.run_dir)
+            if args.resume and log.path.is_file():
+                log.truncate_after(self.epoch)
+            if args.trainable or args.fine_tune:
+                self._say(trainable_summary(self.raw))
+        per_update = args.batch_size * args.accum_steps * self.world
+        self._say(f"effective batch: {args.batch_size} images x {args.accum_steps} accumulation steps x {self.world} "
+                  f"process(es) = {per_update} per update; {self.updates_per_epoch} updates per epoch, "
+                  f"{self.updates_per_epoch * args.epochs} in all; device {self.device}; run folder {self.run_dir}")
+        stopped = None
+        try:
+            with StopRequest() as stop:
+                while self.epoch < stop_at and stopped is None:
+                    record, stop_now = self._train_epoch(stop)
+                    stopped = (stop.signum or signal.SIGTERM) if stop_now else None
+                    if self.step < (self.epoch + 1) * self.updates_per_epoch:  # stopped inside the epoch
+                        self._save({"last.pth"})
+                        break
+                    self.epoch += 1
+                    record.update(self._maybe_validate())
+                    self._end_epoch(record, log)
+            if stopped is not None:
+                self._say(f"stopped after update {self.step}; continue with --resume {self.run_dir}")
+            elif self.main:
+                utils.plot_curves(self.run_dir)
+        finally:
+            if self.distributed:
+                dist.destroy_process_group()
+        return Result(self.run_dir, self.epoch, self.step, self.best_psnr, stopped)
+
+    def _train_epoch(self, stop):
+        """One epoch (or its rest, after a resume in the middle).
+
+        Returns:
+            (record, stopped): the training part of the epoch's log record, and whether a signal stopped it.
+        """
+        args, loader = self.args, self.train_loader
+        loader.sampler.set_epoch(self.epoch)
+        done = self.step - self.epoch * self.updates_per_epoch  # updates of this epoch already done (resume)
+        batches = _groups(iter(loader), args.accum_steps)
+        for _ in range(done):  # items are seeded by the sampler: skipping re-reads them without drawing at random
+            next(batches)
+        self.raw.train()
+        bar = tqdm(total=len(loader), initial=done * args.accum_steps, desc=f"epoch {self.epoch + 1}/{args.epochs}",
+                   unit="batch", leave=False, dynamic_ncols=True, disable=not self.main)
+        loss_sum, images, seen, skipped, bad_run = 0.0, 0, 0, 0, 0
+        stopped, start = False, time.perf_counter()
+        try:
+            for group in batches:
+                bad, stopped, value, count = self._update(group, stop)
+                self.step += 1
+                seen += count
+                bar.update(len(group))
+                if bad:
+                    skipped, bad_run = skipped + 1, bad_run + 1
+                    self._say(f"epoch {self.epoch + 1} update {self.step}: non-finite loss or gradient, step skipped")
+                    if bad_run >= args.max_bad_steps:
+                        raise TrainingError(
+                            f"{bad_run} updates in a row had a non-finite loss or gradient (epoch {self.epoch + 1}, "
+                            f"update {self.step}); last.pth, if any, keeps the state after epoch {self.epoch}. Try "
+                            "a lower --lr, --bf16 instead of --fp16, or check the data")
+                else:
+                    bad_run, loss_sum, images = 0, loss_sum + value, images + count
+                    rate = seen * self.world / (time.perf_counter() - start)
+                    bar.set_postfix(loss=f"{value / count:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
+                                    img_s=f"{rate:.1f}", refresh=False)
+                if stopped:
+                    break
+        except Exception:
+            if stop.signum is None:  # a Ctrl-C can kill the loader's workers: that is a stop, not a failure
+                raise
+            return {}, True
+        finally:
+            bar.close()
+        elapsed = time.perf_counter() - start
+        totals = torch.tensor([loss_sum, images, seen], dtype=torch.float64, device=self.device)
+        if self.distributed:
+            dist.all_reduce(totals)
+        loss_sum, images, seen = totals.tolist()
+        return {"train_loss": loss_sum / images if images else None, "images_per_s": seen / elapsed,
+                "skipped_steps": skipped, "time_s": elapsed}, stopped
+
+    def _update(self, group, stop):
+        """One optimizer update from a group of micro-batches: exact accumulation (each micro-batch's loss weighted
+        by its share of the group's images), mixed precision, clipping, skipping non-finite steps.
+
+        Returns:
+            (bad, stop, loss_sum, images): whether the step was skipped, whether to stop (agreed by all
+            processes), and this process's summed per-image loss and image count.
+        """
+        args = self.args
+        count = sum(batch["lq"].shape[0] for batch in group)
+        loss_sum = torch.zeros((), device=self.device)
+        for i, batch in enumerate(group):
+            lq = batch["lq"].to(self.device, non_blocking=True)
+            gt = batch["gt"].to(self.device, non_blocking=True)
+            lq, gt, _ = self.policy(lq, gt)
+            sync = not self.distributed or i == len(group) - 1
+            with nullcontext() if sync else self.net.no_sync():
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    loss = self.loss(self.net(lq), gt, self.epoch)
+                scaled = loss * (lq.shape[0] / count)
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_sum += loss.detach() * lq.shape[0]
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, args.grad_clip or float("inf"))
+        flags = torch.stack([~torch.isfinite(norm) | ~torch.isfinite(loss_sum),
+                             torch.tensor(stop.signum is not None, device=self.device)]).float()
+        if self.distributed:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad, stop_now, value = torch.cat([flags, loss_sum.view(1).float()]).tolist()
+        if not bad:
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+            if self.ema:
+                self.ema.update(self.raw)
+        if self.scaler:
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # a skipped step still moves the schedule, which torch warns about
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            self.scheduler.step()
+        return bool(bad), bool(stop_now), value, count
+
+    # ----------------------------------------------------------------------------------------- validation
+    def _maybe_validate(self):
+        """Validate after every --val_interval epochs and after the last one; empty when it is not time."""
+        if self.val_loader is None or (self.epoch % self.args.val_interval and self.epoch != self.args.epochs):
+            return {}
+        return self.validate()
+
+    @torch.no_grad()
+    def validate(self):
+        """Validation loss and the grader's PSNR (clamped, uint8-rounded), per degradation type and overall, with
+        the EMA weights when they are kept. Each process scores its share; the sums are combined."""
+        net = self.ema.module if self.ema else self.raw
+        net.eval()
+        sums = defaultdict(lambda: [0.0, 0])  # kind -> [PSNR sum, images]; "" holds the validation loss
+        for batch in tqdm(self.val_loader, desc="validation", unit="batch", leave=False, dynamic_ncols=True,
+                          disable=not self.main):
+            lq, gt = batch["lq"].to(self.device), batch["gt"].to(self.device)
+            pred = net(lq).float()
+            sums[""][0] += float(self.loss(pred, gt, self.epoch - 1)) * lq.shape[0]
+            sums[""][1] += lq.shape[0]
+            for kind, value in zip(batch["kind"], utils.psnr_per_image(pred.clamp(0, 1), gt)):
+                sums[kind][0] += value
+                sums[kind][1] += 1
+        self.raw.train()
+        if self.distributed:
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, dict(sums))
+            sums = defaultdict(lambda: [0.0, 0])
+            for part in gathered:
+                for kind, (total, n) in part.items():
+                    sums[kind][0] += total
+                    sums[kind][1] += n
+        loss_total, n = sums.pop("", (0.0, 0))
+        record = {"val_loss": loss_total / n, "val_psnr": sum(s for s, _ in sums.values()) / n}
+        record.update({f"val_psnr_{kind}": total / count for kind, (total, count) in sorted(sums.items())})
+        return record
+
+    def _end_epoch(self, record, log):
+        """Write last.pth (and best.pth when validation improved, or every epoch without validation), log the
+        epoch and say how it went."""
+        improved = "val_psnr" in record and record["val_psnr"] > self.best_psnr
+        if improved:
+            self.best_psnr = record["val_psnr"]
+        self._save({"last.pth"} | ({"best.pth"} if improved or self.val_loader is None else set()))
+        record = {"epoch": self.epoch, "step": self.step, "lr": self.scheduler.get_last_lr()[0], **record}
+        record.setdefault("val_loss", None)
+        record.setdefault("val_psnr", None)
+        if log is not None:
+            log.append(record)
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float) and k != "time_s")
+        self._say(f"epoch {self.epoch}/{self.args.epochs}: {shown}" + (" (best)" if improved else ""))
+
+    def _save(self, names):
+        """Write the current state under each name in the run folder (rank 0; all processes wait for it)."""
+        if self.main:
+            state = self.checkpoint()
+            for name in sorted(names):
+                utils.save_checkpoint(self.run_dir / name, state)
+        if self.distributed:
+            dist.barrier()
+
+
+def train(args, *, until_epoch=None):
+    """Run the training the options describe (see ``Trainer``) and return its ``Result``."""
+    return Trainer(args).fit(until_epoch=until_epoch)
+
+
+def main(argv=None, *, parser=None):
+    """Command-line entry point; the fine-tuning scripts pass their own ``parser`` (see ``build_parser``)."""
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = train(args)
+    except (ConfigError, DataError, utils.CheckpointError, TrainingError) as err:
+        parser.exit(2 if isinstance(err, ConfigError) else 1, f"{parser.prog}: error: {err}\n")
+    if result.signal is not None:
+        sys.exit(128 + result.signal)
+
+
+if __name__ == "__main__":
+    main()
