@@ -29,6 +29,10 @@ DEAD_MODULES = ("chnl_reduce1", "chnl_reduce2", "chnl_reduce3",
 # The modules the second fine-tuning stage trains; everything else stays frozen.
 STAGE2_MODULES = ("refinement", "output", "decoder_level1", "noise_level1", "reduce_noise_level1", "up2_1")
 
+# Distinct block shapes one process may compile (about 11 per input size for the official network, doubled for
+# training and validation sizes and for gradient and no-gradient graphs).
+COMPILE_RECOMPILE_LIMIT = 64
+
 PAD_MULTIPLE = 8  # three 2x downsamplings
 # Reflection cannot add as many pixels as the side has: sides of 1 to 4 pixels would need 7 to 4 more, 5 needs 3.
 MIN_SIZE = 5
@@ -77,14 +81,40 @@ class Attention(nn.Module):
         self.qkv = nn.Conv2d(dim, dim * 3, kernel_size=1, bias=False)
         self.qkv_dwconv = nn.Conv2d(dim * 3, dim * 3, kernel_size=3, padding=1, groups=dim * 3, bias=False)
         self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=False)
+        self.fast = False  # set by PromptIR.set_fast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast:
+            return self._forward_fast(x)
         h, w = x.shape[-2:]
         q, k, v = (rearrange(t, "b (head c) h w -> b head c (h w)", head=self.num_heads)
                    for t in self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1))
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         attn = (q @ k.transpose(-2, -1) * self.temperature).softmax(dim=-1)
         return self.project_out(rearrange(attn @ v, "b head c (h w) -> b (head c) h w", h=h, w=w))
+
+    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function with less memory traffic, in the memory format of ``x`` (NCHW or channels_last).
+
+        q and k are never normalised in place: the Gram matrix of the raw q and k is divided by the outer product of
+        their norms, with the temperature folded in (a C x C division instead of two C x HW ones). ``attn @ v`` and
+        ``project_out`` are one matrix, ``W_out @ blockdiag(attn)``, applied to v once, so the per-head output is
+        never written. q, k and v stay views of the convolution output: no rearrange copies.
+        """
+        b, c, h, w = x.shape
+        heads = self.num_heads
+        qkv = self.qkv_dwconv(self.qkv(x)).flatten(2)  # (B, 3C, HW), a view in x's memory layout
+        qk = qkv[:, :2 * c].unflatten(1, (2, heads, c // heads))  # (B, q|k, head, c, HW)
+        q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2 * c:]
+        # Batch and heads cannot share one batch dimension without copying q and k: one matmul per image instead.
+        gram = q @ k.mT if b == 1 else torch.stack([qi @ ki.mT for qi, ki in zip(q, k)])
+        norms = torch.linalg.vector_norm(qk, dim=-1).clamp_min(1e-12)  # F.normalize's eps
+        attn = (gram * (self.temperature / (norms[:, 0, ..., None] * norms[:, 1, :, None, :]))).softmax(dim=-1)
+        w_out = self.project_out.weight.view(c, heads, c // heads)
+        mix = torch.einsum("ohi,bhij->bohj", w_out, attn).reshape(b, c, c)  # project_out after attention
+        if _is_channels_last(x):
+            return (v.mT @ mix.mT).mT.view(b, c, h, w)  # pixels-major result: channels_last
+        return (mix @ v).view(b, c, h, w)
 
 
 class FeedForward(nn.Module):
@@ -101,9 +131,12 @@ class FeedForward(nn.Module):
         self.project_in = nn.Conv2d(dim, hidden * 2, kernel_size=1, bias=False)
         self.dwconv = nn.Conv2d(hidden * 2, hidden * 2, kernel_size=3, padding=1, groups=hidden * 2, bias=False)
         self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=False)
+        self.fast = False  # set by PromptIR.set_fast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, value = self.dwconv(self.project_in(x)).chunk(2, dim=1)
+        if self.fast and not torch.is_grad_enabled():
+            return self.project_out(F.gelu(gate).mul_(value))  # one large buffer fewer: allocating it costs more
         return self.project_out(F.gelu(gate) * value)
 
 
@@ -122,8 +155,12 @@ class TransformerBlock(nn.Module):
         self.attn = Attention(dim, num_heads)
         self.norm2 = LayerNorm(dim)
         self.ffn = FeedForward(dim, ffn_expansion_factor)
+        self.fast = False  # set by PromptIR.set_fast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast and not torch.is_grad_enabled():  # no autograd: add the residuals into the fresh outputs
+            x = self.attn(self.norm1(x)).add_(x)
+            return self.ffn(self.norm2(x)).add_(x)
         x = x + self.attn(self.norm1(x))
         return x + self.ffn(self.norm2(x))
 
@@ -196,12 +233,19 @@ class PromptGenBlock(nn.Module):
         self.prompt_param = nn.Parameter(torch.rand(1, prompt_len, prompt_dim, prompt_size, prompt_size))
         self.linear_layer = nn.Linear(lin_dim, prompt_len)
         self.conv3x3 = nn.Conv2d(prompt_dim, prompt_dim, kernel_size=3, padding=1, bias=False)
+        self.fast = False  # set by PromptIR.set_fast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = self.linear_layer(x.mean(dim=(-2, -1))).softmax(dim=1)
         prompt = torch.einsum("bl,lchw->bchw", weights, self.prompt_param[0])
+        if self.fast and _is_channels_last(x):
+            prompt = prompt.contiguous(memory_format=torch.channels_last)  # resize the small map, not the large one
         prompt = F.interpolate(prompt, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return self.conv3x3(prompt)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def _stage(dim: int, num_heads: int, ffn_expansion_factor: float, depth: int) -> nn.Sequential:
@@ -282,6 +326,27 @@ class PromptIR(nn.Module):
 
         self.refinement = _stage(widths[1], heads[0], ffn, num_refinement_blocks)
         self.output = nn.Conv2d(widths[1], channels, kernel_size=3, padding=1, bias=False)
+        self.fast = self.channels_last = False
+
+    def set_fast(self, enabled: bool = True, *, channels_last: bool = True) -> PromptIR:
+        """Switch between the plain forward (the official formulation) and the fast one; returns the model.
+
+        The fast path computes the same function with less memory traffic (see ``Attention._forward_fast``) and, with
+        ``channels_last``, keeps every feature map and 4-D weight in channels-last memory, so the channel LayerNorm
+        needs no transposing copies and the convolutions run in their faster NHWC kernels. Parameter names, shapes
+        and values do not change: checkpoints load into either path. Switch before building the optimizer (the
+        weights' memory layout changes in place).
+        """
+        self.fast, self.channels_last = enabled, enabled and channels_last
+        for module in self.modules():
+            if isinstance(module, (Attention, FeedForward, TransformerBlock, PromptGenBlock)):
+                module.fast = enabled
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        with torch.no_grad():
+            for param in self.parameters():
+                if param.dim() == 4:
+                    param.data = param.data.contiguous(memory_format=layout)
+        return self
 
     @staticmethod
     def _prompted(x: torch.Tensor, prompt: PromptGenBlock, noise_level: TransformerBlock,
@@ -300,6 +365,8 @@ class PromptIR(nn.Module):
             raise ValueError(f"PromptIR needs images of at least {MIN_SIZE}x{MIN_SIZE} pixels (they are reflect-padded "
                              f"to a multiple of {PAD_MULTIPLE}), got {h}x{w}")
         inp = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect") if pad_h or pad_w else x
+        if self.channels_last:
+            inp = inp.contiguous(memory_format=torch.channels_last)
 
         enc1 = self.encoder_level1(self.patch_embed(inp))
         enc2 = self.encoder_level2(self.down1_2(enc1))
@@ -314,7 +381,7 @@ class PromptIR(nn.Module):
         dec1 = self.decoder_level1(torch.cat([self.up2_1(dec2), enc1], dim=1))
 
         out = self.output(self.refinement(dec1)) + inp
-        return out[..., :h, :w]
+        return out[..., :h, :w].contiguous() if self.fast else out[..., :h, :w]
 
 
 def build_model(preset: str = "official", **overrides: Any) -> PromptIR:
@@ -322,6 +389,34 @@ def build_model(preset: str = "official", **overrides: Any) -> PromptIR:
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
     return PromptIR(**{**PRESETS[preset], **overrides})
+
+
+def enable_fast_path(model: PromptIR, *, channels_last: bool = True, compile: bool = False,
+                     mode: str | None = None) -> PromptIR:
+    """Put ``model`` on the fast path (``PromptIR.set_fast``) and optionally compile it; returns the model.
+
+    Args:
+        model: the network; its parameter names and shapes stay as they are.
+        channels_last: keep feature maps and weights in channels-last memory (fastest on CPUs; measure on GPUs).
+            False leaves memory formats to PyTorch, as on the plain path.
+        compile: compile each ``TransformerBlock`` with ``torch.compile`` in place (regional compilation, static
+            shapes). Blocks of one width, head count and input shape share one compiled graph, so the official
+            network compiles about ten graphs instead of one huge one. Compilation happens on the first call at
+            each shape. Inductor caches its kernels on disk (``TORCHINDUCTOR_CACHE_DIR``, by default under the
+            system's temporary folder), so a second process compiles faster. Needs a C++ compiler on the CPU and
+            Triton on GPUs.
+        mode: ``torch.compile`` mode, for example ``"max-autotune-no-cudagraphs"``; None for the default.
+    """
+    model.set_fast(True, channels_last=channels_last)
+    if compile:
+        # Every block runs the same code object at its own shape: allow one graph per distinct block shape.
+        config = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, limit, max(getattr(config, limit), COMPILE_RECOMPILE_LIMIT))
+        for module in model.modules():
+            if isinstance(module, TransformerBlock):
+                module.compile(dynamic=False, mode=mode)
+    return model
 
 
 # ------------------------------------------------------------------------------------------------------- weights

@@ -248,11 +248,12 @@ def plot_curves(run_dir: str | os.PathLike) -> list[Path]:
     ]
     written = []
     for name, ylabel, series in panels:
-        if not series:
+        drawn = [(key, *_series(records, key)) for key in series]
+        drawn = [(key, xs, ys) for key, xs, ys in drawn if xs]
+        if not drawn:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
-        for key in series:
-            xs, ys = _series(records, key)
+        for key, xs, ys in drawn:
             label = "overall" if key == "val_psnr" else key.replace("val_psnr_", "").replace("_", " ")
             ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=label)
         ax.set_xlabel("epoch")

@@ -116,3 +116,11 @@ def test_run_log_survives_a_torn_line_and_plots(tmp_path):
     assert sorted(p.name for p in paths) == ["curves_loss.png", "curves_lr.png", "curves_psnr.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_curves_skips_panels_without_values(tmp_path):
+    """A run without validation (val_psnr logged as null) gets no empty PSNR figure."""
+    log = utils.RunLog(tmp_path)
+    for epoch in (1, 2):
+        log.append({"epoch": epoch, "lr": 1e-4, "train_loss": 0.5, "val_loss": None, "val_psnr": None})
+    assert sorted(p.name for p in utils.plot_curves(tmp_path)) == ["curves_loss.png", "curves_lr.png"]
