@@ -1,0 +1,125 @@
+"""The whole pipeline on a small synthetic rain and snow set, on the CPU, in a few minutes.
+
+    python demo.py                     # writes demo_output/
+
+Steps, each the same script a user runs on the real data:
+ 1. synthetic.py renders rain and snow onto matplotlib's sample photographs (homework layout, with test/clean);
+ 2. trainer.py trains the tiny preset from scratch with the Guided Frequency Loss and strong augmentation;
+ 3. first_stage_ft.py fine-tunes every parameter without strong augmentation;
+ 4. second_stage_ft.py fine-tunes only the six modules nearest the output;
+ 5. inference.py restores the test images with 8-view test-time augmentation into pred.npz and scores them;
+ 6. utils.py draws each run's curves, vis.py the side-by-side pictures;
+and finally prints the degraded and restored PSNR of the test set, per type and overall.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import first_stage_ft
+import inference
+import second_stage_ft
+import synthetic
+import trainer
+import vis
+from dataloader import list_images, read_image
+from utils import psnr
+
+PRESET = "tiny"
+
+
+def _banner(text: str) -> None:
+    print(f"\n=== {text}", flush=True)
+
+
+def degraded_psnr(data: Path) -> dict[str, float]:
+    """Mean PSNR of the test inputs against their clean images, per type and overall."""
+    kinds = json.loads((data / "synthetic.json").read_text())["test_kinds"]
+    values = {name: psnr(read_image(path), read_image(data / "test" / "clean" / name))
+              for name, path in ((p.name, p) for p in list_images(data / "test" / "degraded"))}
+    return _by_kind(values, kinds)
+
+
+def _by_kind(values: dict[str, float], kinds: dict[str, str]) -> dict[str, float]:
+    out = {}
+    for kind in sorted(set(kinds.values())):
+        group = [v for name, v in values.items() if kinds[name] == kind]
+        out[kind] = sum(group) / len(group)
+    out["overall"] = sum(values.values()) / len(values)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] + " Everything goes into --out.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="demo_output", help="output folder (default: %(default)s); replaced if "
+                        "it holds an earlier demo")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and of training (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=12, help="epochs of training from scratch (default: "
+                        "%(default)s); each fine-tuning stage runs a third of them")
+    parser.add_argument("--train_per_type", type=int, default=48, help="training pairs per type (default: "
+                        "%(default)s)")
+    parser.add_argument("--test_per_type", type=int, default=8, help="test images per type (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=64, help="image size in pixels (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    if out.exists():
+        if not (out / "demo.json").is_file():
+            sys.exit(f"demo: {out} exists and is not an earlier demo's output; choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    start = time.time()
+    data = out / "data"
+    ft_epochs = max(1, args.epochs // 3)
+    common = ["--data_dir", str(data), "--batch_size", "8", "--accum_steps", "1", "--num_workers", "0",
+              "--val_per_type", "4", "--seed", str(args.seed), "--loss", "gfl"]
+
+    _banner("1/6 rendering synthetic rain and snow")
+    synthetic.make_dataset(data, train_per_type=args.train_per_type, test_per_type=args.test_per_type,
+                           size=args.size, seed=args.seed)
+
+    _banner(f"2/6 training the {PRESET} preset from scratch")
+    trainer.main(common + ["--preset", PRESET, "--epochs", str(args.epochs), "--warmup", "1", "--lr", "2e-3",
+                           "--save_dir", str(out / "train")])
+
+    _banner("3/6 first fine-tuning stage (all parameters, no strong augmentation)")
+    first_stage_ft.main(common + ["--checkpoint", str(out / "train" / "best.pth"), "--epochs", str(ft_epochs),
+                                  "--warmup", "0", "--lr", "5e-4", "--save_dir", str(out / "ft_first")])
+
+    _banner("4/6 second fine-tuning stage (six modules nearest the output)")
+    second_stage_ft.main(common + ["--checkpoint", str(out / "ft_first" / "best.pth"), "--epochs", str(ft_epochs),
+                                   "--warmup", "0", "--lr", "5e-4", "--save_dir", str(out / "ft_second")])
+
+    _banner("5/6 predicting the test set with 8-view test-time augmentation")
+    npz = out / "pred.npz"
+    scores = inference.main(["--checkpoint", str(out / "ft_second" / "best.pth"),
+                             "--input_folder", str(data / "test" / "degraded"),
+                             "--gt_folder", str(data / "test" / "clean"), "--output_npz", str(npz)])
+
+    _banner("6/6 pictures")
+    pictures = vis.main(["--pred_npz", str(npz), "--input_folder", str(data / "test" / "degraded"),
+                         "--gt_folder", str(data / "test" / "clean"), "--out_dir", str(out / "vis")])
+
+    kinds = json.loads((data / "synthetic.json").read_text())["test_kinds"]
+    result = {"degraded": degraded_psnr(data), "restored": _by_kind({s.name: s.psnr for s in scores}, kinds)}
+    (out / "demo.json").write_text(json.dumps(result, indent=2))
+    print(f"\nTest set PSNR (dB, uint8 RGB) after {time.time() - start:.0f} s:")
+    print(f"{'':10}" + "".join(f"{k:>10}" for k in result["degraded"]))
+    for row, values in result.items():
+        print(f"{row:10}" + "".join(f"{v:10.2f}" for v in values.values()))
+    curves = sorted(str(p) for p in out.glob("*/curves_*.png"))
+    print("curves:", ", ".join(curves))
+    print("pictures:", ", ".join(str(p) for p in pictures))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Every script's --help runs and describes the options a user needs."""
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+SCRIPTS = {
+    "trainer.py": ["--data_dir", "--batch_size", "--accum_steps", "--warmup_epochs", "--fp16", "--bf16", "--resume",
+                   "--loss", "--save_dir", "--preset"],
+    "first_stage_ft.py": ["--checkpoint", "--data_dir", "--lr"],
+    "second_stage_ft.py": ["--checkpoint", "--trainable"],
+    "inference.py": ["--checkpoint", "--input_folder", "--output_npz", "--tta", "--gt_folder", "--tile"],
+    "vis.py": ["--pred_npz", "--input_folder", "--out_dir"],
+    "utils.py": ["run_dir"],
+    "synthetic.py": ["--out", "--clean_dir", "--size"],
+    "demo.py": ["--out", "--epochs"],
+    "bench_loader.py": [],
+}
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_help_runs_and_names_the_options(script):
+    """`python SCRIPT --help` exits 0 and mentions each of its main options."""
+    proc = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for option in SCRIPTS[script]:
+        assert option in proc.stdout, f"{script} --help does not mention {option}"
+
