@@ -35,7 +35,7 @@ from augment import VIEW_NAMES, dihedral, dihedral_inverse
 from dataloader import (HOMEWORK_NAME, DataError, Pair, check_pairs, list_images, read_image,
                         read_image_uint8)
 from model import PRESETS, build_model, load_weights
-from utils import CheckpointError, load_checkpoint, psnr, ssim, to_uint8
+from utils import CheckpointError, load_checkpoint, positive_int, psnr, ssim, to_uint8
 
 log = logging.getLogger("inference")
 
@@ -429,13 +429,6 @@ def write_csv(path: str | os.PathLike, scores: Sequence[Score]) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ command line
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Restore degraded images with a trained PromptIR and write pred.npz (uint8, (3, H, W), keyed by "
@@ -458,9 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tta", type=int, default=8, choices=sorted(TTA_VIEWS),
                         help="test-time views averaged: 8 = all dihedral views (default), 4 = identity and the "
                              "horizontal, vertical and double flips, 2 = identity and horizontal flip, 1 = off")
-    parser.add_argument("--batch_views", type=_positive, help="at most this many views per network call "
+    parser.add_argument("--batch_views", type=positive_int, help="at most this many views per network call "
                         "(default: all views of one shape at once); lowers memory")
-    parser.add_argument("--tile", type=_positive, help="restore in tiles of this many pixels (for images too large "
+    parser.add_argument("--tile", type=positive_int, help="restore in tiles of this many pixels (for images too large "
                         "for memory; costs a little PSNR). Default: whole images")
     parser.add_argument("--tile_overlap", type=int, help="pixels neighbouring tiles share, blended smoothly "
                         f"(default: {DEFAULT_OVERLAP}, at most a quarter of the tile)")

@@ -91,6 +91,14 @@ def ssim(pred: torch.Tensor, target: torch.Tensor) -> float:
     return sum(values) / len(values)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 # ----------------------------------------------------------------------------------------------------------- seeding
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and PyTorch (all devices)."""

@@ -24,7 +24,7 @@ import torch
 
 from dataloader import DataError, read_image_uint8
 from inference import PredictionFileError, check_npz, find_clean, scan_inputs
-from utils import psnr
+from utils import positive_int, psnr
 
 ERROR_SCALE = 64  # 8-bit levels drawn as white in the error maps
 PANEL_INCHES = 3.2
@@ -122,13 +122,6 @@ def visualize(pred_npz: str | os.PathLike, input_folder: str | os.PathLike, out_
             for i in range(0, len(examples), per_grid)]
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Draw degraded images beside their restorations from pred.npz "
                                      "(and beside the clean images with an error map, given --gt_folder).")
@@ -138,9 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gt_folder", help="clean images: same file names, or <type>_clean-<N> for <type>-<N>")
     parser.add_argument("--out_dir", default="vis", help="where the PNG grids go (default: %(default)s)")
     parser.add_argument("--names", nargs="+", metavar="NAME", help="file names to draw (default: a random sample)")
-    parser.add_argument("--num", type=_positive, default=8, help="images in the random sample (default: %(default)s)")
+    parser.add_argument("--num", type=positive_int, default=8, help="images in the random sample (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random sample (default: %(default)s)")
-    parser.add_argument("--per_grid", type=_positive, default=4, help="rows per PNG (default: %(default)s)")
+    parser.add_argument("--per_grid", type=positive_int, default=4, help="rows per PNG (default: %(default)s)")
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Shared test set-up: repository root on the path, the optional ../shared folder, small thread count."""
+"""Shared test set-up: repository root on the path, the optional ../shared folder, one thread."""
 import sys
 from pathlib import Path
 
@@ -10,7 +10,9 @@ SHARED = ROOT.parent / "shared"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-torch.set_num_threads(2)
+# The suite's models are tiny or run once: threads gain little, and on CPUs shared with other jobs two threads
+# run many times slower (float64 depthwise convolutions above all).
+torch.set_num_threads(1)
 
 
 def shared_path(*parts):

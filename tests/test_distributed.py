@@ -6,22 +6,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import trainer
 import utils
 from conftest import ROOT
 from model import build_model
 from test_trainer import make_homework_set
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on CPUs shared with other jobs two threads run many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _free_port():

@@ -19,16 +19,6 @@ OFFICIAL_DEAD = {"chnl_reduce1.weight": (64, 64, 1, 1), "chnl_reduce2.weight": (
                  "reduce_noise_channel_2.weight": (96, 224, 1, 1), "reduce_noise_channel_3.weight": (192, 448, 1, 1)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run this file on one thread: its tensors are small, and float64 depthwise convolutions run channel by channel
-    on the CPU, where a second thread costs far more than it gains (ten times the CPU time on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def parity_value(name, shape):
     """The fixture's deterministic tensor for ``name`` (fixtures/promptir_parity/README.md)."""
     n = math.prod(shape)

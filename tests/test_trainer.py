@@ -34,15 +34,6 @@ PARSERS = {"trainer.py": trainer.build_parser, "first_stage_ft.py": first_stage_
            "second_stage_ft.py": second_stage_ft.build_parser}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on CPUs shared with other jobs two threads run many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_homework_set(root, *, per_kind, size, symmetric=False, seed=0):
     """A homework-layout data set of random rain and snow pairs (degraded = clean + a brightening veil). With
     ``symmetric`` every image looks the same in all 8 dihedral views, so the random view drawn for it cannot matter.
