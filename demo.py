@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 import first_stage_ft
 import inference
 import second_stage_ft
@@ -65,11 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "%(default)s)")
     parser.add_argument("--test_per_type", type=int, default=8, help="test images per type (default: %(default)s)")
     parser.add_argument("--size", type=int, default=64, help="image size in pixels (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for PyTorch (default: %(default)s: the "
+                        "tiny model gains little from more, and they slow it many times over when other programs "
+                        "share the cores)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     if out.exists():
         if not (out / "demo.json").is_file():
