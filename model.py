@@ -4,6 +4,9 @@
 and forward function, checked number for number against ``../shared/fixtures/promptir_parity``. The six modules the
 official forward never calls (``DEAD_MODULES``) are left out; weights that still carry them load anyway.
 
+``enable_fast_path(model)`` (or ``model.set_fast()``) switches to formulations of the same function with less memory
+traffic, optionally with every transformer block compiled; the plain path stays the official formulation.
+
 Besides the network this file owns the presets for tests and the demo, the one weight loader for every checkpoint
 layout we meet, and freezing modules by name for fine-tuning.
 """
@@ -11,11 +14,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
 
@@ -29,9 +33,14 @@ DEAD_MODULES = ("chnl_reduce1", "chnl_reduce2", "chnl_reduce3",
 # The modules the second fine-tuning stage trains; everything else stays frozen.
 STAGE2_MODULES = ("refinement", "output", "decoder_level1", "noise_level1", "reduce_noise_level1", "up2_1")
 
-# Distinct block shapes one process may compile (about 11 per input size for the official network, doubled for
-# training and validation sizes and for gradient and no-gradient graphs).
-COMPILE_RECOMPILE_LIMIT = 64
+# Compiled graphs one process may keep for the blocks' shared code: one per distinct block shape (9 per input size
+# for the official network), times the training, validation and inference sizes and grad modes a process meets.
+COMPILE_RECOMPILE_LIMIT = 128
+
+# The CPU inference path runs each block in bands of rows whose widest intermediate (the feed-forward network's
+# hidden maps) holds about BAND_BYTES, and at least BAND_MIN_ROWS rows (each band recomputes two rows).
+BAND_BYTES = 8 * 2**20
+BAND_MIN_ROWS = 8
 
 PAD_MULTIPLE = 8  # three 2x downsamplings
 # Reflection cannot add as many pixels as the side has: sides of 1 to 4 pixels would need 7 to 4 more, 5 needs 3.
@@ -43,6 +52,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"dim": 8, "num_blocks": (1, 1, 1, 1), "num_refinement_blocks": 1, "heads": (1, 1, 1, 1),
              "prompt_dims": (8, 16, 16), "prompt_sizes": (16, 8, 4)},
 }
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if _is_channels_last(x) else torch.contiguous_format
 
 
 class LayerNorm(nn.Module):
@@ -101,20 +118,68 @@ class Attention(nn.Module):
         ``project_out`` are one matrix, ``W_out @ blockdiag(attn)``, applied to v once, so the per-head output is
         never written. q, k and v stay views of the convolution output: no rearrange copies.
         """
-        b, c, h, w = x.shape
-        heads = self.num_heads
+        b, c = x.shape[:2]
         qkv = self.qkv_dwconv(self.qkv(x)).flatten(2)  # (B, 3C, HW), a view in x's memory layout
-        qk = qkv[:, :2 * c].unflatten(1, (2, heads, c // heads))  # (B, q|k, head, c, HW)
-        q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2 * c:]
-        # Batch and heads cannot share one batch dimension without copying q and k: one matmul per image instead.
-        gram = q @ k.mT if b == 1 else torch.stack([qi @ ki.mT for qi, ki in zip(q, k)])
-        norms = torch.linalg.vector_norm(qk, dim=-1).clamp_min(1e-12)  # F.normalize's eps
+        qk = qkv[:, :2 * c].unflatten(1, (2, self.num_heads, c // self.num_heads))  # (B, q|k, head, c, HW)
+        q, k = qk[:, 0], qk[:, 1]
+        # Batch and heads cannot share one batch dimension without copying q and k. On the CPU, where a fresh copy
+        # costs more than its arithmetic, one matmul per image instead; on GPUs one batched matmul (fewer launches),
+        # and compiled graphs choose their own layouts.
+        if b == 1 or x.device.type != "cpu" or torch.compiler.is_compiling():
+            gram = q @ k.mT
+        else:
+            gram = torch.stack([qi @ ki.mT for qi, ki in zip(q, k)])
+        return _apply_mix(self._mix(gram, torch.linalg.vector_norm(qk, dim=-1)), qkv[:, 2 * c:], x)
+
+    def _forward_bands(self, x: torch.Tensor, norm: nn.Module, rows: int) -> torch.Tensor:
+        """``x + self(norm(x))`` for one image without autograd, ``rows`` rows at a time.
+
+        The Gram matrix and the norms are sums over pixels, so they are summed band by band and q and k are never
+        stored whole; only v is. Each band reads one more input row on each side for the 3x3 convolution.
+        """
+        _, c, h, w = x.shape
+        heads = self.num_heads
+        acc = torch.promote_types(x.dtype, torch.float32)  # sums in at least float32, also under autocast
+        v = gram = squares = None
+        for top, bottom, start, stop in _bands(h, rows):
+            band = self.qkv_dwconv(self.qkv(norm(x[:, :, start:stop])))[:, :, top - start:bottom - start]
+            if v is None:
+                v = torch.empty((1, c, h, w), dtype=band.dtype, device=band.device, memory_format=_layout(x))
+            v[:, :, top:bottom] = band[:, 2 * c:]
+            qk = band[:, :2 * c].flatten(2).unflatten(1, (2, heads, c // heads))
+            part, part_squares = (qk[:, 0] @ qk[:, 1].mT).to(acc), qk.to(acc).square().sum(dim=-1)
+            gram = part if gram is None else gram.add_(part)
+            squares = part_squares if squares is None else squares.add_(part_squares)
+        return _add_residual(_apply_mix(self._mix(gram, squares.sqrt()), v.flatten(2), x), x)
+
+    def _mix(self, gram: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        """``W_out @ blockdiag(attn)`` (B, C, C) from the raw Gram matrices (B, head, c, c) and the norms of q and k
+        over the pixels (B, q|k, head, c)."""
+        norms = norms.clamp_min(1e-12)  # F.normalize's eps
         attn = (gram * (self.temperature / (norms[:, 0, ..., None] * norms[:, 1, :, None, :]))).softmax(dim=-1)
-        w_out = self.project_out.weight.view(c, heads, c // heads)
-        mix = torch.einsum("ohi,bhij->bohj", w_out, attn).reshape(b, c, c)  # project_out after attention
-        if _is_channels_last(x):
-            return (v.mT @ mix.mT).mT.view(b, c, h, w)  # pixels-major result: channels_last
-        return (mix @ v).view(b, c, h, w)
+        b, c = gram.shape[0], self.project_out.out_channels
+        w_out = self.project_out.weight.view(c, self.num_heads, c // self.num_heads)
+        return torch.einsum("ohi,bhij->bohj", w_out, attn).reshape(b, c, c)
+
+
+def _apply_mix(mix: torch.Tensor, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``mix @ v`` for v (B, C, HW), shaped and laid out like ``like`` (B, C, H, W)."""
+    if _is_channels_last(like):
+        return (v.mT @ mix.mT).mT.view(like.shape)  # pixels-major result: channels_last
+    return (mix @ v).view(like.shape)
+
+
+def _add_residual(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x + y``, into ``y``'s fresh buffer when the dtypes allow (under autocast y may be the lower precision)."""
+    return y.add_(x) if y.dtype == x.dtype else x + y
+
+
+def _bands(height: int, rows: int) -> Iterator[tuple[int, int, int, int]]:
+    """(top, bottom, start, stop) per band: output rows ``top:bottom`` of a 3x3 convolution need input rows
+    ``start:stop``, one more on each side except at the image border (where the zero padding is the image's own)."""
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        yield top, bottom, max(0, top - 1), min(height, bottom + 1)
 
 
 class FeedForward(nn.Module):
@@ -139,6 +204,14 @@ class FeedForward(nn.Module):
             return self.project_out(F.gelu(gate).mul_(value))  # one large buffer fewer: allocating it costs more
         return self.project_out(F.gelu(gate) * value)
 
+    def _forward_bands(self, x: torch.Tensor, norm: nn.Module, out: torch.Tensor, rows: int) -> None:
+        """Write ``x + self(norm(x))`` into ``out``, ``rows`` rows at a time (one image, no autograd); each band
+        reads one more input row on each side for the 3x3 convolution."""
+        for top, bottom, start, stop in _bands(x.shape[2], rows):
+            hidden = self.dwconv(self.project_in(norm(x[:, :, start:stop])))[:, :, top - start:bottom - start]
+            gate, value = hidden.chunk(2, dim=1)
+            torch.add(x[:, :, top:bottom], self.project_out(F.gelu(gate).mul_(value)), out=out[:, :, top:bottom])
+
 
 class TransformerBlock(nn.Module):
     """Restormer block: ``x + Attention(LayerNorm(x))``, then ``x + FeedForward(LayerNorm(x))``.
@@ -156,13 +229,33 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(dim)
         self.ffn = FeedForward(dim, ffn_expansion_factor)
         self.fast = False  # set by PromptIR.set_fast
+        self.recompute = False  # set by enable_fast_path(checkpoint=...)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast and not torch.is_grad_enabled():  # no autograd: add the residuals into the fresh outputs
-            x = self.attn(self.norm1(x)).add_(x)
-            return self.ffn(self.norm2(x)).add_(x)
+        if self.fast and not torch.is_grad_enabled():
+            if x.device.type == "cpu":
+                return self._forward_bands(x)
+            x = _add_residual(self.attn(self.norm1(x)), x)  # no autograd: residuals go into the fresh outputs
+            return _add_residual(self.ffn(self.norm2(x)), x)
+        if self.recompute and torch.is_grad_enabled():  # keep only the input; recompute the rest in backward
+            return torch.utils.checkpoint.checkpoint(self._residual_forward, x, use_reentrant=False,
+                                                     preserve_rng_state=False)  # nothing random to replay
+        return self._residual_forward(x)
+
+    def _residual_forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
         return x + self.ffn(self.norm2(x))
+
+    def _forward_bands(self, x: torch.Tensor) -> torch.Tensor:
+        """Without autograd on the CPU: image by image, in bands of rows, so the wide intermediates (3 and 5.3 times
+        the channels) stay small enough to be reused from the allocator and the caches instead of being fresh
+        memory each time; only maps of the block's own width are allocated whole. The same function as forward."""
+        out = torch.empty_like(x)
+        rows = max(BAND_MIN_ROWS, BAND_BYTES // (x.shape[-1] * self.ffn.dwconv.out_channels * x.element_size()))
+        for i in range(x.shape[0]):
+            y = self.attn._forward_bands(x[i:i + 1], self.norm1, rows)
+            self.ffn._forward_bands(y, self.norm2, out[i:i + 1], rows)
+        return out
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -242,10 +335,6 @@ class PromptGenBlock(nn.Module):
             prompt = prompt.contiguous(memory_format=torch.channels_last)  # resize the small map, not the large one
         prompt = F.interpolate(prompt, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return self.conv3x3(prompt)
-
-
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def _stage(dim: int, num_heads: int, ffn_expansion_factor: float, depth: int) -> nn.Sequential:
@@ -332,20 +421,19 @@ class PromptIR(nn.Module):
         """Switch between the plain forward (the official formulation) and the fast one; returns the model.
 
         The fast path computes the same function with less memory traffic (see ``Attention._forward_fast``) and, with
-        ``channels_last``, keeps every feature map and 4-D weight in channels-last memory, so the channel LayerNorm
-        needs no transposing copies and the convolutions run in their faster NHWC kernels. Parameter names, shapes
-        and values do not change: checkpoints load into either path. Switch before building the optimizer (the
-        weights' memory layout changes in place).
+        ``channels_last``, keeps every feature map in channels-last memory, so the channel LayerNorm needs no
+        transposing copies and the convolutions run in their NHWC kernels. Without autograd the residuals are added
+        in place, and on the CPU each block runs in bands of rows (``TransformerBlock._forward_bands``). The
+        parameters are not touched (names, shapes, values and memory layout), so checkpoints and optimizer states
+        move freely between the paths: fused AdamW silently miscomputes when a parameter and its state tensors
+        differ in layout.
         """
         self.fast, self.channels_last = enabled, enabled and channels_last
         for module in self.modules():
             if isinstance(module, (Attention, FeedForward, TransformerBlock, PromptGenBlock)):
                 module.fast = enabled
-        layout = torch.channels_last if self.channels_last else torch.contiguous_format
-        with torch.no_grad():
-            for param in self.parameters():
-                if param.dim() == 4:
-                    param.data = param.data.contiguous(memory_format=layout)
+            if isinstance(module, TransformerBlock) and not enabled:
+                module.recompute = False
         return self
 
     @staticmethod
@@ -392,31 +480,70 @@ def build_model(preset: str = "official", **overrides: Any) -> PromptIR:
 
 
 def enable_fast_path(model: PromptIR, *, channels_last: bool = True, compile: bool = False,
-                     mode: str | None = None) -> PromptIR:
+                     mode: str | None = None, checkpoint: Sequence[str] = ()) -> PromptIR:
     """Put ``model`` on the fast path (``PromptIR.set_fast``) and optionally compile it; returns the model.
 
     Args:
         model: the network; its parameter names and shapes stay as they are.
-        channels_last: keep feature maps and weights in channels-last memory (fastest on CPUs; measure on GPUs).
-            False leaves memory formats to PyTorch, as on the plain path.
+        channels_last: keep feature maps in channels-last memory (fastest on CPUs; measure on GPUs). False leaves
+            memory formats to PyTorch, as on the plain path.
         compile: compile each ``TransformerBlock`` with ``torch.compile`` in place (regional compilation, static
             shapes). Blocks of one width, head count and input shape share one compiled graph, so the official
             network compiles about ten graphs instead of one huge one. Compilation happens on the first call at
             each shape. Inductor caches its kernels on disk (``TORCHINDUCTOR_CACHE_DIR``, by default under the
-            system's temporary folder), so a second process compiles faster. Needs a C++ compiler on the CPU and
-            Triton on GPUs.
+            system's temporary folder), so a second process compiles faster. CUDA only: move the model to the GPU
+            first (Inductor's CPU code for the multi-head attention softmax wrote out of bounds in torch 2.14, and
+            compiling for the CPU takes minutes for a gain the eager fast path already gives).
         mode: ``torch.compile`` mode, for example ``"max-autotune-no-cudagraphs"``; None for the default.
+        checkpoint: top-level stages (for example ``("decoder_level1", "refinement")``, the full-resolution blocks
+            that hold most of the activation memory) whose blocks keep only their input during training and
+            recompute the rest in backward: less memory for about a third more work in those blocks.
+
+    Raises:
+        ValueError: ``compile=True`` for a model that is not on a CUDA device, or an unknown stage name.
     """
+    if compile and next(model.parameters()).device.type != "cuda":
+        raise ValueError("enable_fast_path(compile=True) is for CUDA: move the model to the GPU first "
+                         "(model.to('cuda')), or leave compile off on the CPU")
+    set_checkpointing(model, checkpoint)
     model.set_fast(True, channels_last=channels_last)
     if compile:
         # Every block runs the same code object at its own shape: allow one graph per distinct block shape.
         config = torch._dynamo.config
         limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
         setattr(config, limit, max(getattr(config, limit), COMPILE_RECOMPILE_LIMIT))
-        for module in model.modules():
-            if isinstance(module, TransformerBlock):
-                module.compile(dynamic=False, mode=mode)
+        if hasattr(config, "accumulated_recompile_limit"):
+            config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 2 * COMPILE_RECOMPILE_LIMIT)
+        _compile_blocks(model, mode=mode)
     return model
+
+
+def set_checkpointing(model: PromptIR, stages: Sequence[str]) -> None:
+    """Checkpoint the blocks of the named top-level stages during training (fast path) and no others: they keep only
+    their input for backward and recompute the rest. Changes no compiled graph but those of the blocks it switches.
+
+    Raises:
+        ValueError: a name that is not a stage with transformer blocks (the message lists those).
+    """
+    stages = [stages] if isinstance(stages, str) else list(stages)
+    valid = [name for name, child in model.named_children()
+             if any(isinstance(m, TransformerBlock) for m in child.modules())]
+    unknown = sorted(set(stages) - set(valid))
+    if unknown:
+        raise ValueError(f"cannot checkpoint {', '.join(unknown)}; stages with transformer blocks are "
+                         f"{', '.join(valid)}")
+    for name in valid:
+        for module in getattr(model, name).modules():
+            if isinstance(module, TransformerBlock):
+                module.recompute = name in stages
+
+
+def _compile_blocks(model: nn.Module, *, mode: str | None) -> None:
+    """Compile every ``TransformerBlock`` of ``model`` in place (``nn.Module.compile``: parameter names keep no
+    ``_orig_mod.`` prefix). A deep copy of the model (an EMA copy, say) comes out uncompiled."""
+    for module in model.modules():
+        if isinstance(module, TransformerBlock):
+            module.compile(dynamic=False, mode=mode)
 
 
 # ------------------------------------------------------------------------------------------------------- weights

@@ -1,0 +1,215 @@
+"""model.py's fast path: the same function as the plain (official) path, the same parameters, checkpoints shared."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import bench_speed
+import model as model_module
+from model import PromptIR, TransformerBlock, _compile_blocks, build_model, enable_fast_path, load_weights
+from test_model import parity_value, rel_err
+
+# Tiny, but with several heads per level so the per-head algebra of the fast attention is exercised.
+TINY_HEADS = {"heads": (1, 2, 2, 4)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread, as in test_model.py: float64 depthwise convolutions gain nothing from a second one here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def parity_state():
+    """The fixture's deterministic float64 weights under our own names."""
+    return {name: parity_value(name, tuple(t.shape)) for name, t in PromptIR().state_dict().items()}
+
+
+def fixture_io(shared):
+    x = torch.from_numpy(np.load(shared("fixtures", "promptir_parity", "input.npy")))
+    return x, torch.from_numpy(np.load(shared("fixtures", "promptir_parity", "output.npy")))
+
+
+def tiny_pair(seed=0, dtype=torch.float64):
+    """A plain tiny model and a fast copy of it with the same weights."""
+    torch.manual_seed(seed)
+    plain = build_model("tiny", **TINY_HEADS).to(dtype)
+    return plain, enable_fast_path(copy.deepcopy(plain))
+
+
+@pytest.mark.parametrize("channels_last, bands", [(True, "one"), (True, "many"), (False, "many")])
+def test_fast_path_matches_official_fixture_float64(shared, parity_state, monkeypatch, channels_last, bands):
+    """In float64 the fast path reproduces the official output on the fixture to 1e-10, in either memory layout,
+    with the CPU path's blocks in one band or in bands of 8 rows (several per image at every level but the last)."""
+    monkeypatch.setattr(model_module, "BAND_BYTES", 2**40 if bands == "one" else 1)
+    model = enable_fast_path(PromptIR().double().eval(), channels_last=channels_last)
+    model.load_state_dict(parity_state)
+    x, ref = fixture_io(shared)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == ref.shape and out.is_contiguous()
+    assert rel_err(out, ref) <= 1e-10
+
+
+def test_fast_path_float32_within_1e_5(shared, parity_state):
+    """The same weights in float32 on the fast path stay within 1e-5 of the float64 reference."""
+    model = enable_fast_path(PromptIR().eval())
+    model.load_state_dict({k: v.float() for k, v in parity_state.items()})
+    x, ref = fixture_io(shared)
+    with torch.no_grad():
+        assert rel_err(model(x.float()), ref) <= 1e-5
+
+
+def test_parameters_and_state_dict_unchanged():
+    """The fast path keeps every parameter name, shape, value and memory layout (fused AdamW needs a parameter and
+    its optimizer state in one layout, so checkpoints must move between the paths unchanged)."""
+    plain, fast = tiny_pair()
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    for (name, a), (_, b) in zip(plain.state_dict().items(), fast.state_dict().items()):
+        assert a.shape == b.shape and a.stride() == b.stride() and torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("size", [(32, 32), (21, 30)])
+def test_gradients_match_plain_path(size):
+    """Forward values and every parameter's and the input's gradient agree with the plain path (float64, batch 2,
+    several heads, padded sizes too)."""
+    plain, fast = tiny_pair(1)
+    torch.manual_seed(2)
+    x = torch.rand(2, 3, *size, dtype=torch.float64)
+    target = torch.rand_like(x)
+    grads = []
+    for model in (plain, fast):
+        inp = x.clone().requires_grad_(True)
+        out = model(inp)
+        (out - target).abs().mean().backward()
+        grads.append((out.detach(), inp.grad, [p.grad for p in model.parameters()]))
+    (out0, gx0, gp0), (out1, gx1, gp1) = grads
+    assert rel_err(out1, out0) <= 1e-12
+    assert rel_err(gx1, gx0) <= 1e-10
+    for (name, _), a, b in zip(plain.named_parameters(), gp0, gp1):
+        assert b is not None and rel_err(b, a) <= 1e-9, name
+
+
+def test_no_grad_path_equals_grad_path(monkeypatch):
+    """Without autograd the fast path runs in bands of rows and adds residuals in place; the result equals the
+    autograd-enabled fast path (batch 2, several bands per image)."""
+    monkeypatch.setattr(model_module, "BAND_BYTES", 1)
+    _, fast = tiny_pair(3)
+    x = torch.rand(2, 3, 40, 24, dtype=torch.float64)
+    with torch.no_grad():
+        in_place = fast(x)
+    assert torch.allclose(in_place, fast(x).detach(), rtol=0, atol=1e-13)
+    with torch.inference_mode():
+        assert torch.allclose(fast(x), in_place, rtol=0, atol=1e-13)
+
+
+def test_checkpoints_load_into_either_path(tmp_path):
+    """Weights saved from the fast path load into a plain model and the other way round; outputs agree."""
+    plain, fast = tiny_pair(4)
+    with torch.no_grad():
+        for p in fast.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # make the fast model's weights its own
+    path = tmp_path / "fast.pth"
+    torch.save({"model": fast.state_dict()}, path)
+    other = load_weights(build_model("tiny", **TINY_HEADS).double(), path)
+    x = torch.rand(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(other(x), fast(x)) <= 1e-12
+    back = load_weights(enable_fast_path(build_model("tiny", **TINY_HEADS).double()), other.state_dict())
+    with torch.no_grad():
+        assert rel_err(back(x), other(x)) <= 1e-12
+
+
+def test_set_fast_false_restores_the_plain_path():
+    """Switching the fast path off gives back bit for bit the plain model's output."""
+    plain, fast = tiny_pair(5)
+    fast.set_fast(False)
+    assert not fast.fast
+    x = torch.rand(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(fast(x), plain(x))
+
+
+def test_checkpointed_stages_same_gradients_less_saved():
+    """Checkpointing stages leaves outputs and gradients unchanged and saves fewer activations for backward;
+    unknown stage names are refused with the valid ones listed."""
+    plain, fast = tiny_pair(7)
+    checkpointed = enable_fast_path(copy.deepcopy(plain), checkpoint=("decoder_level1", "refinement"))
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    saved, grads = [], []
+    for model in (fast, checkpointed):
+        count = [0]
+
+        def pack(t, count=count):
+            count[0] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(x)
+        out.square().mean().backward()
+        saved.append(count[0])
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert saved[1] < saved[0]
+    assert rel_err(grads[1], grads[0]) <= 1e-12
+    with pytest.raises(ValueError, match="cannot checkpoint decoder_level9.*are encoder_level1"):
+        enable_fast_path(build_model("tiny"), checkpoint=["decoder_level9"])
+    assert not checkpointed.set_fast(False).refinement[0].recompute
+
+
+def test_compile_refuses_a_cpu_model():
+    """Compiling is for CUDA: a CPU model is refused with a message saying what to do, before anything changes."""
+    model = build_model("tiny")
+    with pytest.raises(ValueError, match="move the model to the GPU"):
+        enable_fast_path(model, compile=True)
+    assert not model.fast
+
+
+def test_deepcopy_of_compiled_blocks_runs_its_own_weights():
+    """A deep copy of a model with compiled blocks (an EMA copy, say) comes out uncompiled, so it runs its own
+    weights, never the original's; names stay unprefixed. Nothing is compiled here: torch.compile is lazy."""
+    model = build_model("tiny")
+    _compile_blocks(model, mode=None)
+    blocks = [m for m in model.modules() if isinstance(m, TransformerBlock)]
+    assert blocks and all(m._compiled_call_impl is not None for m in blocks)
+    copied = copy.deepcopy(model)
+    assert all(m._compiled_call_impl is None for m in copied.modules() if isinstance(m, TransformerBlock))
+    assert list(copied.state_dict()) == list(build_model("tiny").state_dict())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.compile of the blocks is for GPUs)")
+def test_compiled_blocks_keep_names_and_values():
+    """With every block compiled the state_dict keys carry no _orig_mod prefix and outputs and gradients match."""
+    torch.manual_seed(6)
+    plain = build_model("tiny", **TINY_HEADS).cuda()
+    fast = enable_fast_path(copy.deepcopy(plain), compile=True)
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    x = torch.rand(2, 3, 32, 32, device="cuda")
+    ema = copy.deepcopy(fast)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.zero_()
+    assert torch.equal(ema(x), x)  # the copy runs its own (zeroed) weights: output conv 0, residual input
+    out0, out1 = plain(x), fast(x)
+    out0.square().mean().backward()
+    out1.square().mean().backward()
+    assert rel_err(out1.double(), out0.detach().double()) <= 1e-4  # TF32 may be on for convolutions
+    for (name, a), b in zip(plain.named_parameters(), fast.parameters()):
+        assert rel_err(b.grad.double(), a.grad.double()) <= 1e-3, name
+
+
+def test_bench_speed_smoke_table(tmp_path):
+    """bench_speed.py's GPU-case code runs on the CPU in smoke mode and writes one table whose fast-path errors
+    against float64 are within the bounds (1e-5 float32, 1e-2 bf16); CUDA-only variants say they were skipped."""
+    out = tmp_path / "bench.md"
+    text = bench_speed.main(["--smoke", "--quick", "--cases", "gpu-accuracy,gpu-train-b8", "--out", str(out)])
+    assert out.read_text().strip() == text
+    rows = [line.split(" | ") for line in text.splitlines()[2:]]
+    errors = {(r[0].lstrip("| "), r[1]): float(r[5]) for r in rows if r[5] != "-"}
+    assert errors[("accuracy b2 16x16", "fast fp32, TF32 off")] <= 1e-5
+    assert errors[("accuracy b2 16x16", "fast bf16")] <= 1e-2
+    assert errors[("train b8 16x16", "fast bf16")] <= 1e-2
+    assert any("skipped: needs CUDA" in r[6] for r in rows if r[1] == "fast bf16 compiled")
