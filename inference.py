@@ -34,7 +34,7 @@ from tqdm import tqdm
 from augment import VIEW_NAMES, dihedral, dihedral_inverse
 from dataloader import (HOMEWORK_NAME, DataError, Pair, check_pairs, list_images, read_image,
                         read_image_uint8)
-from model import PRESETS, build_model, load_weights
+from model import PRESETS, build_model, enable_fast_path, load_weights
 from utils import CheckpointError, load_checkpoint, positive_int, psnr, ssim, to_uint8
 
 log = logging.getLogger("inference")
@@ -54,7 +54,8 @@ AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 # ------------------------------------------------------------------------------------------------------------- model
 def load_model(checkpoint: str | os.PathLike, *, preset: str = "official", use_ema: bool = False,
-               trusted: bool = False, device: str | torch.device = "cpu") -> nn.Module:
+               trusted: bool = False, device: str | torch.device = "cpu", plain: bool = False,
+               compile: bool = False) -> nn.Module:
     """The network of a checkpoint, in eval mode on ``device``.
 
     Args:
@@ -63,6 +64,9 @@ def load_model(checkpoint: str | os.PathLike, *, preset: str = "official", use_e
         use_ema: take the ``"ema"`` weights of our checkpoints when they hold some (a warning says when not).
         trusted: allow full unpickling (only for files you trust).
         device: where the model runs.
+        plain: keep the official formulation instead of the fast path (``model.enable_fast_path``: same weights,
+            same function within float rounding, about 2.5x faster on a CPU).
+        compile: also compile the blocks with ``torch.compile`` (CUDA only; ignored on other devices).
     """
     state = load_checkpoint(checkpoint, trusted=trusted)
     config = state.get("model_config") if isinstance(state, Mapping) else None
@@ -76,7 +80,10 @@ def load_model(checkpoint: str | os.PathLike, *, preset: str = "official", use_e
         log.info("%s also holds EMA weights, the ones trainer.py validated (and chose best.pth by); --ema uses them",
                  checkpoint)
     load_weights(model, state)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if not plain:
+        enable_fast_path(model, compile=compile and torch.device(device).type == "cuda")
+    return model
 
 
 def _run_model(model: nn.Module, batch: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
@@ -461,6 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument("--fp16", action="store_true", help="run the network under float16 autocast")
     precision.add_argument("--bf16", action="store_true", help="run the network under bfloat16 autocast")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--plain", action="store_true", help="run the official formulation of the network instead "
+                        "of the fast path (same weights, same results within float rounding; for comparison)")
+    parser.add_argument("--compile", action="store_true", help="compile the network's blocks with torch.compile "
+                        "(CUDA only: the first image of each size compiles for minutes, cached on disk)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
 
@@ -488,6 +499,10 @@ def _resolve_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         args.csv = args.output_npz.with_name(args.output_npz.stem + "_scores.csv")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.compile and torch.device(args.device).type != "cuda":
+        parser.error("--compile needs a CUDA device: on the CPU the fast path without it is the quicker one")
+    if args.compile and args.plain:
+        parser.error("--compile works on the fast path: drop --plain or --compile")
     return args
 
 
@@ -530,7 +545,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Scor
             if clashes:
                 parser.error(f"--save_images writes <stem>.png, but several inputs share the stem(s) {clashes}")
         model = load_model(args.checkpoint, preset=args.preset, use_ema=args.ema, trusted=args.trust_checkpoint,
-                           device=args.device)
+                           device=args.device, plain=args.plain, compile=args.compile)
         autocast_dtype = AUTOCAST["fp16"] if args.fp16 else AUTOCAST["bf16"] if args.bf16 else None
         preds = predict_folder(model, args.input_folder, tta=args.tta, tile=args.tile, overlap=args.tile_overlap,
                                autocast_dtype=autocast_dtype, batch_views=args.batch_views,

@@ -34,7 +34,7 @@ import utils
 from augment import AugmentPolicy
 from dataloader import DataError, build_loaders
 from GFL_Loss import LOSSES, build_loss
-from model import PRESETS, build_model, freeze_except, load_weights, trainable_summary
+from model import PRESETS, build_model, enable_fast_path, freeze_except, load_weights, trainable_summary
 
 FORMAT_VERSION = 1
 MIN_LR = 1e-6  # where the cosine ends
@@ -102,6 +102,16 @@ def build_parser(defaults=None, *, fine_tune=False, description=None):
     run.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     run.add_argument("--trust_checkpoint", action="store_true",
                      help="allow checkpoints that need pickle to load (only for files you trust)")
+    speed = p.add_argument_group("speed")
+    speed.add_argument("--plain", action="store_true",
+                       help="run the official formulation of the network instead of the fast path (same weights, "
+                            "same function; for comparison)")
+    speed.add_argument("--compile", action="store_true",
+                       help="compile each transformer block with torch.compile (CUDA only; the first steps at each "
+                            "image size compile for minutes, cached on disk for later runs)")
+    speed.add_argument("--recompute", nargs="+", default=(), metavar="STAGE",
+                       help="recompute these stages' blocks in backward instead of keeping their activations "
+                            "(less GPU memory, more time), e.g. decoder_level1 refinement")
     p.set_defaults(fine_tune=fine_tune, default_save_dir=d["save_dir"], checkpoint=None, trainable=None)
     if fine_tune:
         ft = p.add_argument_group("fine-tuning")
@@ -160,6 +170,10 @@ def check_args(args):
         raise ConfigError(f"--device {args.device}: {err}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: CUDA is not available here; use --device cpu")
+    if args.plain and (args.compile or args.recompute):
+        raise ConfigError("--compile and --recompute work on the fast path: drop --plain or drop them")
+    if args.compile and device.type != "cuda":
+        raise ConfigError("--compile needs a CUDA device: on the CPU the fast path without it is the quicker one")
     if args.fp16 and device.type != "cuda":
         raise ConfigError("--fp16 needs a CUDA device (float16 autocast on the CPU is slow and unscaled): "
                           "use --bf16 or leave both off")
@@ -293,6 +307,11 @@ class Trainer:
             except ValueError as err:
                 raise ConfigError(f"--trainable: {err}") from None
         self.raw.to(self.device)
+        if not args.plain:
+            try:
+                enable_fast_path(self.raw, compile=args.compile, checkpoint=args.recompute)
+            except ValueError as err:
+                raise ConfigError(f"--recompute: {err}") from None
         if self.distributed:  # DDP starts every process from rank 0's weights
             self.net = DistributedDataParallel(self.raw, device_ids=[self.device.index] if self.device.index is not None
                                                else None)

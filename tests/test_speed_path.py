@@ -14,15 +14,6 @@ from test_model import parity_value, rel_err
 TINY_HEADS = {"heads": (1, 2, 2, 4)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread, as in test_model.py: float64 depthwise convolutions gain nothing from a second one here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def parity_state():
     """The fixture's deterministic float64 weights under our own names."""
@@ -213,3 +204,43 @@ def test_bench_speed_smoke_table(tmp_path):
     assert errors[("accuracy b2 16x16", "fast bf16")] <= 1e-2
     assert errors[("train b8 16x16", "fast bf16")] <= 1e-2
     assert any("skipped: needs CUDA" in r[6] for r in rows if r[1] == "fast bf16 compiled")
+
+
+# ------------------------------------------------------------------------------ the scripts use the fast path
+def test_trainer_uses_the_fast_path_and_plain_trains_the_same_weights(tmp_path):
+    """trainer.py runs the fast path by default; --plain runs the official formulation; a short run on each ends
+    with the same weights within float32 rounding, and --compile/--plain conflicts fail before any work."""
+    import trainer
+    from test_trainer import make_homework_set, tiny
+
+    data = make_homework_set(tmp_path / "data", per_kind=4, size=16)
+    fast = trainer.Trainer(tiny(data, tmp_path / "fast"))
+    assert all(m.fast for m in fast.raw.modules() if isinstance(m, TransformerBlock))
+    fast.fit()
+    plain = trainer.Trainer(tiny(data, tmp_path / "plain", "--plain"))
+    assert not any(m.fast for m in plain.raw.modules() if isinstance(m, TransformerBlock))
+    plain.fit()
+    a, b = fast.raw.state_dict(), plain.raw.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    with pytest.raises(trainer.ConfigError, match="--compile"):
+        trainer.Trainer(tiny(data, tmp_path / "x", "--plain", "--compile"))
+    with pytest.raises(trainer.ConfigError, match="CUDA"):
+        trainer.Trainer(tiny(data, tmp_path / "y", "--compile"))
+
+
+def test_inference_uses_the_fast_path_and_plain_restores_the_same_images(tmp_path):
+    """inference.load_model gives the fast path unless plain=True, and both restore an image alike (8-view TTA)."""
+    import inference
+
+    torch.manual_seed(0)
+    net = build_model("tiny", **TINY_HEADS)
+    torch.save({"model": net.state_dict(), "model_config": {"preset": "tiny", **TINY_HEADS}}, tmp_path / "w.pth")
+    fast = inference.load_model(tmp_path / "w.pth")
+    plain = inference.load_model(tmp_path / "w.pth", plain=True)
+    assert all(m.fast for m in fast.modules() if isinstance(m, TransformerBlock))
+    assert not any(m.fast for m in plain.modules() if isinstance(m, TransformerBlock))
+    x = torch.rand(3, 40, 56)
+    with torch.no_grad():
+        assert torch.allclose(inference.restore(fast, x), inference.restore(plain, x), atol=1e-5)
