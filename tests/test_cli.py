@@ -8,15 +8,16 @@ from conftest import ROOT
 
 SCRIPTS = {
     "trainer.py": ["--data_dir", "--batch_size", "--accum_steps", "--warmup_epochs", "--fp16", "--bf16", "--resume",
-                   "--loss", "--save_dir", "--preset"],
+                   "--loss", "--save_dir", "--preset", "--plain", "--compile"],
     "first_stage_ft.py": ["--checkpoint", "--data_dir", "--lr"],
     "second_stage_ft.py": ["--checkpoint", "--trainable"],
-    "inference.py": ["--checkpoint", "--input_folder", "--output_npz", "--tta", "--gt_folder", "--tile"],
+    "inference.py": ["--checkpoint", "--input_folder", "--output_npz", "--tta", "--gt_folder", "--tile", "--plain"],
     "vis.py": ["--pred_npz", "--input_folder", "--out_dir"],
     "utils.py": ["run_dir"],
     "synthetic.py": ["--out", "--clean_dir", "--size"],
     "demo.py": ["--out", "--epochs"],
     "bench_loader.py": [],
+    "bench_speed.py": ["--gpu", "--cases", "--out"],
 }
 
 
