@@ -21,7 +21,7 @@ import os
 import random
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,19 +91,26 @@ def _is_set(folder: Path) -> bool:
     return (folder / "degraded").is_dir() and (folder / "clean").is_dir()
 
 
+def clean_partner_stem(stem: str, clean_stems: Container[str]) -> str:
+    """The file stem of the clean partner of the degraded image ``stem``: ``<type>_clean-<N>`` for a homework name
+    ``<type>-<N>``, unless only a clean file of the identical stem exists; the identical stem for other names."""
+    match = HOMEWORK_NAME.match(stem)
+    if not match:
+        return stem
+    homework_stem = f"{match['kind']}_clean-{match['number']}"
+    return stem if stem in clean_stems and homework_stem not in clean_stems else homework_stem
+
+
 def _set_pairs(folder: Path, *, set_kind: str | None = None, prefix: str = "") -> list[Pair]:
     """Pairs of one set; ``set_kind`` overrides the kind taken from names (folder-of-sets layout)."""
     degraded_images = list_images(folder / "degraded")
     clean_by_stem = {p.stem: p for p in list_images(folder / "clean")}
     pairs = []
     for degraded in degraded_images:
-        # Homework naming when the name fits it, unless only a file of the identical name exists.
-        match = HOMEWORK_NAME.match(degraded.stem)
-        homework_stem = f"{match['kind']}_clean-{match['number']}" if match else None
-        identical = not match or (degraded.stem in clean_by_stem and homework_stem not in clean_by_stem)
-        stem = degraded.stem if identical else homework_stem
+        stem = clean_partner_stem(degraded.stem, clean_by_stem)
         clean = clean_by_stem.get(stem, folder / "clean" / (stem + degraded.suffix))
-        kind = set_kind or (folder.resolve().name if identical else match["kind"])
+        homework = stem != degraded.stem
+        kind = set_kind or (HOMEWORK_NAME.match(degraded.stem)["kind"] if homework else folder.resolve().name)
         pairs.append(Pair(degraded, clean, kind, prefix + degraded.name))
     unused = set(clean_by_stem.values()) - {p.clean for p in pairs}
     if unused:

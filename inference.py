@@ -32,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from augment import VIEW_NAMES, dihedral, dihedral_inverse
-from dataloader import (HOMEWORK_NAME, DataError, Pair, check_pairs, list_images, read_image,
+from dataloader import (HOMEWORK_NAME, DataError, Pair, check_pairs, clean_partner_stem, list_images, read_image,
                         read_image_uint8)
 from model import PRESETS, build_model, enable_fast_path, load_weights
 from utils import CheckpointError, load_checkpoint, positive_int, psnr, ssim, to_uint8
@@ -364,9 +364,7 @@ def find_clean(names: Sequence[str], gt_folder: str | os.PathLike) -> dict[str, 
     clean_by_stem = {path.stem: path for path in list_images(gt_folder)}
     partners, missing = {}, []
     for name in names:
-        match = HOMEWORK_NAME.match(Path(name).stem)
-        candidates = ([f"{match['kind']}_clean-{match['number']}"] if match else []) + [Path(name).stem]
-        found = next((clean_by_stem[c] for c in candidates if c in clean_by_stem), None)
+        found = clean_by_stem.get(clean_partner_stem(Path(name).stem, clean_by_stem))
         if found is None:
             missing.append(name)
         partners[name] = found

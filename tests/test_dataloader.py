@@ -350,3 +350,13 @@ def test_jpeg_sets_of_mixed_large_sizes_give_patches(shared):
     assert batch["lq"].shape == batch["gt"].shape == (3, 3, 64, 64)
     assert 0 <= batch["lq"].min() and batch["gt"].max() <= 1 and set(batch["kind"]) == {"rain13k_sample"}
     assert len(set(val.dataset.sizes)) > 1 and val.batch_size == 1 and len(val.dataset) == 8
+
+
+def test_clean_partner_stem_rule():
+    """Homework names pair with <type>_clean-<N> unless only the identical name exists; other names pair by stem."""
+    from dataloader import clean_partner_stem
+
+    assert clean_partner_stem("rain-12", {"rain_clean-12", "rain-12"}) == "rain_clean-12"
+    assert clean_partner_stem("rain-12", {"rain-12"}) == "rain-12"
+    assert clean_partner_stem("rain-12", set()) == "rain_clean-12"
+    assert clean_partner_stem("12", {"12"}) == "12"
