@@ -34,7 +34,7 @@ from tqdm import tqdm
 from augment import VIEW_NAMES, dihedral, dihedral_inverse
 from dataloader import (HOMEWORK_NAME, DataError, Pair, check_pairs, clean_partner_stem, list_images, read_image,
                         read_image_uint8)
-from model import PRESETS, build_model, enable_fast_path, load_weights
+from model import MIN_SIZE, PRESETS, build_model, enable_fast_path, load_weights
 from utils import CheckpointError, load_checkpoint, positive_int, psnr, ssim, to_uint8
 
 log = logging.getLogger("inference")
@@ -53,7 +53,7 @@ AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # ------------------------------------------------------------------------------------------------------------- model
-def load_model(checkpoint: str | os.PathLike, *, preset: str = "official", use_ema: bool = False,
+def load_model(checkpoint: str | os.PathLike, *, preset: str = "official", use_ema: bool = True,
                trusted: bool = False, device: str | torch.device = "cpu", plain: bool = False,
                compile: bool = False) -> nn.Module:
     """The network of a checkpoint, in eval mode on ``device``.
@@ -61,7 +61,8 @@ def load_model(checkpoint: str | os.PathLike, *, preset: str = "official", use_e
     Args:
         checkpoint: a file written by ``trainer.py`` or any layout ``model.load_weights`` accepts.
         preset: model size used when the checkpoint has no ``"model_config"`` (foreign checkpoints).
-        use_ema: take the ``"ema"`` weights of our checkpoints when they hold some (a warning says when not).
+        use_ema: take the ``"ema"`` weights of our checkpoints when they hold some (the weights trainer.py validated
+            and chose ``best.pth`` by); False takes the plain ``"model"`` weights.
         trusted: allow full unpickling (only for files you trust).
         device: where the model runs.
         plain: keep the official formulation instead of the fast path (``model.enable_fast_path``: same weights,
@@ -71,14 +72,10 @@ def load_model(checkpoint: str | os.PathLike, *, preset: str = "official", use_e
     state = load_checkpoint(checkpoint, trusted=trusted)
     config = state.get("model_config") if isinstance(state, Mapping) else None
     model = build_model(**config) if config else build_model(preset)
-    has_ema = isinstance(state, Mapping) and state.get("ema") is not None
-    if use_ema and has_ema:
-        state = state["ema"]
-    elif use_ema:
-        log.warning("%s holds no EMA weights; using its plain weights", checkpoint)
-    elif has_ema:
-        log.info("%s also holds EMA weights, the ones trainer.py validated (and chose best.pth by); --ema uses them",
-                 checkpoint)
+    if isinstance(state, Mapping) and state.get("ema") is not None:
+        log.info("%s holds EMA weights: using %s", checkpoint,
+                 "them (--no_ema for the plain ones)" if use_ema else "its plain weights instead (--no_ema)")
+        state = state["ema"] if use_ema else state["model"]
     load_weights(model, state)
     model = model.to(device).eval()
     if not plain:
@@ -245,7 +242,8 @@ def predict_folder(model: nn.Module, input_folder: str | os.PathLike, *, tta: in
     ``<stem>.png``. Call :func:`scan_inputs` first to learn about unreadable images before any work.
 
     Raises:
-        RuntimeError: the network gave non-finite values for an image (named); fp16 overflow is the usual cause.
+        NonFiniteOutputError: the network gave non-finite values for an image (named); fp16 overflow is the usual
+            cause.
     """
     paths = list_images(input_folder)
     if save_dir is not None:
@@ -256,7 +254,7 @@ def predict_folder(model: nn.Module, input_folder: str | os.PathLike, *, tta: in
                       batch_views=batch_views)
         if not torch.isfinite(out).all():
             hint = " (fp16 overflow? try --bf16 or fp32)" if autocast_dtype == torch.float16 else ""
-            raise RuntimeError(f"the network gave non-finite values for {path}{hint}")
+            raise NonFiniteOutputError(f"the network gave non-finite values for {path}{hint}")
         preds[path.name] = to_uint8(out).cpu().numpy()
         if save_dir is not None:
             Image.fromarray(preds[path.name].transpose(1, 2, 0)).save(Path(save_dir) / f"{path.stem}.png")
@@ -272,6 +270,10 @@ def npz_path(path: str | os.PathLike) -> Path:
 
 def _names(names: Sequence[str], limit: int = 20) -> str:
     return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+class NonFiniteOutputError(RuntimeError):
+    """The network produced NaN or infinite values for an image."""
 
 
 class PredictionFileError(ValueError):
@@ -450,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save_images", metavar="DIR", help="also write the restored images as PNG here")
     parser.add_argument("--preset", default="official", choices=sorted(PRESETS),
                         help="model size when the checkpoint has no model_config (default: %(default)s)")
-    parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights when it has them")
+    parser.add_argument("--no_ema", action="store_true", help="use the plain weights of a checkpoint that also holds "
+                        "EMA weights (by default the EMA weights, which trainer.py validated, are used)")
     parser.add_argument("--trust_checkpoint", action="store_true",
                         help="allow a checkpoint that needs pickle to load (it can run code: only files you trust)")
     parser.add_argument("--tta", type=int, default=8, choices=sorted(TTA_VIEWS),
@@ -497,7 +500,15 @@ def _resolve_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         args.csv = args.output_npz.with_name(args.output_npz.stem + "_scores.csv")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.compile and torch.device(args.device).type != "cuda":
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        parser.error(f"--device {args.device}: {err}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here; use --device cpu (or leave --device auto)")
+    if args.tile is not None and args.tile < MIN_SIZE:
+        parser.error(f"--tile must be at least {MIN_SIZE} pixels (the network's smallest input), got {args.tile}")
+    if args.compile and device.type != "cuda":
         parser.error("--compile needs a CUDA device: on the CPU the fast path without it is the quicker one")
     if args.compile and args.plain:
         parser.error("--compile works on the fast path: drop --plain or --compile")
@@ -530,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> list[Score] | None:
     args = _resolve_args(parser, parser.parse_args(argv))
     try:
         return _run(parser, args)
-    except (DataError, CheckpointError) as err:
+    except (DataError, CheckpointError, PredictionFileError, NonFiniteOutputError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
 
 
@@ -542,7 +553,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Scor
             clashes = sorted({s for s in stems if stems.count(s) > 1})
             if clashes:
                 parser.error(f"--save_images writes <stem>.png, but several inputs share the stem(s) {clashes}")
-        model = load_model(args.checkpoint, preset=args.preset, use_ema=args.ema, trusted=args.trust_checkpoint,
+        model = load_model(args.checkpoint, preset=args.preset, use_ema=not args.no_ema, trusted=args.trust_checkpoint,
                            device=args.device, plain=args.plain, compile=args.compile)
         autocast_dtype = AUTOCAST["fp16"] if args.fp16 else AUTOCAST["bf16"] if args.bf16 else None
         preds = predict_folder(model, args.input_folder, tta=args.tta, tile=args.tile, overlap=args.tile_overlap,

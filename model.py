@@ -547,9 +547,10 @@ def _compile_blocks(model: nn.Module, *, mode: str | None) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- weights
-# Where the weights sit in a checkpoint, tried in this order (BasicSR's EMA copy before its plain one; our trainer
-# writes "model"; the official release is a Lightning checkpoint with "state_dict"). Wrappers may nest.
-WRAPPER_KEYS = ("params_ema", "params", "model", "state_dict", "net")
+# Where the weights sit in a checkpoint, tried in this order: EMA copies first (BasicSR's params_ema, our trainer's
+# ema when it kept one), then plain weights (BasicSR's params, our trainer's model); the official release is a
+# Lightning checkpoint with "state_dict". Wrappers may nest.
+WRAPPER_KEYS = ("params_ema", "ema", "params", "model", "state_dict", "net")
 # Added to key names by the official Lightning module, DistributedDataParallel and torch.compile; possibly stacked.
 KEY_PREFIXES = ("net.", "module.", "_orig_mod.")
 
@@ -573,7 +574,8 @@ def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
 
     Accepts a plain state dict, a module, or a dict that holds one under a key of ``WRAPPER_KEYS`` (first match wins,
     wrappers may nest). Strips ``KEY_PREFIXES`` from the start of each key, as often as they are stacked, and drops
-    the official network's ``DEAD_MODULES``. To load an EMA copy saved by our trainer, pass ``checkpoint["ema"]``.
+    the official network's ``DEAD_MODULES``. An EMA copy wins over the plain weights (``params_ema``, our trainer's
+    ``ema``: the weights it validated and chose ``best.pth`` by); pass ``checkpoint["model"]`` for the plain ones.
 
     Raises:
         CheckpointError: no weights found, or two keys that become the same name.

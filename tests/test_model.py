@@ -178,8 +178,9 @@ def _prefixed(state, prefix):
 
 LAYOUTS = {
     "plain": lambda sd: sd,
-    "ours": lambda sd: {"model": sd, "ema": {k: v + 1 for k, v in sd.items()}, "optimizer": {"state": {}},
-                        "epoch": 3, "args": {"lr": 2e-4}},
+    "ours_ema_first": lambda sd: {"model": {k: v + 1 for k, v in sd.items()}, "ema": sd, "optimizer": {"state": {}},
+                                  "epoch": 3, "args": {"lr": 2e-4}},
+    "ours_without_ema": lambda sd: {"model": sd, "ema": None, "optimizer": {"state": {}}, "epoch": 3},
     "state_dict": lambda sd: {"state_dict": sd},
     "params": lambda sd: {"params": sd},
     "params_ema_first": lambda sd: {"params": {k: v + 1 for k, v in sd.items()}, "params_ema": sd},
