@@ -18,6 +18,7 @@ def _declared():
 
 
 def test_requirements_are_the_agreed_set_and_import():
+    """requirements.txt names exactly the agreed packages, and each of them imports."""
     declared = _declared()
     assert declared == ALLOWED, f"requirements.txt differs from the agreed set: {sorted(declared ^ ALLOWED)}"
     for name in declared:
