@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from augment import VIEW_NAMES, dihedral, dihedral_inverse
 from dataloader import (HOMEWORK_NAME, DataError, Pair, check_pairs, clean_partner_stem, list_images, read_image,
                         read_image_uint8)
 from model import MIN_SIZE, PRESETS, build_model, enable_fast_path, load_weights
-from utils import CheckpointError, load_checkpoint, positive_int, psnr, ssim, to_uint8
+from utils import CheckpointError, atomic_write, load_checkpoint, positive_int, psnr, ssim, to_uint8
 
 log = logging.getLogger("inference")
 
@@ -318,25 +317,10 @@ def write_npz(path: str | os.PathLike, preds: Mapping[str, np.ndarray],
     ``expected`` (default: the shapes of ``preds``), and only then renamed, so a finished-looking file is always a
     complete and valid one.
     """
-    path = npz_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if expected is None:
         expected = {name: tuple(array.shape[-2:]) for name, array in preds.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:  # a file object, so numpy appends no suffix of its own
-            np.savez(f, **preds)
-            f.flush()
-            os.fsync(f.fileno())
-        check_npz(tmp, expected)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it the permissions of an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    # np.savez gets a file object, so it appends no suffix of its own
+    return atomic_write(npz_path(path), lambda f: np.savez(f, **preds), check=lambda tmp: check_npz(tmp, expected))
 
 
 # ---------------------------------------------------------------------------------------------------------- scoring

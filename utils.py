@@ -13,7 +13,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 import numpy as np
 import torch
@@ -139,19 +139,22 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, or needs pickle to load."""
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, flushed to disk, then renamed.
-
-    A crash at any moment leaves either the previous file or the new one, never a broken one.
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None],
+                 check: Callable[[Path], None] | None = None) -> Path:
+    """Write a file atomically: ``write(f)`` into a temporary file in the same folder, flushed to disk, then
+    ``check(temporary path)`` if given, then a rename. A crash or a failed check at any moment leaves the previous
+    file (or none), never a broken one, and no temporary file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        if check is not None:
+            check(Path(tmp))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; give the usual permissions
@@ -160,6 +163,11 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` with ``torch.save``, atomically (:func:`atomic_write`)."""
+    return atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_location: Any = "cpu") -> Any:
