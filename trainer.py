@@ -94,9 +94,12 @@ def build_parser(defaults=None, *, fine_tune=False, description=None):
     run = p.add_argument_group("run")
     run.add_argument("--save_dir", default=None,
                      help=f"run folder (default: the --resume folder, else {d['save_dir']})")
-    run.add_argument("--resume", default=None, help="continue from a checkpoint, or a run folder (its last.pth)")
+    run.add_argument("--resume", default=None,
+                     help="continue from a checkpoint, or a run folder (its last.pth), with the options it was "
+                          "started with; options given on this command line override them (e.g. a larger --epochs)")
     run.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                     help="model size (default official; a checkpoint's own config wins)")
+                     help="model size (default official; with --resume or --checkpoint the checkpoint's own "
+                          "config is used, and a --preset given must match it)")
     run.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     run.add_argument("--val_interval", type=int, default=1, help="validate every this many epochs (default 1)")
     run.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
@@ -120,6 +123,39 @@ def build_parser(defaults=None, *, fine_tune=False, description=None):
                         help="train only these top-level modules (default: "
                              f"{' '.join(d['trainable']) if d.get('trainable') else 'all'})")
     return p
+
+
+# Options that describe this invocation, not the run: on --resume they are not taken from the checkpoint. The data
+# folder is given every time; the run folder defaults to the --resume folder (wherever it lies now); the device, the
+# data loader processes and the speed options belong to the machine (they do not change what is computed, and a
+# carried-over flag such as --compile could not be switched off again); trusting pickle is asked for each time; and
+# fine_tune, default_save_dir and checkpoint belong to the script (--checkpoint only seeds a new fine-tuning run).
+PER_INVOCATION = frozenset({"resume", "save_dir", "data_dir", "device", "trust_checkpoint", "num_workers", "cache",
+                            "plain", "compile", "recompute", "fine_tune", "default_save_dir", "checkpoint"})
+
+
+def parse_args(parser, argv=None):
+    """Parse the command line; with ``--resume``, the options recorded in the checkpoint (its ``args``) become the
+    defaults and the command line is parsed again, so only options given now override them (``PER_INVOCATION``
+    ones are never taken from the checkpoint).
+
+    Args:
+        parser (argparse.ArgumentParser): from ``build_parser``.
+        argv (Sequence[str] | None): the options (default ``sys.argv[1:]``).
+
+    Returns:
+        argparse.Namespace: the options of the run.
+    """
+    args = parser.parse_args(argv)
+    if not args.resume or not _run_file(args.resume).is_file():  # a missing file is reported by check_args
+        return args
+    ckpt = utils.load_checkpoint(_run_file(args.resume), trusted=args.trust_checkpoint)
+    saved = ckpt.get("args") if isinstance(ckpt, dict) else None
+    if not isinstance(saved, dict):
+        return args
+    known = set(vars(args)) - PER_INVOCATION
+    parser.set_defaults(**{key: value for key, value in saved.items() if key in known})
+    return parser.parse_args(argv)
 
 
 def _run_file(path):
@@ -250,6 +286,13 @@ def _groups(batches, size):
         yield group
 
 
+def rank_rng_state(saved, rank):
+    """The random state process ``rank`` resumes with: ``saved`` is a checkpoint's "rng", a list indexed by rank
+    (or, in checkpoints written before, rank 0's state alone). None when it holds none for this rank."""
+    states = saved if isinstance(saved, list) else [saved]
+    return states[rank] if rank < len(states) else None
+
+
 @dataclass
 class Result:
     """What a finished (or stopped) run reached."""
@@ -374,7 +417,9 @@ class Trainer:
             raise ConfigError(f"--resume {self.args.resume} stopped at update {self.step} of epoch {self.epoch + 1}, "
                               f"which has {self.updates_per_epoch} updates here: resume with the same data, "
                               "--batch_size, --accum_steps and number of processes")
-        utils.set_rng_state(ckpt["rng"])
+        state = rank_rng_state(ckpt["rng"], self.rank)
+        if state is not None:  # else this process keeps its fresh seed (--seed + rank)
+            utils.set_rng_state(state)
         if ckpt.get("loader_generator") is not None and self.train_loader.generator is not None:
             self.train_loader.generator.set_state(ckpt["loader_generator"])
 
@@ -382,14 +427,20 @@ class Trainer:
         if self.main:
             tqdm.write(text)
 
-    def checkpoint(self):
-        """The state of the run right now, in the checkpoint schema (a plain dict)."""
+    def checkpoint(self, *, rng=None):
+        """The state of the run right now, in the checkpoint schema (a plain dict).
+
+        Args:
+            rng (list[dict] | None): every process's ``utils.get_rng_state()``, indexed by rank, as ``_rng_states``
+                gathers them (default: this process's alone, which is all there is without DDP).
+        """
         generator = self.train_loader.generator
         return {"format_version": FORMAT_VERSION, "model": self.raw.state_dict(),
                 "ema": self.ema.module.state_dict() if self.ema else None, "model_config": self.model_config,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None, "epoch": self.epoch, "step": self.step,
-                "best_psnr": self.best_psnr, "args": vars(self.args), "rng": utils.get_rng_state(),
+                "best_psnr": self.best_psnr, "args": vars(self.args),
+                "rng": rng if rng is not None else [utils.get_rng_state()],
                 "loader_generator": generator.get_state() if generator is not None else None}
 
     # ---------------------------------------------------------------------------------------------- loop
@@ -452,7 +503,18 @@ class Trainer:
         loss_sum, images, seen, skipped, bad_run = 0.0, 0, 0, 0, 0
         stopped, start = False, time.perf_counter()
         try:
-            for group in batches:
+            while True:
+                try:
+                    group = next(batches)
+                except StopIteration:
+                    break
+                except Exception:
+                    # A signal can kill the loader's workers: with one process that is a stop between updates (the
+                    # weights match self.step). With several, the others wait in this update's collectives, so the
+                    # error is raised (last.pth keeps the last finished epoch).
+                    if stop.signum is None or self.distributed:
+                        raise
+                    return {}, True
                 bad, stopped, value, count = self._update(group, stop)
                 self.step += 1
                 seen += count
@@ -472,10 +534,6 @@ class Trainer:
                                     img_s=f"{rate:.1f}", refresh=False)
                 if stopped:
                     break
-        except Exception:
-            if stop.signum is None:  # a Ctrl-C can kill the loader's workers: that is a stop, not a failure
-                raise
-            return {}, True
         finally:
             bar.close()
         elapsed = time.perf_counter() - start
@@ -583,10 +641,21 @@ class Trainer:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float) and k != "time_s")
         self._say(f"epoch {self.epoch}/{self.args.epochs}: {shown}" + (" (best)" if improved else ""))
 
+    def _rng_states(self):
+        """Every process's random state, indexed by rank (a collective: every process must call it)."""
+        state = utils.get_rng_state()
+        if not self.distributed:
+            return [state]
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, state)
+        return gathered
+
     def _save(self, names):
-        """Write the current state under each name in the run folder (rank 0; all processes wait for it)."""
+        """Write the current state under each name in the run folder (rank 0 writes; every process must call it,
+        since it gathers their random states, and all wait for the file)."""
+        rng = self._rng_states()
         if self.main:
-            state = self.checkpoint()
+            state = self.checkpoint(rng=rng)
             for name in sorted(names):
                 utils.save_checkpoint(self.run_dir / name, state)
         if self.distributed:
@@ -601,9 +670,8 @@ def train(args, *, until_epoch=None):
 def main(argv=None, *, parser=None):
     """Command-line entry point; the fine-tuning scripts pass their own ``parser`` (see ``build_parser``)."""
     parser = parser or build_parser()
-    args = parser.parse_args(argv)
     try:
-        result = train(args)
+        result = train(parse_args(parser, argv))
     except (ConfigError, DataError, utils.CheckpointError, TrainingError) as err:
         parser.exit(2 if isinstance(err, ConfigError) else 1, f"{parser.prog}: error: {err}\n")
     if result.signal is not None:

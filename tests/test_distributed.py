@@ -1,11 +1,12 @@
 """Training with several processes (torchrun, gloo on the CPU) stays in step with one process of the same global
-batch."""
+batch, and saves each process's random state."""
 import os
 import socket
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import trainer
 import utils
@@ -40,6 +41,7 @@ def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path):
     a = utils.load_checkpoint(tmp_path / "one" / "last.pth")
     b = utils.load_checkpoint(tmp_path / "two" / "last.pth")
     assert one.step == a["step"] == b["step"] == 6
+    assert len(b["rng"]) == 2 and not torch.equal(b["rng"][0]["torch"], b["rng"][1]["torch"])  # one per rank
     diffs = [float((a["model"][k] - b["model"][k]).abs().max()) for k in a["model"]]
     assert max(diffs) < 1e-6, max(diffs)
     utils.seed_everything(42)  # the initial weights of both runs, to show that training moved them far

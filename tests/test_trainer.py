@@ -212,6 +212,107 @@ def test_two_epochs_then_resume_equals_four_straight(data, tmp_path):
     assert utils.read_log(tmp_path / "a")[-1]["lr"] == pytest.approx(trainer.MIN_LR)
 
 
+def test_resume_takes_the_options_recorded_in_the_checkpoint(tmp_path):
+    """parse_args with --resume: the checkpoint's options become the defaults (loss, ema, epochs, lr, batch_size,
+    trainable, ...), options typed now override them (a larger --epochs), and per-invocation ones (save_dir,
+    device, num_workers, ...) are not carried over."""
+    saved = {"loss": "charbonnier", "ema": 0.9, "epochs": 3, "warmup_epochs": 1, "lr": 1e-3, "batch_size": 8,
+             "accum_steps": 1, "bf16": True, "patch_size": 16, "augment": "views", "trainable": ["refinement"],
+             "save_dir": "elsewhere", "device": "cuda:3", "num_workers": 9, "compile": True, "data_dir": "old",
+             "resume": "old/last.pth", "fine_tune": True, "not_an_option": 1}
+    utils.save_checkpoint(tmp_path / "last.pth", {"args": saved})
+    args = trainer.parse_args(trainer.build_parser(), ["--data_dir", "d", "--resume", str(tmp_path), "--epochs", "5"])
+    assert (args.loss, args.ema, args.epochs, args.warmup_epochs, args.lr, args.batch_size, args.accum_steps) == \
+        ("charbonnier", 0.9, 5, 1, 1e-3, 8, 1)
+    assert (args.bf16, args.patch_size, args.augment, args.trainable) == (True, 16, "views", ["refinement"])
+    assert (args.save_dir, args.device, args.num_workers, args.compile, args.data_dir) == (None, None, 4, False, "d")
+    assert args.resume == str(tmp_path) and not args.fine_tune and not hasattr(args, "not_an_option")
+    fresh = trainer.parse_args(trainer.build_parser(), ["--data_dir", "d"])
+    assert (fresh.loss, fresh.ema, fresh.epochs) == ("gfl", None, 250)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 4 workers, as by default
+def test_the_readme_resume_command_continues_the_run_as_it_was_started(data, tmp_path, monkeypatch):
+    """A charbonnier + EMA run of 3 epochs stopped after 2 and resumed through trainer.main with only --data_dir
+    and --resume (the README's command) uses CharbonnierLoss and EMA again and ends with the weights and EMA of
+    the same run done straight (torch.equal)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the resumed run picks its default device
+    extra = ("--loss", "charbonnier", "--ema", 0.9, "--epochs", 3)
+    trainer.train(tiny(data, tmp_path / "a", *extra))
+    trainer.Trainer(tiny(data, tmp_path / "b", *extra)).fit(until_epoch=2)
+    made = []
+
+    class Recording(trainer.Trainer):
+        def __init__(self, args):
+            super().__init__(args)
+            made.append(self)
+
+    monkeypatch.setattr(trainer, "Trainer", Recording)
+    trainer.main(["--data_dir", str(data), "--resume", str(tmp_path / "b")])
+    (resumed,) = made
+    assert isinstance(resumed.loss, CharbonnierLoss) and resumed.ema is not None and resumed.ema.decay == 0.9
+    assert (resumed.epoch, resumed.args.epochs) == (3, 3)
+    a, b = utils.load_checkpoint(tmp_path / "a" / "last.pth"), utils.load_checkpoint(tmp_path / "b" / "last.pth")
+    assert_same_state(a["model"], b["model"])
+    assert_same_state(a["ema"], b["ema"])
+
+
+def test_checkpoints_keep_one_random_state_per_process(data, tmp_path):
+    """The checkpoint's "rng" is a list indexed by rank that loads with weights_only=True; on resume each rank
+    takes its own entry, an old single-state checkpoint serves rank 0 only, and restoring rank 1's entry
+    reproduces rank 1's random draws, not rank 0's."""
+    t = trainer.Trainer(tiny(data, tmp_path / "r"))
+    t._save({"last.pth"})
+    saved = torch.load(tmp_path / "r" / "last.pth", weights_only=True)["rng"]
+    assert isinstance(saved, list) and len(saved) == 1
+    utils.seed_everything(1)
+    rank0 = utils.get_rng_state()
+    utils.seed_everything(2)
+    rank1 = utils.get_rng_state()
+    expected = torch.rand(4)
+    utils.set_rng_state(trainer.rank_rng_state([rank0, rank1], 1))
+    assert torch.equal(torch.rand(4), expected)
+    assert trainer.rank_rng_state(rank0, 0) is rank0 and trainer.rank_rng_state(rank0, 1) is None
+    assert trainer.rank_rng_state([rank0], 1) is None
+
+
+def test_only_a_failed_batch_fetch_counts_as_a_stop(data, tmp_path, monkeypatch):
+    """With a stop signal pending, an error inside an update is raised (not turned into a stop that saves
+    last.pth), while a data loader that fails between updates (killed workers) stops the run and saves the
+    step it reached."""
+    t = trainer.Trainer(tiny(data, tmp_path / "r", "--epochs", 2))
+
+    def failing_update(group, stop):
+        stop.signum = signal.SIGTERM
+        raise RuntimeError("broken update")
+
+    monkeypatch.setattr(t, "_update", failing_update)
+    with pytest.raises(RuntimeError, match="broken update"):
+        t.fit()
+    assert not (tmp_path / "r" / "last.pth").exists()
+
+    t = trainer.Trainer(tiny(data, tmp_path / "s", "--epochs", 2))
+    original, groups, pending = t._update, trainer._groups, []
+
+    def update_then_signal(group, stop):
+        result = original(group, stop)
+        pending.append(stop)
+        return result
+
+    def batches(loader, size):
+        for i, group in enumerate(groups(loader, size)):
+            if i == 1:
+                pending[0].signum = signal.SIGTERM
+                raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated")
+            yield group
+
+    monkeypatch.setattr(t, "_update", update_then_signal)
+    monkeypatch.setattr(trainer, "_groups", batches)
+    result = t.fit()
+    assert (result.signal, result.step) == (signal.SIGTERM, 1)
+    assert utils.load_checkpoint(tmp_path / "s" / "last.pth")["step"] == 1
+
+
 def _sigterm_args(data, run):
     return ["--data_dir", data, "--save_dir", run, "--preset", "tiny", "--device", "cpu", "--num_workers", 0,
             "--batch_size", 1, "--accum_steps", 1, "--epochs", 1, "--warmup_epochs", 0, "--patch_size", 16,
