@@ -12,14 +12,7 @@ import trainer
 DEFAULTS = {"lr": 1.5e-4, "epochs": 100, "warmup_epochs": 5, "loss": "gfl", "augment": "views",
             "save_dir": "ft_first", "trainable": None}
 
-
-def build_parser():
-    """trainer.py's command line with this stage's defaults, ``--checkpoint`` and ``--trainable``."""
-    return trainer.build_parser(DEFAULTS, fine_tune=True, description=__doc__)
-
-
-def main(argv=None):
-    trainer.main(argv, parser=build_parser())
+build_parser, main = trainer.fine_tuning_cli(DEFAULTS, __doc__)
 
 
 if __name__ == "__main__":

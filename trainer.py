@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import utils
-from augment import AugmentPolicy
+from augment import DEFAULT_ALPHAS, DEFAULT_RATES, STRONG_AUGMENTATIONS, AugmentPolicy
 from dataloader import DataError, build_loaders
 from GFL_Loss import LOSSES, build_loss
 from model import PRESETS, build_model, enable_fast_path, freeze_except, load_weights, trainable_summary
@@ -75,6 +75,15 @@ def build_parser(defaults=None, *, fine_tune=False, description=None):
     data.add_argument("--augment", choices=("strong", "views"), default=d["augment"],
                       help="strong: random crops and views, then CutBlur, Mixup or Blend on some batches; "
                            f"views: crops and views only (default {d['augment']})")
+    names = " ".join(STRONG_AUGMENTATIONS)
+    data.add_argument("--aug_rates", type=float, nargs=3, default=[DEFAULT_RATES[n] for n in STRONG_AUGMENTATIONS],
+                      metavar=("CUTBLUR", "MIXUP", "BLEND"),
+                      help=f"share of batches that get {names} (at most one per batch; sum <= 1; default "
+                           f"{' '.join(str(DEFAULT_RATES[n]) for n in STRONG_AUGMENTATIONS)}, the original homework's)")
+    data.add_argument("--aug_alphas", type=float, nargs=3, default=[DEFAULT_ALPHAS[n] for n in STRONG_AUGMENTATIONS],
+                      metavar=("CUTBLUR", "MIXUP", "BLEND"),
+                      help="strengths of " + names + " (default "
+                           f"{' '.join(str(DEFAULT_ALPHAS[n]) for n in STRONG_AUGMENTATIONS)}, Yoo et al.'s)")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--lr", type=float, default=d["lr"], help=f"peak learning rate (default {d['lr']})")
     opt.add_argument("--epochs", type=int, default=d["epochs"], help=f"epochs (default {d['epochs']})")
@@ -180,6 +189,11 @@ def check_args(args):
         raise ConfigError("--lr must be > 0, --weight_decay and --grad_clip >= 0")
     if args.ema is not None and not 0 < args.ema < 1:
         raise ConfigError(f"--ema is a decay between 0 and 1 (e.g. 0.999), got {args.ema}")
+    try:
+        AugmentPolicy(rates=dict(zip(STRONG_AUGMENTATIONS, args.aug_rates)),
+                      alphas=dict(zip(STRONG_AUGMENTATIONS, args.aug_alphas)))
+    except ValueError as err:
+        raise ConfigError(f"--aug_rates / --aug_alphas: {err}") from None
     if args.patch_size is not None and args.patch_size < 8:
         raise ConfigError(f"--patch_size must be at least 8 pixels, got {args.patch_size}")
     if not Path(args.data_dir).is_dir():
@@ -362,7 +376,9 @@ class Trainer:
             self.net = self.raw
         self.ema = EMA(self.raw, decay=args.ema) if args.ema else None
 
-        self.policy = AugmentPolicy(strong=args.augment == "strong")  # draws from the global RNG (checkpointed)
+        self.policy = AugmentPolicy(  # draws from the global RNG (checkpointed)
+            strong=args.augment == "strong", rates=dict(zip(STRONG_AUGMENTATIONS, args.aug_rates)),
+            alphas=dict(zip(STRONG_AUGMENTATIONS, args.aug_alphas)))
         self.loss = build_loss(args.loss, num_epochs=args.epochs)
         self.amp_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
         self.scaler = torch.amp.GradScaler("cuda") if args.fp16 else None
@@ -676,6 +692,18 @@ def main(argv=None, *, parser=None):
         parser.exit(2 if isinstance(err, ConfigError) else 1, f"{parser.prog}: error: {err}\n")
     if result.signal is not None:
         sys.exit(128 + result.signal)
+
+
+def fine_tuning_cli(defaults, description):
+    """The ``build_parser()`` and ``main(argv=None)`` of a fine-tuning script: trainer.py's command line and loop with
+    the stage's ``defaults`` (see ``build_parser``), plus ``--checkpoint`` and ``--trainable``."""
+    def stage_parser():
+        return build_parser(defaults, fine_tune=True, description=description)
+
+    def stage_main(argv=None):
+        main(argv, parser=stage_parser())
+
+    return stage_parser, stage_main
 
 
 if __name__ == "__main__":

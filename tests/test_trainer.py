@@ -133,6 +133,7 @@ def test_contradicting_or_missing_options_fail_before_any_work(data, tmp_path, t
         (("--accum_steps", 0), "--accum_steps must be at least 1"),
         (("--fp16",), "needs a CUDA device"),
         (("--ema", 1.5), "decay between 0 and 1"),
+        (("--aug_rates", 0.5, 0.5, 0.5), "sum to at most 1"),
         (("--save_dir", trained), "already holds a run"),
     ]
     for extra, message in cases:
@@ -475,3 +476,14 @@ def test_training_on_real_rain_beats_the_degraded_input(shared, tmp_path):
     record = utils.read_log(tmp_path / "r")[-1]
     assert result.step == 2 * (97 // 8)
     assert record["val_psnr"] > sum(inputs) / len(inputs) + 2.0, (record["val_psnr"], inputs)
+
+
+def test_augmentation_rates_and_strengths_reach_the_policy(data, tmp_path):
+    """--aug_rates and --aug_alphas set the strong-augmentation policy; the defaults are the homework's 12.5 % rates
+    and the paper's strengths."""
+    default = trainer.Trainer(tiny(data, tmp_path / "a"))
+    assert default.policy.rates == {"cutblur": 0.125, "mixup": 0.125, "blend": 0.125}
+    assert default.policy.alphas == {"cutblur": 0.7, "mixup": 1.2, "blend": 0.6}
+    custom = trainer.Trainer(tiny(data, tmp_path / "b", "--aug_rates", 0.6, 0, 0.2, "--aug_alphas", 0.5, 1.0, 0.8))
+    assert custom.policy.rates == {"cutblur": 0.6, "mixup": 0.0, "blend": 0.2}
+    assert custom.policy.alphas == {"cutblur": 0.5, "mixup": 1.0, "blend": 0.8}
