@@ -88,6 +88,18 @@ class Bench:
     def skip(self, case: str, variant: str) -> None:
         self.add(Row(case, variant, notes=f"skipped: past the {self.budget_s:.0f} s budget"))
 
+    def guarded(self, case: str, variant: str, fn: Callable[[], None]) -> None:
+        """Run one variant; an exception (out of memory, a compile or capture failure) becomes a row saying so, and
+        the next variant runs, so one failure does not cost the rest of a GPU run."""
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001 - every failure is reported in the table
+            first = (str(err).strip().splitlines() or [""])[0][:160].replace("|", "/")
+            self.add(Row(case, variant, notes=f"failed: {type(err).__name__}: {first}"))
+        finally:
+            free_memory(self.device)
+        self.save()
+
     def save(self) -> None:
         if self.out is not None:
             self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -319,25 +331,20 @@ def run_train_case(bench: Bench, case: str, variants: list[Variant], *, batch: i
     with torch.no_grad():
         ref = variant_model(base, device, fast=False).double()(x[0].double())
     times: dict[str, float] = {}
-    compiled = None  # one compiled model for all compiled variants of the case: its graphs are compiled once
-    for v in variants:
-        if bench.over_budget():
-            bench.skip(case, v.name)
-            continue
-        if device != "cuda" and (v.compile or v.graph or v.amp == FP16):
-            bench.add(Row(case, v.name, notes="skipped: needs CUDA"))
-            continue
+    compiled: list[torch.nn.Module] = []  # one compiled model for all compiled variants: its graphs compile once
+
+    def measure(v: Variant) -> None:
         free_memory(device)
         torch.backends.cudnn.benchmark = v.fast
-        if v.compile and compiled is not None and compiled.channels_last == v.channels_last:
-            model = compiled
+        if v.compile and compiled and compiled[0].channels_last == v.channels_last:
+            model = compiled[0]
             model.load_state_dict(base.state_dict())
             model.zero_grad(set_to_none=True)
             set_checkpointing(model, v.checkpoint)  # compiling anew would recompile every block (new backend)
         else:
             model = variant_model(base, device, fast=v.fast, channels_last=v.channels_last, compile=v.compile,
                                   checkpoint=v.checkpoint)
-            compiled = model if v.compile else None
+            compiled[:] = [model] if v.compile else []
         step = TrainStep(model, x, y, amp=v.amp, fused=v.fast, capturable=v.graph)
         start = time.perf_counter()
         step()
@@ -352,8 +359,15 @@ def run_train_case(bench: Bench, case: str, variants: list[Variant], *, batch: i
         if baseline in times and v.name != baseline:
             notes.append(f"x{times[baseline] / ms:.2f} vs {baseline}")
         bench.add(Row(case, v.name, ms, batch * accum / ms * 1e3, peak_memory(device), error, "; ".join(notes)))
-        del model, step
-    del compiled
+
+    for v in variants:
+        if bench.over_budget():
+            bench.skip(case, v.name)
+        elif device != "cuda" and (v.compile or v.graph or v.amp == FP16):
+            bench.add(Row(case, v.name, notes="skipped: needs CUDA"))
+        else:
+            bench.guarded(case, v.name, lambda v=v: measure(v))
+    compiled.clear()
     torch.backends.cudnn.benchmark = False
     bench.save()
 
@@ -393,6 +407,7 @@ def case_gpu_train_b2(bench: Bench) -> None:
 def case_gpu_accuracy(bench: Bench) -> None:
     """Full-float32 accuracy (TF32 off) of the fast path, eager and without autograd, against float64."""
     device, size = bench.device, bench.size(128)
+    case = f"accuracy b2 {size}x{size}"
     base = bench.model()
     torch.manual_seed(2)
     x = torch.rand(2, 3, size, size, device=device)
@@ -401,13 +416,15 @@ def case_gpu_accuracy(bench: Bench) -> None:
     previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        for name, fast, amp in (("plain fp32, TF32 off", False, None), ("fast fp32, TF32 off", True, None),
-                                ("fast bf16", True, BF16)):
+        def measure(name: str, fast: bool, amp: torch.dtype | None) -> None:
             model = variant_model(base, device, fast=fast).eval()
             with torch.no_grad(), autocast(device, amp):
                 out = model(x)
-            bench.add(Row(f"accuracy b2 {size}x{size}", name, error=rel_err(out, ref),
-                          notes="bound 1e-2" if amp else "bound 1e-5"))
+            bench.add(Row(case, name, error=rel_err(out, ref), notes="bound 1e-2" if amp else "bound 1e-5"))
+
+        for name, fast, amp in (("plain fp32, TF32 off", False, None), ("fast fp32, TF32 off", True, None),
+                                ("fast bf16", True, BF16)):
+            bench.guarded(case, name, lambda a=(name, fast, amp): measure(*a))
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
     bench.save()
@@ -441,13 +458,8 @@ def case_gpu_infer_tta(bench: Bench) -> None:
         with torch.no_grad():
             ref = variant_model(base, device, fast=False).double()(views.double())
         times: dict[str, float] = {}
-        for name, fast, amp, compiled in variants:
-            if bench.over_budget():
-                bench.skip(case, name)
-                continue
-            if device != "cuda" and compiled:
-                bench.add(Row(case, name, notes="skipped: needs CUDA"))
-                continue
+
+        def measure(name: str, fast: bool, amp: torch.dtype | None, compiled: bool) -> None:
             free_memory(device)
             torch.backends.cudnn.benchmark = fast
             model = variant_model(base, device, fast=fast, compile=compiled).eval()
@@ -469,8 +481,61 @@ def case_gpu_infer_tta(bench: Bench) -> None:
                 notes.append(f"x{times[variants[0][0]] / seconds:.2f} vs plain")
             bench.add(Row(case, name, seconds / count * 1e3, count / seconds, peak_memory(device), error,
                           "; ".join(notes)))
-            del model
+
+        for name, fast, amp, compiled in variants:
+            if bench.over_budget():
+                bench.skip(case, name)
+            elif device != "cuda" and compiled:
+                bench.add(Row(case, name, notes="skipped: needs CUDA"))
+            else:
+                bench.guarded(case, name, lambda a=(name, fast, amp, compiled): measure(*a))
     torch.backends.cudnn.benchmark = False
+    bench.save()
+
+
+# ------------------------------------------------------------------------------------------- same numbers, trained
+PSNR_VARIANTS = [("plain fp32", ["--plain"]), ("fast fp32", []), ("plain bf16", ["--plain", "--bf16"]),
+                 ("fast bf16", ["--bf16"])]
+
+
+def case_psnr(bench: Bench) -> None:
+    """A short training run through trainer.py on a synthetic rain and snow set (synthetic.py), once per path and
+    precision from the same seed: the fast path's best validation PSNR against the plain path's at the same
+    precision (the issue's bound: within 0.1 dB). ``fp32`` on a GPU means TF32, as trainer.py sets it."""
+    import synthetic
+    import trainer
+
+    device = bench.device
+    preset, per_type, size, epochs = ("tiny", 8, 32, 2) if bench.smoke else ("small", 64, 96, 12 if bench.quick
+                                                                               else 20)
+    case = f"trained PSNR, {preset} preset, {epochs} epochs"
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = synthetic.make_dataset(Path(tmp) / "data", train_per_type=per_type, test_per_type=1, size=size,
+                                      seed=0, progress=False)
+        common = ["--data_dir", str(data), "--preset", preset, "--epochs", str(epochs), "--warmup", "1",
+                  "--batch_size", "8", "--accum_steps", "1", "--patch_size", str(size * 2 // 3), "--lr", "1e-3",
+                  "--num_workers", "0", "--val_per_type", "4", "--loss", "l1", "--seed", "0", "--device", device]
+
+        def measure(name: str, extra: list[str]) -> None:
+            start = time.perf_counter()
+            argv = common + ["--save_dir", str(Path(tmp) / name.replace(" ", "_"))] + extra
+            result = trainer.train(trainer.parse_args(trainer.build_parser(), argv))
+            seconds = time.perf_counter() - start
+            results[name] = result.best_psnr
+            notes = [f"best val PSNR {result.best_psnr:.3f} dB after {result.step} updates in {seconds:.0f} s "
+                     "(ms: per update, loading and validation included)"]
+            plain = name.replace("fast", "plain")
+            if name != plain and plain in results:
+                notes.append(f"{result.best_psnr - results[plain]:+.3f} dB vs {plain} (bound 0.1)")
+            bench.add(Row(case, name, seconds / result.step * 1e3, None, peak_memory(device), None,
+                          "; ".join(notes)))
+
+        for name, extra in PSNR_VARIANTS:
+            if bench.over_budget():
+                bench.skip(case, name)
+            else:
+                bench.guarded(case, name, lambda a=(name, extra): measure(*a))
     bench.save()
 
 
@@ -560,11 +625,13 @@ CASES: dict[str, tuple[Callable[[Bench], None], bool]] = {
     "gpu-infer-tta": (case_gpu_infer_tta, True),
     "gpu-train-b2": (case_gpu_train_b2, True),
     "gpu-accuracy": (case_gpu_accuracy, True),
+    "gpu-psnr": (case_psnr, True),
     "floors": (case_floors, False),
     "cpu-infer": (case_cpu_infer, False),
     "cpu-train": (case_cpu_train, False),
 }
-GPU_DEFAULT = ["gpu-accuracy", "floors", "gpu-train-b8", "gpu-infer-tta", "gpu-train-b2", "cpu-infer"]
+GPU_DEFAULT = ["gpu-accuracy", "floors", "gpu-train-b8", "gpu-infer-tta", "gpu-train-b2", "gpu-psnr",
+               "cpu-infer"]
 CPU_DEFAULT = ["cpu-infer", "cpu-train", "floors"]
 
 

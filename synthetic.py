@@ -207,6 +207,13 @@ def _veil(image: np.ndarray, amount: float, colour: float) -> np.ndarray:
     return image * (1 - amount) + amount * colour
 
 
+def _start(style_cls, opts: dict, clean_uint8_hwc: np.ndarray):
+    """What both renderers begin with: the style with ``opts`` applied, the clean image as float, its (H, W), and
+    its size relative to ``REFERENCE_SIZE`` (lengths and densities are given for that size)."""
+    image = _as_float(clean_uint8_hwc)
+    return _style(style_cls, opts), image, image.shape[:2], min(image.shape[:2]) / REFERENCE_SIZE
+
+
 def render_rain(clean_uint8_hwc: np.ndarray, rng: np.random.Generator, **opts) -> np.ndarray:
     """Render rain streaks onto a clean photograph.
 
@@ -218,10 +225,7 @@ def render_rain(clean_uint8_hwc: np.ndarray, rng: np.random.Generator, **opts) -
     Returns:
         ndarray: The rainy image, uint8, shape (H, W, 3).
     """
-    style = _style(RainStyle, opts)
-    image = _as_float(clean_uint8_hwc)
-    h, w = image.shape[:2]
-    scale = min(h, w) / REFERENCE_SIZE
+    style, image, (h, w), scale = _start(RainStyle, opts, clean_uint8_hwc)
     if rng.random() < style.veil_prob:
         image = _veil(image, rng.uniform(*style.veil), rng.uniform(*style.veil_colour))
     base_angle = rng.uniform(*style.angle)
@@ -249,10 +253,7 @@ def render_snow(clean_uint8_hwc: np.ndarray, rng: np.random.Generator, **opts) -
     Returns:
         ndarray: The snowy image, uint8, shape (H, W, 3).
     """
-    style = _style(SnowStyle, opts)
-    image = _as_float(clean_uint8_hwc)
-    h, w = image.shape[:2]
-    scale = min(h, w) / REFERENCE_SIZE
+    style, image, (h, w), scale = _start(SnowStyle, opts, clean_uint8_hwc)
     colour = rng.uniform(*style.colour)
     image = _veil(image, rng.uniform(*style.veil), colour)
     angle = rng.uniform(*style.angle)

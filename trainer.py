@@ -158,7 +158,8 @@ def parse_args(parser, argv=None):
     args = parser.parse_args(argv)
     if not args.resume or not _run_file(args.resume).is_file():  # a missing file is reported by check_args
         return args
-    ckpt = utils.load_checkpoint(_run_file(args.resume), trusted=args.trust_checkpoint)
+    # mapped, not read: only the options are wanted here (the Trainer reads the whole file once)
+    ckpt = utils.load_checkpoint(_run_file(args.resume), trusted=args.trust_checkpoint, mmap=True)
     saved = ckpt.get("args") if isinstance(ckpt, dict) else None
     if not isinstance(saved, dict):
         return args
@@ -252,12 +253,20 @@ class EMA:
 class StopRequest:
     """Turns SIGINT and SIGTERM into a request to stop after the current optimizer update (a second signal stops
     at once, without saving). Installs its handlers only in the main thread; data loader workers forked from it
-    ignore the signals, so a Ctrl-C in the terminal leaves them serving the update in flight."""
+    ignore the signals, so a Ctrl-C in the terminal leaves them serving the update in flight.
+
+    A repeat within ``REPEAT_S`` seconds of the first signal is the same request, not a second one: torchrun forwards
+    the signal it receives to every worker, so a Ctrl-C or a scheduler's SIGTERM to the process group reaches each
+    worker twice within milliseconds, and must still save last.pth.
+    """
+
+    REPEAT_S = 1.0
 
     def __init__(self):
         self.signum = None
         self._previous = {}
         self._pid = os.getpid()
+        self._first = None  # time.monotonic() of the first signal
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -273,8 +282,10 @@ class StopRequest:
         if os.getpid() != self._pid:
             return
         if self.signum is not None:
+            if time.monotonic() - self._first < self.REPEAT_S:
+                return
             raise KeyboardInterrupt
-        self.signum = signum
+        self.signum, self._first = signum, time.monotonic()
         tqdm.write(f"{signal.Signals(signum).name}: stopping after this optimizer update and writing last.pth "
                    "(send it again to quit at once, without saving)")
 

@@ -12,6 +12,7 @@ import math
 import os
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable
 
@@ -170,7 +171,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     return atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_location: Any = "cpu") -> Any:
+def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_location: Any = "cpu",
+                    mmap: bool = False) -> Any:
     """Load a checkpoint with ``torch.load(weights_only=True)``.
 
     Args:
@@ -178,11 +180,15 @@ def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_locat
         trusted: allow full unpickling for a file you trust (it can run code). Only needed for files that store
             Python objects, such as an ``argparse.Namespace``.
         map_location: passed to ``torch.load``.
+        mmap: map the tensors from the file instead of reading them (cheap when only the small entries, such as a
+            run's options, are wanted); files in the legacy non-zip format are read whole.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
+        if mmap and zipfile.is_zipfile(path):
+            return torch.load(path, map_location=map_location, weights_only=not trusted, mmap=True)
         return torch.load(path, map_location=map_location, weights_only=not trusted)
     except Exception as err:  # torch raises UnpicklingError or RuntimeError depending on the version
         text = str(err)

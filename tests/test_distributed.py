@@ -1,6 +1,7 @@
 """Training with several processes (torchrun, gloo on the CPU) stays in step with one process of the same global
 batch, and saves each process's random state."""
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import trainer
 import utils
 from conftest import ROOT
 from model import build_model
-from test_trainer import make_homework_set
+from test_trainer import SIGNAL_WRAPPER, make_homework_set
 
 
 def _free_port():
@@ -49,3 +50,50 @@ def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path):
     assert max(float((a["model"][k] - initial[k]).abs().max()) for k in initial) > 1e-3
     log_one, log_two = utils.read_log(tmp_path / "one"), utils.read_log(tmp_path / "two")
     assert [r["val_psnr"] for r in log_two] == pytest.approx([r["val_psnr"] for r in log_one], abs=1e-4)
+
+
+def _torchrun(script, *argv, **popen):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), *map(str, argv)]
+    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def test_two_processes_stopped_by_a_signal_resume_to_the_uninterrupted_weights(tmp_path):
+    """SIGTERM to torchrun's whole process group (as a scheduler or Ctrl-C sends it; torchrun then forwards another
+    to each worker) in the middle of an epoch: both processes finish the update in flight, last.pth holds it with
+    both ranks' random states, and resuming under torchrun ends with exactly the weights of an uninterrupted run."""
+    data = make_homework_set(tmp_path / "data", per_kind=6, size=16)
+    common = ["--data_dir", data, "--preset", "tiny", "--device", "cpu", "--num_workers", 0, "--batch_size", 1,
+              "--accum_steps", 1, "--epochs", 2, "--warmup_epochs", 1, "--val_per_type", 1, "--patch_size", 12,
+              "--augment", "strong", "--lr", 1e-3]
+    wrapper = tmp_path / "holding_trainer.py"
+    wrapper.write_text(SIGNAL_WRAPPER.format(root=str(ROOT)))
+    run = tmp_path / "run"
+    proc = _torchrun(wrapper, *common, "--save_dir", run, start_new_session=True)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if "UPDATE 3" in line:
+                os.killpg(proc.pid, signal.SIGTERM)
+                break
+        output = "".join(seen) + proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "SIGTERM: stopping after this optimizer update" in output, output
+    saved = utils.load_checkpoint(run / "last.pth")
+    assert (saved["epoch"], saved["step"]) == (0, 4), output  # the held 3rd update, then the 4th sees the stop
+    assert len(saved["rng"]) == 2
+
+    resumed = _torchrun("trainer.py", "--data_dir", data, "--resume", run)
+    straight = _torchrun("trainer.py", *common, "--save_dir", tmp_path / "straight")
+    for p in (resumed, straight):
+        out = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, out
+    a = utils.load_checkpoint(run / "last.pth")
+    b = utils.load_checkpoint(tmp_path / "straight" / "last.pth")
+    assert a["step"] == b["step"] == 10
+    for key in b["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key

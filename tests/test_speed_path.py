@@ -1,5 +1,6 @@
 """model.py's fast path: the same function as the plain (official) path, the same parameters, checkpoints shared."""
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -204,6 +205,31 @@ def test_bench_speed_smoke_table(tmp_path):
     assert errors[("accuracy b2 16x16", "fast bf16")] <= 1e-2
     assert errors[("train b8 16x16", "fast bf16")] <= 1e-2
     assert any("skipped: needs CUDA" in r[6] for r in rows if r[1] == "fast bf16 compiled")
+
+
+def test_bench_speed_trained_psnr_case_and_failed_variant(tmp_path, monkeypatch):
+    """The trained-PSNR case runs trainer.py once per path and precision and reports the fast path's best validation
+    PSNR against the plain one's; a variant that raises becomes a 'failed' row and the variants after it still run."""
+    real = bench_speed.enable_fast_path
+
+    def broken_nchw(model, *, channels_last=True, **kwargs):
+        if not channels_last:
+            raise RuntimeError("injected failure | for the test")
+        return real(model, channels_last=channels_last, **kwargs)
+
+    monkeypatch.setattr(bench_speed, "enable_fast_path", broken_nchw)
+    text = bench_speed.main(["--smoke", "--quick", "--cases", "gpu-train-b8,gpu-psnr"])
+    rows = {(r[0].lstrip("| "), r[1]): r for r in (line.split(" | ") for line in text.splitlines()[2:])}
+    failed = rows[("train b8 16x16", "fast bf16, NCHW")]
+    assert "failed: RuntimeError: injected failure / for the test" in failed[6] and failed[2] == "-"
+    assert float(rows[("train b8 16x16", "fast bf16")][2]) > 0  # the variant before it was measured
+    assert "skipped: needs CUDA" in rows[("train b8 16x16", "fast bf16 compiled")][6]  # and the one after it reached
+    psnr = {name: float(re.search(r"best val PSNR ([\d.]+) dB", row[6]).group(1))
+            for (case, name), row in rows.items() if case.startswith("trained PSNR")}
+    assert set(psnr) == {"plain fp32", "fast fp32", "plain bf16", "fast bf16"}
+    assert all(10 < v < 60 for v in psnr.values())
+    assert abs(psnr["fast fp32"] - psnr["plain fp32"]) <= 0.1 and abs(psnr["fast bf16"] - psnr["plain bf16"]) <= 0.1
+    assert "dB vs plain fp32 (bound 0.1)" in rows[("trained PSNR, tiny preset, 2 epochs", "fast fp32")][6]
 
 
 # ------------------------------------------------------------------------------ the scripts use the fast path

@@ -314,21 +314,41 @@ def test_only_a_failed_batch_fetch_counts_as_a_stop(data, tmp_path, monkeypatch)
     assert utils.load_checkpoint(tmp_path / "s" / "last.pth")["step"] == 1
 
 
+def test_a_forwarded_repeat_of_the_signal_still_saves_but_a_later_second_one_quits(monkeypatch):
+    """A second signal within StopRequest.REPEAT_S of the first (torchrun forwarding the one the process group got)
+    is the same stop request; one that comes later (a user pressing Ctrl-C again) quits at once."""
+    now = [100.0]
+    monkeypatch.setattr(trainer.time, "monotonic", lambda: now[0])
+    with trainer.StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT
+        now[0] += 0.05
+        os.kill(os.getpid(), signal.SIGINT)  # the forwarded copy: no exception
+        assert stop.signum == signal.SIGINT
+        now[0] += 2.0
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
 def _sigterm_args(data, run):
     return ["--data_dir", data, "--save_dir", run, "--preset", "tiny", "--device", "cpu", "--num_workers", 0,
             "--batch_size", 1, "--accum_steps", 1, "--epochs", 1, "--warmup_epochs", 0, "--patch_size", 16,
             "--val_per_type", 0, "--augment", "strong"]
 
 
-# Runs trainer.main in a subprocess that announces its third optimizer update and holds it until a signal comes.
+# trainer.main in a subprocess (or under torchrun, on every rank) that announces its third optimizer update (on
+# rank 0) and holds it until a signal reaches the process. Format it with root=the repository folder.
 SIGNAL_WRAPPER = """
 import sys, time
+sys.path.insert(0, {root!r})
 import trainer
 original = trainer.Trainer._update
 def update(self, group, stop):
     result = original(self, group, stop)
     if self.step == 2:
-        print("UPDATE 3", flush=True)
+        if self.main:
+            print("UPDATE 3", flush=True)
         deadline = time.monotonic() + 60
         while stop.signum is None and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -344,7 +364,8 @@ def test_sigterm_mid_epoch_saves_a_resumable_last_checkpoint(data, tmp_path):
     run = tmp_path / "run"
     argv = [str(a) for a in _sigterm_args(data, run)]
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen([sys.executable, "-c", SIGNAL_WRAPPER, *argv], cwd=ROOT, env=env, text=True,
+    proc = subprocess.Popen([sys.executable, "-c", SIGNAL_WRAPPER.format(root=str(ROOT)), *argv], cwd=ROOT, env=env,
+                            text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     seen = []
     for line in proc.stdout:

@@ -100,6 +100,17 @@ def test_load_checkpoint_explains_pickle_and_missing_files(tmp_path):
         utils.load_checkpoint(tmp_path / "junk.pth")
 
 
+def test_load_checkpoint_mapped_equals_read_in_both_file_formats(tmp_path):
+    """mmap=True gives the same entries as a full read, for the zip format (mapped) and the legacy one (read)."""
+    state = {"model": {"w": torch.arange(6.0).view(2, 3)}, "args": {"lr": 1e-3, "preset": "tiny"}, "epoch": 3}
+    for name, zip_format in (("new.pth", True), ("legacy.pth", False)):
+        torch.save(state, tmp_path / name, _use_new_zipfile_serialization=zip_format)
+        mapped = utils.load_checkpoint(tmp_path / name, mmap=True)
+        read = utils.load_checkpoint(tmp_path / name)
+        assert mapped["args"] == read["args"] == state["args"] and mapped["epoch"] == 3
+        assert torch.equal(mapped["model"]["w"], read["model"]["w"])
+
+
 def test_run_log_survives_a_torn_line_and_plots(tmp_path):
     """Records read back in order, a half-written last line is ignored, and the curves are drawn as PNGs."""
     log = utils.RunLog(tmp_path)
