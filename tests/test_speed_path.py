@@ -195,9 +195,11 @@ def test_compiled_blocks_keep_names_and_values():
 
 def test_bench_speed_smoke_table(tmp_path):
     """bench_speed.py's GPU-case code runs on the CPU in smoke mode and writes one table whose fast-path errors
-    against float64 are within the bounds (1e-5 float32, 1e-2 bf16); CUDA-only variants say they were skipped."""
+    against float64 are within the bounds (1e-5 float32, 1e-2 bf16); CUDA-only variants say they were skipped; the
+    profile rows name the largest operators and the profiler's table is written beside the output."""
     out = tmp_path / "bench.md"
-    text = bench_speed.main(["--smoke", "--quick", "--cases", "gpu-accuracy,gpu-train-b8", "--out", str(out)])
+    text = bench_speed.main(["--smoke", "--quick", "--cases", "gpu-accuracy,gpu-train-b8,gpu-profile", "--out",
+                             str(out)])
     assert out.read_text().strip() == text
     rows = [line.split(" | ") for line in text.splitlines()[2:]]
     errors = {(r[0].lstrip("| "), r[1]): float(r[5]) for r in rows if r[5] != "-"}
@@ -205,6 +207,10 @@ def test_bench_speed_smoke_table(tmp_path):
     assert errors[("accuracy b2 16x16", "fast bf16")] <= 1e-2
     assert errors[("train b8 16x16", "fast bf16")] <= 1e-2
     assert any("skipped: needs CUDA" in r[6] for r in rows if r[1] == "fast bf16 compiled")
+    profiled = [r for r in rows if r[0].lstrip("| ").startswith("profile")]
+    assert [r[1] for r in profiled] == ["plain fp32 (tf32)", "fast bf16"]
+    assert all(float(r[2]) > 0 and "largest (ms): aten::" in r[6] for r in profiled)
+    assert "aten::" in (tmp_path / "bench_profile_fast_bf16.txt").read_text()
 
 
 def test_bench_speed_trained_psnr_case_and_failed_variant(tmp_path, monkeypatch):
