@@ -381,6 +381,10 @@ class Trainer:
             except ValueError as err:
                 raise ConfigError(f"--recompute: {err}") from None
         if self.distributed:  # DDP starts every process from rank 0's weights
+            # The fast path's channels-last activations give some convolution weight gradients other strides than
+            # their parameters (on the CPU only along size-1 dimensions: the same memory, tested). DDP copies every
+            # gradient into its buckets anyway; a strided copy of the weights' size costs nothing next to a step.
+            warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides", UserWarning)
             self.net = DistributedDataParallel(self.raw, device_ids=[self.device.index] if self.device.index is not None
                                                else None)
         else:

@@ -39,6 +39,7 @@ def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "= 4 per update" in proc.stdout and "2 process(es)" in proc.stdout
+    assert "Grad strides do not match" not in proc.stdout + proc.stderr
     a = utils.load_checkpoint(tmp_path / "one" / "last.pth")
     b = utils.load_checkpoint(tmp_path / "two" / "last.pth")
     assert one.step == a["step"] == b["step"] == 6

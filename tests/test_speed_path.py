@@ -84,6 +84,7 @@ def test_gradients_match_plain_path(size):
     assert rel_err(gx1, gx0) <= 1e-10
     for (name, _), a, b in zip(plain.named_parameters(), gp0, gp1):
         assert b is not None and rel_err(b, a) <= 1e-9, name
+        assert b.is_contiguous(), name  # DDP copies gradients into flat buckets: no strided copy on the fast path
 
 
 def test_no_grad_path_equals_grad_path(monkeypatch):
