@@ -130,7 +130,13 @@ def find_pairs(root: str | Path) -> list[Pair]:
         return _set_pairs(root / "train")
     if _is_set(root):
         return _set_pairs(root)
-    sets = sorted((d for d in root.iterdir() if d.is_dir() and _is_set(d)), key=lambda d: natural_key(d.name))
+    folders = sorted((d for d in root.iterdir() if d.is_dir()), key=lambda d: natural_key(d.name))
+    sets = [d for d in folders if _is_set(d)]
+    for d in folders:
+        halves = [name for name in ("degraded", "clean") if (d / name).is_dir()]
+        if sets and len(halves) == 1:
+            log.warning("skipping %s: it has %s/ but no %s/ beside it (name its folders degraded/ and clean/ to "
+                        "use it)", d, halves[0], "clean" if halves[0] == "degraded" else "degraded")
     if not sets:
         found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
         shown = ", ".join(found[:10]) + (", ..." if len(found) > 10 else "") if found else "nothing"
@@ -387,7 +393,9 @@ def build_loaders(data_dir: str | Path, *, batch_size: int, num_workers: int, pa
     train_set = PairedDataset(train_pairs, train=True, patch_size=patch_size, cache=cache)
     sampler = SeededSampler(train_set, seed=seed, num_replicas=world, rank=rank)
     if len(sampler) < batch_size:
-        raise DataError(f"{len(sampler)} training pairs per process is fewer than --batch_size {batch_size}")
+        raise DataError(f"{len(sampler)} training pairs per process is fewer than --batch_size {batch_size} ("
+                        f"{len(pairs)} pairs found, {len(val_pairs)} kept for validation, {world} process(es)): "
+                        "lower --batch_size, or --val_per_type (0 trains on every pair)")
     common = {"num_workers": num_workers, "pin_memory": torch.cuda.is_available(),
               "persistent_workers": num_workers > 0}
     # Workers draw nothing at random themselves (the sampler hands out seeds); this generator only keeps the
@@ -398,5 +406,8 @@ def build_loaders(data_dir: str | Path, *, batch_size: int, num_workers: int, pa
         return train_loader, None
     val_set = PairedDataset(val_pairs, train=False, cache=cache)
     val_batch = batch_size if len(set(val_set.sizes)) == 1 else 1
-    val_loader = DataLoader(val_set, batch_size=val_batch, sampler=range(rank, len(val_set), world), **common)
+    # its own generator too: a loader without one draws its workers' base seed from the global RNG, which the
+    # augmentation policy uses, so validating would change the training that follows (and differ with workers)
+    val_loader = DataLoader(val_set, batch_size=val_batch, sampler=range(rank, len(val_set), world),
+                            generator=torch.Generator().manual_seed(seed), **common)
     return train_loader, val_loader

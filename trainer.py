@@ -37,6 +37,8 @@ from GFL_Loss import LOSSES, build_loss
 from model import PRESETS, build_model, enable_fast_path, freeze_except, load_weights, trainable_summary
 
 FORMAT_VERSION = 1
+# What --resume needs from a checkpoint (weights alone start a fine-tuning run instead).
+TRAINING_STATE = ("model", "optimizer", "scheduler", "epoch", "step", "rng")
 MIN_LR = 1e-6  # where the cosine ends
 TRAIN_DEFAULTS = {"lr": 2e-4, "epochs": 250, "warmup_epochs": 10, "loss": "gfl", "augment": "strong",
                   "save_dir": "checkpoints"}
@@ -311,6 +313,15 @@ def _groups(batches, size):
         yield group
 
 
+# An epoch's running sums: the SUMMED ones are added over the processes at the epoch's end; skipped steps (agreed by
+# all processes) and the training time are the same on every process.
+SUMMED = ("loss_sum", "images", "seen")
+
+
+def _fresh_partial():
+    return {"loss_sum": 0.0, "images": 0, "seen": 0, "skipped": 0, "time_s": 0.0}
+
+
 def rank_rng_state(saved, rank):
     """The random state process ``rank`` resumes with: ``saved`` is a checkpoint's "rng", a list indexed by rank
     (or, in checkpoints written before, rank 0's state alone). None when it holds none for this rank."""
@@ -362,6 +373,12 @@ class Trainer:
         self.updates_per_epoch = math.ceil(len(self.train_loader) / args.accum_steps)
 
         resume = utils.load_checkpoint(args.resume, trusted=args.trust_checkpoint) if args.resume else None
+        if resume is not None:
+            missing = [k for k in TRAINING_STATE if not isinstance(resume, dict) or k not in resume]
+            if missing:
+                raise ConfigError(f"--resume {args.resume} holds weights, not a training run's state (no "
+                                  f"{', '.join(missing)}): start a run from these weights with first_stage_ft.py "
+                                  f"--checkpoint {args.resume}")
         init = None
         if args.fine_tune and resume is None:
             init = utils.load_checkpoint(args.checkpoint, trusted=args.trust_checkpoint)
@@ -408,6 +425,8 @@ class Trainer:
             s, warmup_steps=warmup, total_steps=total, min_factor=MIN_LR / args.lr))
 
         self.epoch, self.step, self.best_psnr = 0, 0, float("-inf")
+        self.bad_run = 0  # non-finite updates in a row, across epochs and resumes
+        self.partial = _fresh_partial()  # this epoch's sums so far (a resume in the middle continues them)
         if resume is not None:
             self._load(resume)
 
@@ -432,7 +451,15 @@ class Trainer:
         except ValueError as err:
             raise ConfigError(f"--resume {self.args.resume}: the optimizer does not fit ({err}); resume with the "
                               "same --trainable modules") from None
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        # The options of this invocation hold (--lr, --weight_decay and the schedule's length typed again override
+        # the saved ones; unchanged, they equal them): the loaded groups and the schedule take them over.
+        lambdas = self.scheduler.lr_lambdas
+        step = ckpt["scheduler"]["last_epoch"]
+        self.scheduler.load_state_dict({**ckpt["scheduler"], "base_lrs": [self.args.lr] * len(lambdas),
+                                        "_last_lr": [self.args.lr * f(step) for f in lambdas]})
+        for group, decay, lr in zip(self.optimizer.param_groups, (self.args.weight_decay, 0.0),
+                                    self.scheduler.get_last_lr()):
+            group.update(initial_lr=self.args.lr, lr=lr, weight_decay=decay)
         if (self.scaler is None) != (ckpt.get("scaler") is None):
             raise ConfigError(f"--resume {self.args.resume} was trained with{'out' if self.scaler else ''} --fp16: "
                               "resume with the same precision")
@@ -441,6 +468,10 @@ class Trainer:
         if self.ema is not None:
             self.ema.module.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
         self.epoch, self.step, self.best_psnr = ckpt["epoch"], ckpt["step"], ckpt["best_psnr"]
+        self.bad_run = ckpt.get("bad_run", 0)
+        saved = ckpt.get("partial") or {}
+        # the summed entries were summed over the processes when saved: rank 0 carries them on
+        self.partial = {k: saved.get(k, v) if self.main or k not in SUMMED else v for k, v in _fresh_partial().items()}
         if self.epoch >= self.args.epochs:
             raise ConfigError(f"--resume {self.args.resume} has already completed {self.epoch} of --epochs "
                               f"{self.args.epochs}: pass a larger --epochs to train longer")
@@ -470,7 +501,8 @@ class Trainer:
                 "ema": self.ema.module.state_dict() if self.ema else None, "model_config": self.model_config,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None, "epoch": self.epoch, "step": self.step,
-                "best_psnr": self.best_psnr, "args": vars(self.args),
+                "best_psnr": self.best_psnr, "bad_run": self.bad_run, "partial": dict(self.partial),
+                "args": vars(self.args),
                 "rng": rng if rng is not None else [utils.get_rng_state()],
                 "loader_generator": generator.get_state() if generator is not None else None}
 
@@ -491,10 +523,15 @@ class Trainer:
                 log.truncate_after(self.epoch)
             if args.trainable or args.fine_tune:
                 self._say(trainable_summary(self.raw))
-        per_update = args.batch_size * args.accum_steps * self.world
-        self._say(f"effective batch: {args.batch_size} images x {args.accum_steps} accumulation steps x {self.world} "
-                  f"process(es) = {per_update} per update; {self.updates_per_epoch} updates per epoch, "
-                  f"{self.updates_per_epoch * args.epochs} in all; device {self.device}; run folder {self.run_dir}")
+        batches = len(self.train_loader)
+        accum = min(args.accum_steps, batches)
+        if accum < args.accum_steps:
+            self._say(f"--accum_steps {args.accum_steps} is more than the {batches} batches of an epoch: each update "
+                      f"takes the whole epoch, {accum} batches")
+        self._say(f"effective batch: {args.batch_size} images x {accum} accumulation steps x {self.world} "
+                  f"process(es) = {args.batch_size * accum * self.world} per update; {self.updates_per_epoch} updates "
+                  f"per epoch, {self.updates_per_epoch * args.epochs} in all; device {self.device}; run folder "
+                  f"{self.run_dir}")
         stopped = None
         try:
             with StopRequest() as stop:
@@ -531,8 +568,10 @@ class Trainer:
         self.raw.train()
         bar = tqdm(total=len(loader), initial=done * args.accum_steps, desc=f"epoch {self.epoch + 1}/{args.epochs}",
                    unit="batch", leave=False, dynamic_ncols=True, disable=not self.main)
-        loss_sum, images, seen, skipped, bad_run = 0.0, 0, 0, 0, 0
-        stopped, start = False, time.perf_counter()
+        if done == 0:
+            self.partial = _fresh_partial()
+        part = self.partial
+        stopped, start, time_before, seen_now = False, time.perf_counter(), part["time_s"], 0
         try:
             while True:
                 try:
@@ -545,35 +584,45 @@ class Trainer:
                     # error is raised (last.pth keeps the last finished epoch).
                     if stop.signum is None or self.distributed:
                         raise
-                    return {}, True
+                    stopped = True
+                    break
                 bad, stopped, value, count = self._update(group, stop)
                 self.step += 1
-                seen += count
+                part["seen"] += count
+                seen_now += count
+                part["time_s"] = time_before + time.perf_counter() - start
                 bar.update(len(group))
                 if bad:
-                    skipped, bad_run = skipped + 1, bad_run + 1
+                    part["skipped"] += 1
+                    self.bad_run += 1
                     self._say(f"epoch {self.epoch + 1} update {self.step}: non-finite loss or gradient, step skipped")
-                    if bad_run >= args.max_bad_steps:
+                    if self.bad_run >= args.max_bad_steps:
                         raise TrainingError(
-                            f"{bad_run} updates in a row had a non-finite loss or gradient (epoch {self.epoch + 1}, "
-                            f"update {self.step}); last.pth, if any, keeps the state after epoch {self.epoch}. Try "
-                            "a lower --lr, --bf16 instead of --fp16, or check the data")
+                            f"{self.bad_run} updates in a row had a non-finite loss or gradient (epoch "
+                            f"{self.epoch + 1}, update {self.step}); last.pth, if any, keeps the state after epoch "
+                            f"{self.epoch}. Try a lower --lr, --bf16 instead of --fp16, or check the data")
                 else:
-                    bad_run, loss_sum, images = 0, loss_sum + value, images + count
-                    rate = seen * self.world / (time.perf_counter() - start)
+                    self.bad_run = 0
+                    part["loss_sum"] += value
+                    part["images"] += count
+                    rate = seen_now * self.world / (time.perf_counter() - start)
                     bar.set_postfix(loss=f"{value / count:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
                                     img_s=f"{rate:.1f}", refresh=False)
                 if stopped:
                     break
         finally:
             bar.close()
-        elapsed = time.perf_counter() - start
-        totals = torch.tensor([loss_sum, images, seen], dtype=torch.float64, device=self.device)
+        totals = torch.tensor([float(part[k]) for k in SUMMED], dtype=torch.float64, device=self.device)
         if self.distributed:
             dist.all_reduce(totals)
-        loss_sum, images, seen = totals.tolist()
-        return {"train_loss": loss_sum / images if images else None, "images_per_s": seen / elapsed,
-                "skipped_steps": skipped, "time_s": elapsed}, stopped
+        summed = dict(zip(SUMMED, totals.tolist()))
+        if self.step < (self.epoch + 1) * self.updates_per_epoch:
+            # stopped inside the epoch: last.pth keeps the sums so far, over all processes, for rank 0 to carry on
+            part.update({k: (v if self.main else 0) for k, v in summed.items()})
+            return {}, stopped
+        return {"train_loss": summed["loss_sum"] / summed["images"] if summed["images"] else None,
+                "images_per_s": summed["seen"] / part["time_s"] if part["time_s"] else None,
+                "skipped_steps": part["skipped"], "time_s": part["time_s"]}, stopped
 
     def _update(self, group, stop):
         """One optimizer update from a group of micro-batches: exact accumulation (each micro-batch's loss weighted

@@ -90,6 +90,18 @@ def test_plain_set_and_folder_of_sets_take_their_kind_from_the_folder(tmp_path):
                                                  ("haze", "haze/2.jpg")]
 
 
+def test_a_set_folder_with_only_one_half_is_named_in_a_warning(tmp_path, caplog):
+    """In a folder of sets, a subfolder with degraded/ but no clean/ (a typo such as gt/) is skipped with a warning
+    that names it and the missing folder, instead of vanishing silently."""
+    _plain_set(tmp_path / "sets" / "rain", 2)
+    _plain_set(tmp_path / "sets" / "snow", 2)
+    (tmp_path / "sets" / "snow" / "clean").rename(tmp_path / "sets" / "snow" / "gt")
+    with caplog.at_level(logging.WARNING, logger="dataloader"):
+        pairs = find_pairs(tmp_path / "sets")
+    assert {p.kind for p in pairs} == {"rain"}
+    assert any("snow: it has degraded/ but no clean/" in r.getMessage() for r in caplog.records), caplog.text
+
+
 def test_the_shared_data_folder_is_read_as_a_folder_of_sets(shared):
     """../shared/data gives its five sets as kinds with their documented pair counts, and the header check passes
     with rain100h's two orientations (480x320 and 320x480)."""
@@ -320,6 +332,26 @@ def test_validation_gives_whole_unchanged_images_batched_only_when_sizes_match(h
         _save(mixed / "train" / "degraded" / f"rain-{n}.png", _pattern(n, 16, 16 + n))
         _save(mixed / "train" / "clean" / f"rain_clean-{n}.png", _pattern(n, 16, 16 + n))
     assert build_loaders(mixed, batch_size=2, num_workers=0, patch_size=8, val_per_type=2)[1].batch_size == 1
+
+
+def test_reading_the_validation_set_leaves_the_global_random_state_alone(hw_root):
+    """Validation draws nothing from torch's global generator, which the augmentation policy uses: a pass over it
+    (with 0 or 2 workers) leaves that state as it was, so validating cannot change the training after it."""
+    for workers in (0, 2):
+        _, val = build_loaders(hw_root, batch_size=2, num_workers=workers, patch_size=8, val_per_type=2, seed=0)
+        before = torch.get_rng_state()
+        for _ in range(2):
+            assert len(list(val)) == 1
+        assert torch.equal(torch.get_rng_state(), before), workers
+
+
+def test_too_few_training_pairs_for_a_batch_says_where_they_went(tmp_path):
+    """With 2 pairs, one goes to validation and the error says so and names both ways out."""
+    root = _homework(tmp_path, {"rain": 2}, size=(16, 16))
+    with pytest.raises(DataError, match=r"1 training pairs per process is fewer than --batch_size 2 \(2 pairs found, "
+                                        r"1 kept for validation, 1 process\(es\)\): lower --batch_size, or "
+                                        r"--val_per_type \(0 trains on every pair\)"):
+        build_loaders(root, batch_size=2, num_workers=0, patch_size=8, val_per_type=320)
 
 
 def test_seeded_sampler_shards_disjointly_and_validation_needs_a_process_group(hw_root):

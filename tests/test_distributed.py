@@ -98,3 +98,6 @@ def test_two_processes_stopped_by_a_signal_resume_to_the_uninterrupted_weights(t
     assert a["step"] == b["step"] == 10
     for key in b["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+    # the interrupted epoch's record sums both processes' updates from before the stop and after the resume
+    losses = [[r["train_loss"] for r in utils.read_log(folder)] for folder in (run, tmp_path / "straight")]
+    assert losses[0] == losses[1] and len(losses[0]) == 2

@@ -382,6 +382,10 @@ def test_sigterm_mid_epoch_saves_a_resumable_last_checkpoint(data, tmp_path):
     straight = trainer.train(parse(*_sigterm_args(data, tmp_path / "straight")))
     assert resumed.step == straight.step == 12
     assert_same_state(weights(run / "last.pth"), weights(tmp_path / "straight" / "last.pth"))
+    # the epoch's log record covers the whole epoch, the updates before the stop included
+    (a,), (b,) = utils.read_log(run), utils.read_log(tmp_path / "straight")
+    assert (a["train_loss"], a["skipped_steps"]) == (b["train_loss"], b["skipped_steps"])
+    assert a["time_s"] > 0 and a["images_per_s"] > 0
 
 
 class _NaNOn:
@@ -409,6 +413,66 @@ def test_non_finite_steps_are_skipped_and_a_run_of_them_stops_training(data, tmp
     with pytest.raises(trainer.TrainingError, match="3 updates in a row"):
         trainer.train(tiny(data, tmp_path / "nan", "--max_bad_steps", 3))
     assert not (tmp_path / "nan" / "last.pth").exists()
+
+
+def test_a_run_of_non_finite_steps_counts_across_epochs_and_resumes(data, tmp_path, monkeypatch):
+    """The bad-step run is not reset by a new epoch (3 updates per epoch here) nor by a resume: the last update of
+    epoch 1 and the first of epoch 2 make 2 in a row, with or without a resume between them."""
+    nan_on = {}
+    monkeypatch.setattr(trainer, "build_loss", lambda name, num_epochs=None: _NaNOn(nan_on["calls"]))
+    nan_on["calls"] = {4, 5, 6, 7}  # two loss calls per update: updates 3 and 4
+    with pytest.raises(trainer.TrainingError, match="2 updates in a row .*epoch 2, update 4"):
+        trainer.train(tiny(data, tmp_path / "a", "--max_bad_steps", 2))
+
+    nan_on["calls"] = {4, 5}
+    trainer.Trainer(tiny(data, tmp_path / "b", "--max_bad_steps", 2)).fit(until_epoch=1)
+    assert utils.load_checkpoint(tmp_path / "b" / "last.pth")["bad_run"] == 1
+    nan_on["calls"] = {0, 1}  # the resumed process's first update
+    with pytest.raises(trainer.TrainingError, match="2 updates in a row .*epoch 2, update 4"):
+        trainer.train(tiny(data, None, "--max_bad_steps", 2, "--resume", tmp_path / "b"))
+
+
+def test_resume_with_a_new_learning_rate_and_weight_decay_uses_them(data, tmp_path):
+    """--lr and --weight_decay typed again on --resume reach the optimizer and the schedule (and the log); without
+    them the saved values hold (the exact-resume tests)."""
+    trainer.train(tiny(data, tmp_path / "r", "--lr", 2e-4, "--epochs", 2))
+    argv = ["--data_dir", data, "--resume", tmp_path / "r", "--num_workers", 0, "--epochs", 4, "--lr", 1e-3,
+            "--weight_decay", 0.5]
+    resumed = trainer.Trainer(trainer.parse_args(trainer.build_parser(), [str(a) for a in argv]))
+    decay, no_decay = resumed.optimizer.param_groups
+    assert (decay["initial_lr"], decay["weight_decay"], no_decay["initial_lr"], no_decay["weight_decay"]) == \
+        (1e-3, 0.5, 1e-3, 0.0)
+    step, total = resumed.step, 4 * resumed.updates_per_epoch
+    expected = trainer.lr_factor(step, warmup_steps=resumed.updates_per_epoch, total_steps=total,
+                                 min_factor=trainer.MIN_LR / 1e-3) * 1e-3
+    assert decay["lr"] == no_decay["lr"] == pytest.approx(expected) and resumed.scheduler.base_lrs == [1e-3] * 2
+    resumed.fit()
+    log = utils.read_log(tmp_path / "r")
+    assert log[-1]["lr"] == pytest.approx(trainer.MIN_LR)  # the new cosine ends at the floor
+    assert log[2]["lr"] > 2e-4  # epoch 3 runs on the new, larger peak
+
+
+def test_resume_from_weights_alone_says_to_fine_tune_instead(data, tmp_path):
+    """A checkpoint that holds only weights (a plain state dict, a BasicSR file) cannot be resumed: the error says
+    so before any work and names the fine-tuning command."""
+    from model import build_model
+
+    net = build_model("tiny")
+    for name, content in (("plain.pth", net.state_dict()), ("basicsr.pth", {"params": net.state_dict()})):
+        utils.save_checkpoint(tmp_path / name, content)
+        with pytest.raises(trainer.ConfigError, match=f"holds weights, not a training run.*first_stage_ft.py "
+                                                      f"--checkpoint .*{name}"):
+            trainer.Trainer(tiny(data, tmp_path / f"run_{name}", "--resume", tmp_path / name))
+
+
+def test_accumulation_longer_than_an_epoch_is_reported_as_it_runs(data, tmp_path, capsys):
+    """--accum_steps above the batches of an epoch: each update takes the epoch's 5 batches, and the printed
+    effective batch says 10 images, not 2 x 16."""
+    trainer.train(tiny(data, tmp_path / "r", "--accum_steps", 16, "--epochs", 2))
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "--accum_steps 16 is more than the 5 batches of an epoch" in text
+    assert "2 images x 5 accumulation steps x 1 process(es) = 10 per update; 1 updates per epoch" in text
 
 
 def test_without_validation_best_follows_last(data, tmp_path):
