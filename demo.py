@@ -29,7 +29,7 @@ import synthetic
 import trainer
 import vis
 from dataloader import list_images, read_image
-from utils import psnr
+from utils import positive_int, psnr
 
 PRESET = "tiny"
 
@@ -59,17 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] + " Everything goes into --out.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_output", help="output folder (default: %(default)s); replaced if "
-                        "it holds an earlier demo")
+                        "it holds an earlier demo, finished or not")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and of training (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=12, help="epochs of training from scratch (default: "
+    parser.add_argument("--epochs", type=positive_int, default=12, help="epochs of training from scratch (default: "
                         "%(default)s); each fine-tuning stage runs a third of them")
-    parser.add_argument("--train_per_type", type=int, default=48, help="training pairs per type (default: "
+    parser.add_argument("--train_per_type", type=positive_int, default=48, help="training pairs per type (default: "
                         "%(default)s)")
-    parser.add_argument("--test_per_type", type=int, default=8, help="test images per type (default: %(default)s)")
+    parser.add_argument("--test_per_type", type=positive_int, default=8, help="test images per type (default: "
+                        "%(default)s)")
     parser.add_argument("--size", type=int, default=64, help="image size in pixels (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads for PyTorch (default: %(default)s: the "
-                        "tiny model gains little from more, and they slow it many times over when other programs "
-                        "share the cores)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="CPU threads for PyTorch (default: "
+                        "%(default)s: the tiny model gains little from more, and they slow it many times over when "
+                        "other programs share the cores)")
     return parser
 
 
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             sys.exit(f"demo: {out} exists and is not an earlier demo's output; choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    (out / "demo.json").write_text(json.dumps({"status": "running"}))  # marks the folder as a demo's until the end
     start = time.time()
     data = out / "data"
     ft_epochs = max(1, args.epochs // 3)
@@ -93,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                            size=args.size, seed=args.seed)
 
     _banner(f"2/6 training the {PRESET} preset from scratch")
-    trainer.main(common + ["--preset", PRESET, "--epochs", str(args.epochs), "--warmup", "1", "--lr", "2e-3",
+    warmup = min(1, args.epochs - 1)  # the trainer needs fewer warm-up epochs than epochs
+    trainer.main(common + ["--preset", PRESET, "--epochs", str(args.epochs), "--warmup", str(warmup), "--lr", "2e-3",
                            "--save_dir", str(out / "train")])
 
     _banner("3/6 first fine-tuning stage (all parameters, no strong augmentation)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import io
 import logging
 import math
 import os
@@ -48,17 +49,38 @@ TTA_VIEWS = {
 }
 DEFAULT_OVERLAP = 32
 MIN_RETRY_TILE = 16  # out-of-memory retries halve the tile down to this size, then give up
+SSIM_MIN_SIZE = 11  # the side of utils.ssim's window: smaller images are scored without SSIM (NaN)
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # ------------------------------------------------------------------------------------------------------------- model
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """``path`` itself, or for a run folder (``trainer.py --save_dir``) the ``best.pth`` in it, saying so.
+
+    Raises:
+        CheckpointError: ``path`` is a folder without ``best.pth`` (naming the checkpoints it holds).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    best = path / "best.pth"
+    if not best.is_file():
+        held = sorted(p.name for p in path.glob("*.pth"))
+        raise CheckpointError(f"checkpoint {path} is a folder without best.pth (it holds "
+                              f"{', '.join(held) if held else 'no .pth files'}); give a checkpoint file, such as "
+                              f"{path / 'best.pth'} or {path / 'last.pth'} of a trainer.py run")
+    log.info("checkpoint %s is a folder: using its best.pth", path)
+    return best
+
+
 def load_model(checkpoint: str | os.PathLike, *, preset: str = "official", use_ema: bool = True,
                trusted: bool = False, device: str | torch.device = "cpu", plain: bool = False,
                compile: bool = False) -> nn.Module:
     """The network of a checkpoint, in eval mode on ``device``.
 
     Args:
-        checkpoint: a file written by ``trainer.py`` or any layout ``model.load_weights`` accepts.
+        checkpoint: a file written by ``trainer.py`` or any layout ``model.load_weights`` accepts, or a run folder
+            of ``trainer.py``, whose ``best.pth`` is used (:func:`checkpoint_file`).
         preset: model size used when the checkpoint has no ``"model_config"`` (foreign checkpoints).
         use_ema: take the ``"ema"`` weights of our checkpoints when they hold some (the weights trainer.py validated
             and chose ``best.pth`` by); False takes the plain ``"model"`` weights.
@@ -68,6 +90,7 @@ def load_model(checkpoint: str | os.PathLike, *, preset: str = "official", use_e
             same function within float rounding, about 2.5x faster on a CPU).
         compile: also compile the blocks with ``torch.compile`` (CUDA only; ignored on other devices).
     """
+    checkpoint = checkpoint_file(checkpoint)
     state = load_checkpoint(checkpoint, trusted=trusted)
     config = state.get("model_config") if isinstance(state, Mapping) else None
     model = build_model(**config) if config else build_model(preset)
@@ -211,23 +234,29 @@ def scan_inputs(folder: str | os.PathLike,
     return ``{file name: (H, W)}``.
 
     Raises:
-        DataError: the folder is missing or holds no images, or some images cannot be read, have no clean partner
-            or differ in size from it (all named at once).
+        DataError: the folder is missing or holds no images, or some images cannot be read, have no clean partner,
+            differ in size from it, or are smaller than the network's ``MIN_SIZE`` (all named at once).
     """
     paths = list_images(folder)
     if gt_folder is not None:
         partners = find_clean([path.name for path in paths], gt_folder)
         pairs = [Pair(path, partners[path.name], image_kind(path.name), path.name) for path in paths]
-        return {path.name: size for path, size in zip(paths, check_pairs(pairs))}
-    sizes, problems = {}, []
-    for path in paths:
-        try:
-            sizes[path.name] = tuple(read_image_uint8(path).shape[-2:])
-        except DataError as err:
-            problems.append(f"  {err}")
-    if problems:
-        raise DataError(f"{len(problems)} of {len(paths)} input images cannot be read; fix or remove them:\n" +
-                        "\n".join(problems))
+        sizes = {path.name: size for path, size in zip(paths, check_pairs(pairs))}
+    else:
+        sizes, problems = {}, []
+        for path in paths:
+            try:
+                sizes[path.name] = tuple(read_image_uint8(path).shape[-2:])
+            except DataError as err:
+                problems.append(f"  {err}")
+        if problems:
+            raise DataError(f"{len(problems)} of {len(paths)} input images cannot be read; fix or remove them:\n" +
+                            "\n".join(problems))
+    small = [f"  {path}: {sizes[path.name][1]}x{sizes[path.name][0]} (WxH)" for path in paths
+             if min(sizes[path.name]) < MIN_SIZE]
+    if small:
+        raise DataError(f"{len(small)} of {len(paths)} input images are smaller than {MIN_SIZE}x{MIN_SIZE} pixels, "
+                        "the network's smallest input; enlarge or remove them:\n" + "\n".join(small))
     return sizes
 
 
@@ -326,7 +355,8 @@ def write_npz(path: str | os.PathLike, preds: Mapping[str, np.ndarray],
 # ---------------------------------------------------------------------------------------------------------- scoring
 @dataclass(frozen=True)
 class Score:
-    """Scores of one restored image against its clean image."""
+    """Scores of one restored image against its clean image; ``ssim`` is NaN for images under ``SSIM_MIN_SIZE``
+    pixels on a side."""
 
     name: str
     kind: str
@@ -362,7 +392,7 @@ def find_clean(names: Sequence[str], gt_folder: str | os.PathLike) -> dict[str, 
 
 def evaluate(preds: Mapping[str, np.ndarray], gt_folder: str | os.PathLike) -> list[Score]:
     """PSNR and SSIM (``utils.psnr``/``utils.ssim``, on uint8 RGB, whole image) of each prediction against its clean
-    image in ``gt_folder``.
+    image in ``gt_folder``; SSIM is NaN for images under ``SSIM_MIN_SIZE`` pixels on a side (its window's size).
 
     Raises:
         DataError: some predictions have no clean image, or a clean image's size differs (all named).
@@ -375,48 +405,63 @@ def evaluate(preds: Mapping[str, np.ndarray], gt_folder: str | os.PathLike) -> l
         if clean.shape != pred.shape:
             problems.append(f"  {name}: restored {tuple(pred.shape)}, clean {partners[name]} {tuple(clean.shape)}")
             continue
-        scores.append(Score(name, image_kind(name), psnr(pred, clean), ssim(pred, clean)))
+        similarity = ssim(pred, clean) if min(pred.shape[-2:]) >= SSIM_MIN_SIZE else math.nan
+        scores.append(Score(name, image_kind(name), psnr(pred, clean), similarity))
     if problems:
         raise DataError("restored and clean images differ in size:\n" + "\n".join(problems))
     return scores
 
 
+def _mean(values: Sequence[float]) -> float:
+    """The mean of the values that are not NaN; NaN when there are none."""
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else math.nan
+
+
 def summarize(scores: Sequence[Score]) -> dict[str, tuple[int, float, float]]:
-    """``{type: (images, mean PSNR, mean SSIM)}`` for each type, then ``"overall"`` (the mean over all images)."""
+    """``{type: (images, mean PSNR, mean SSIM)}`` for each type, then ``"overall"`` (the mean over all images).
+    The SSIM means leave out the images without one (NaN); a group with none has NaN."""
     groups: dict[str, list[Score]] = {}
     for score in scores:
         groups.setdefault(score.kind, []).append(score)
     groups = dict(sorted(groups.items()))
     groups["overall"] = list(scores)
-    return {kind: (len(group), sum(s.psnr for s in group) / len(group), sum(s.ssim for s in group) / len(group))
+    return {kind: (len(group), _mean([s.psnr for s in group]), _mean([s.ssim for s in group]))
             for kind, group in groups.items()}
 
 
 def format_table(scores: Sequence[Score]) -> str:
-    """Per-image rows, then one row per type and the overall mean."""
+    """Per-image rows, then one row per type (when there are several) and the overall mean; an SSIM left out
+    (NaN: images under ``SSIM_MIN_SIZE`` pixels) shows as n/a, and a note says so."""
     summary = {kind: (f"mean of {n}", p, q) for kind, (n, p, q) in summarize(scores).items()}
+    if len(summary) == 2:  # a single type: its row would repeat the overall one
+        summary = {"overall": summary["overall"]}
     width = max(len(name) for name in ["image", *(s.name for s in scores), *(row[0] for row in summary.values())])
     kwidth = max(len(kind) for kind in ["type", *summary])
-    row = lambda name, kind, p, q: f"{name:<{width}}  {kind:<{kwidth}}  {p:>9.3f}  {q:>6.4f}"  # noqa: E731
+    row = lambda name, kind, p, q: (f"{name:<{width}}  {kind:<{kwidth}}  {p:>9.3f}  "  # noqa: E731
+                                    f"{'n/a' if math.isnan(q) else f'{q:.4f}':>6}")
     lines = [f"{'image':<{width}}  {'type':<{kwidth}}  {'PSNR (dB)':>9}  {'SSIM':>6}"]
     lines += [row(s.name, s.kind, s.psnr, s.ssim) for s in scores]
     lines.append("-" * len(lines[0]))
     lines += [row(name, kind, p, q) for kind, (name, p, q) in summary.items()]
+    no_ssim = sum(math.isnan(s.ssim) for s in scores)
+    if no_ssim:
+        lines.append(f"SSIM n/a: {no_ssim} images under {SSIM_MIN_SIZE}x{SSIM_MIN_SIZE} pixels (its window); the "
+                     "SSIM means leave them out")
     return "\n".join(lines)
 
 
 def write_csv(path: str | os.PathLike, scores: Sequence[Score]) -> Path:
-    """Write the scores as CSV: columns level (image, type, overall), name, type, images, psnr, ssim."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["level", "name", "type", "images", "psnr", "ssim"])
-        writer.writerows(["image", s.name, s.kind, 1, repr(s.psnr), repr(s.ssim)] for s in scores)
-        for kind, (n, p, q) in summarize(scores).items():
-            writer.writerow(["overall" if kind == "overall" else "type", "", kind if kind != "overall" else "", n,
-                             repr(p), repr(q)])
-    return path
+    """Write the scores as CSV, atomically (``utils.atomic_write``): columns level (image, type, overall), name,
+    type, images, psnr, ssim (``nan`` where an image has none; the means leave those out)."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["level", "name", "type", "images", "psnr", "ssim"])
+    writer.writerows(["image", s.name, s.kind, 1, repr(s.psnr), repr(s.ssim)] for s in scores)
+    for kind, (n, p, q) in summarize(scores).items():
+        writer.writerow(["overall" if kind == "overall" else "type", "", kind if kind != "overall" else "", n,
+                         repr(p), repr(q)])
+    return atomic_write(path, lambda f: f.write(text.getvalue().encode("utf-8")))
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -424,8 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Restore degraded images with a trained PromptIR and write pred.npz (uint8, (3, H, W), keyed by "
                     "file name with extension); with --gt_folder also score PSNR and SSIM.")
-    parser.add_argument("--checkpoint", required=True, help="weights: best.pth / last.pth of trainer.py, or any "
-                        "layout model.load_weights accepts (official Lightning, BasicSR, DDP, torch.compile)")
+    parser.add_argument("--checkpoint", required=True, help="weights: best.pth / last.pth of trainer.py (a run "
+                        "folder stands for its best.pth), or any layout model.load_weights accepts (official "
+                        "Lightning, BasicSR, DDP, torch.compile)")
     inputs = parser.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--input_folder", help="folder of degraded images (e.g. datasets/test/degraded)")
     inputs.add_argument("--data_dir", help="a plain paired set: restores DATA_DIR/degraded and, when it exists, "
@@ -473,8 +519,8 @@ def _resolve_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             args.gt_folder = str(root / "clean")
     if args.tile is None and args.tile_overlap is not None:
         parser.error("--tile_overlap needs --tile")
-    if args.tile_overlap is None:
-        args.tile_overlap = min(DEFAULT_OVERLAP, (args.tile or 0) // 4)
+    if args.tile_overlap is None:  # without --tile, restore() fits it to the tiles of an out-of-memory retry
+        args.tile_overlap = DEFAULT_OVERLAP if args.tile is None else min(DEFAULT_OVERLAP, args.tile // 4)
     if args.tile is not None and not 0 <= args.tile_overlap < args.tile:
         parser.error(f"--tile_overlap must be at least 0 and smaller than --tile ({args.tile})")
     if args.csv and not args.gt_folder:

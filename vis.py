@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from dataloader import DataError, read_image_uint8
-from inference import PredictionFileError, check_npz, find_clean, scan_inputs
+from inference import PredictionFileError, check_npz, find_clean, npz_path, scan_inputs
 from utils import positive_int, psnr
 
 ERROR_SCALE = 64  # 8-bit levels drawn as white in the error maps
@@ -58,11 +58,13 @@ def load_examples(pred_npz: str | os.PathLike, input_folder: str | os.PathLike, 
                   gt_folder: str | os.PathLike | None = None, names: Sequence[str] | None = None, num: int = 8,
                   seed: int = 0) -> list[Example]:
     """Read the chosen images and their predictions, after checking that the prediction file matches the folder.
+    ``pred_npz`` gets ``.npz`` appended when it lacks it, as ``inference.py --output_npz`` does.
 
     Raises:
         PredictionFileError: the prediction file is missing or its keys or shapes do not match the folder (named).
         DataError: the folder, a chosen name or a clean image is missing, or an image is unreadable.
     """
+    pred_npz = npz_path(pred_npz)
     sizes = scan_inputs(input_folder, gt_folder)  # every image readable, with a clean partner of its size
     check_npz(pred_npz, sizes)
     chosen = choose_names(list(sizes), names=names, num=num, seed=seed)
@@ -125,13 +127,15 @@ def visualize(pred_npz: str | os.PathLike, input_folder: str | os.PathLike, out_
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Draw degraded images beside their restorations from pred.npz "
                                      "(and beside the clean images with an error map, given --gt_folder).")
-    parser.add_argument("--pred_npz", default="pred.npz", help="prediction file of inference.py (default: %(default)s)")
+    parser.add_argument("--pred_npz", default="pred.npz", help="prediction file of inference.py, .npz appended "
+                        "when missing (default: %(default)s)")
     parser.add_argument("--input_folder", default="datasets/test/degraded",
                         help="the degraded images the predictions were made from (default: %(default)s)")
     parser.add_argument("--gt_folder", help="clean images: same file names, or <type>_clean-<N> for <type>-<N>")
     parser.add_argument("--out_dir", default="vis", help="where the PNG grids go (default: %(default)s)")
     parser.add_argument("--names", nargs="+", metavar="NAME", help="file names to draw (default: a random sample)")
-    parser.add_argument("--num", type=positive_int, default=8, help="images in the random sample (default: %(default)s)")
+    parser.add_argument("--num", type=positive_int, default=8, help="images in the random sample (default: "
+                        "%(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random sample (default: %(default)s)")
     parser.add_argument("--per_grid", type=positive_int, default=4, help="rows per PNG (default: %(default)s)")
     return parser

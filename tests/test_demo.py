@@ -5,8 +5,19 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
+import demo
+import trainer
 from conftest import ROOT
+
+
+class Stop(Exception):
+    """Raised by a replaced step to end a demo early."""
+
+
+def _stop(*args, **kwargs):
+    raise Stop
 
 
 def test_demo_runs_end_to_end_and_restores(tmp_path):
@@ -27,3 +38,45 @@ def test_demo_runs_end_to_end_and_restores(tmp_path):
             assert (out / stage / name).is_file(), f"{stage}/{name} missing"
     assert list((out / "vis").glob("grid_*.png"))
     assert "restored" in proc.stdout and "degraded" in proc.stdout
+
+
+def test_interrupted_demo_is_replaced_but_other_folders_are_not(tmp_path, monkeypatch):
+    """A demo that stops early leaves a folder the next run recognises and replaces (demo.json is written first),
+    while a folder that is not a demo's is refused and left as it was."""
+    out = tmp_path / "demo_output"
+    monkeypatch.setattr(demo.synthetic, "make_dataset", _stop)
+    with pytest.raises(Stop):
+        demo.main(["--out", str(out)])
+    assert json.loads((out / "demo.json").read_text()) == {"status": "running"}
+    (out / "leftover").write_text("from the interrupted run")
+    with pytest.raises(Stop):
+        demo.main(["--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["demo.json"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match="is not an earlier demo's output"):
+        demo.main(["--out", str(mine)])
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_one_epoch_demo_passes_the_trainers_checks(tmp_path, monkeypatch, capsys):
+    """--epochs 1 gives the training step options the trainer accepts (no warm-up epoch, which must be fewer than
+    the epochs); counts under 1 are refused by the demo's own parser."""
+    seen = []
+
+    def train(argv):
+        args = trainer.parse_args(trainer.build_parser(), argv)
+        trainer.check_args(args)  # raises ConfigError on a warm-up as long as the training
+        seen.append(args)
+        raise Stop
+
+    monkeypatch.setattr(demo.synthetic, "make_dataset", lambda out, **kwargs: out.mkdir())
+    monkeypatch.setattr(demo.trainer, "main", train)
+    with pytest.raises(Stop):
+        demo.main(["--out", str(tmp_path / "demo_output"), "--epochs", "1"])
+    assert [(args.epochs, args.warmup_epochs) for args in seen] == [(1, 0)]
+    for option in ("--epochs", "--train_per_type", "--test_per_type", "--threads"):
+        with pytest.raises(SystemExit):
+            demo.build_parser().parse_args([option, "0"])
+        assert f"argument {option}: expected a positive integer, got 0" in capsys.readouterr().err

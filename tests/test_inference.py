@@ -345,3 +345,131 @@ def test_bad_options_fail_before_any_work(tmp_path, capsys, extra, message):
         inference.main(["--checkpoint", str(tmp_path / "missing.pth"), "--input_folder", str(tmp_path), *extra])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_out_of_memory_fallback_blends_tiles_like_the_api(tmp_path, checkpoint, monkeypatch, capsys):
+    """Without --tile, the command line's out-of-memory fallback to tiles blends them with the overlap restore()
+    derives (a quarter of the 24-pixel tile: 6), as the Python API does, not with none: the npz equals restore() of
+    the same model under the same failures and stays close to the whole-image result."""
+    folder = tmp_path / "degraded"
+    folder.mkdir()
+    _save_png(folder / "0.png", _random_image(40, 56, seed=11))
+    x = read_image(folder / "0.png")
+    model = inference.load_model(checkpoint)
+    whole = inference.restore(model, x, tta=1)
+    real = inference._run_model
+
+    def run(model, batch, autocast_dtype):
+        if batch.shape[-2] * batch.shape[-1] > 24 * 24:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(model, batch, autocast_dtype)
+
+    monkeypatch.setattr(inference, "_run_model", run)
+    api = to_uint8(inference.restore(model, x, tta=1)).numpy()
+    out = tmp_path / "pred.npz"
+    inference.main(["--checkpoint", str(checkpoint), "--input_folder", str(folder), "--output_npz", str(out),
+                    "--tta", "1", "--device", "cpu", "--no_progress"])
+    assert "retrying in 24-pixel tiles (overlap 6)" in capsys.readouterr().err
+    with np.load(out) as data:
+        assert np.array_equal(data["0.png"], api)
+        assert psnr(torch.from_numpy(data["0.png"]), whole) > 30
+
+
+def test_images_under_the_network_minimum_are_named_before_any_work(tmp_path, checkpoint, inputs, monkeypatch,
+                                                                     capsys):
+    """Images narrower or lower than model.MIN_SIZE (5 px) stop the command line before the model runs, with an
+    error naming each of them with its size and the minimum; a 5x5 image is accepted, with and without clean
+    images."""
+    _save_png(inputs / "thin.png", _random_image(30, 4, seed=12))
+    _save_png(inputs / "dot.png", _random_image(3, 3, seed=13))
+    monkeypatch.setattr(inference, "_run_model", lambda *a: pytest.fail("the model ran despite too small inputs"))
+    out = tmp_path / "pred.npz"
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main(["--checkpoint", str(checkpoint), "--input_folder", str(inputs), "--output_npz", str(out),
+                        "--device", "cpu", "--no_progress"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and not out.exists()
+    assert "2 of 6 input images are smaller than 5x5 pixels" in err
+    assert f"{inputs / 'thin.png'}: 4x30 (WxH)" in err and f"{inputs / 'dot.png'}: 3x3 (WxH)" in err
+    assert "0.png" not in err
+    for sub in ("five", "five_clean"):
+        (tmp_path / sub).mkdir()
+        _save_png(tmp_path / sub / "5.png", _random_image(5, 5, seed=14))
+    assert inference.scan_inputs(tmp_path / "five", tmp_path / "five_clean") == {"5.png": (5, 5)}
+    _save_png(tmp_path / "five" / "4.png", _random_image(4, 9, seed=15))
+    _save_png(tmp_path / "five_clean" / "4.png", _random_image(4, 9, seed=15))
+    with pytest.raises(inference.DataError, match=r"4\.png: 9x4 \(WxH\)"):
+        inference.scan_inputs(tmp_path / "five", tmp_path / "five_clean")
+
+
+def test_images_under_the_ssim_window_are_scored_without_ssim(tmp_path, checkpoint, capsys):
+    """An image under 11 px on a side gets its PSNR but SSIM NaN (n/a in the table, nan in the CSV); the SSIM means
+    are over the other images, the PSNR means over all, and the CSV is written."""
+    degraded, clean = tmp_path / "degraded", tmp_path / "clean"
+    degraded.mkdir()
+    clean.mkdir()
+    for i, (name, hw) in enumerate({"a.png": (8, 20), "b.png": (32, 40)}.items()):
+        _save_png(clean / name, _random_image(*hw, seed=30 + i))
+        _save_png(degraded / name, _random_image(*hw, seed=40 + i))
+    out = tmp_path / "pred.npz"
+    scores = inference.main(["--checkpoint", str(checkpoint), "--input_folder", str(degraded), "--gt_folder",
+                             str(clean), "--output_npz", str(out), "--tta", "1", "--device", "cpu", "--no_progress"])
+    printed = capsys.readouterr().out
+    a, b = scores
+    with np.load(out) as data:
+        pred = {name: torch.from_numpy(data[name]) for name in data.files}
+    assert a.psnr == psnr(pred["a.png"], read_image_uint8(clean / "a.png")) and np.isnan(a.ssim)
+    assert b.ssim == ssim(pred["b.png"], read_image_uint8(clean / "b.png"))
+    rows = _scores_from_csv(tmp_path / "pred_scores.csv")
+    assert rows[0]["name"] == "a.png" and rows[0]["ssim"] == "nan"
+    overall = next(r for r in rows if r["level"] == "overall")
+    assert float(overall["ssim"]) == b.ssim and float(overall["psnr"]) == pytest.approx((a.psnr + b.psnr) / 2)
+    assert next(line for line in printed.splitlines() if line.startswith("a.png")).split()[-1] == "n/a"
+    assert "SSIM n/a: 1 images under 11x11 pixels" in printed
+
+
+def test_table_shows_type_rows_only_for_several_types(tmp_path):
+    """A set with one type ("all": no homework names) gets a single mean row, the overall one; several types get
+    one row each and the overall one. The CSV keeps the type row either way."""
+    one = [inference.Score("1.png", "all", 20.0, 0.5), inference.Score("2.png", "all", 22.0, 0.7)]
+    table = inference.format_table(one).splitlines()
+    assert [line.split()[3:] for line in table if line.startswith("mean of")] == [["overall", "21.000", "0.6000"]]
+    rows = _scores_from_csv(inference.write_csv(tmp_path / "scores.csv", one))
+    assert [(r["level"], r["type"]) for r in rows[2:]] == [("type", "all"), ("overall", "")]
+    two = [inference.Score("rain-1.png", "rain", 20.0, 0.5), inference.Score("snow-1.png", "snow", 22.0, 0.7)]
+    table = inference.format_table(two).splitlines()
+    assert [line.split()[3] for line in table if line.startswith("mean of")] == ["rain", "snow", "overall"]
+
+
+def test_write_csv_is_atomic(tmp_path, monkeypatch):
+    """An interrupt while the scores are being written leaves the previous CSV as it was and no other file."""
+    path = tmp_path / "scores.csv"
+    inference.write_csv(path, [inference.Score("1.png", "all", 20.0, 0.5)])
+    before = path.read_bytes()
+
+    def interrupted(scores):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inference, "summarize", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        inference.write_csv(path, [inference.Score("2.png", "all", 30.0, 0.9)])
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["scores.csv"]
+
+
+def test_checkpoint_folder_stands_for_its_best_pth(tmp_path, checkpoint, inputs, tiny, caplog, capsys):
+    """--checkpoint RUN_FOLDER loads RUN_FOLDER/best.pth and says so; a folder without best.pth stops with an error
+    naming it and what it holds, and suggesting best.pth or last.pth."""
+    with caplog.at_level(logging.INFO, logger="inference"):
+        model = inference.load_model(checkpoint.parent, plain=True)
+    assert f"checkpoint {checkpoint.parent} is a folder: using its best.pth" in caplog.text
+    weight = "output.weight"
+    assert torch.equal(model.state_dict()[weight], tiny.state_dict()[weight])
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(run / "last.pth", {"model": tiny.state_dict(), "model_config": {"preset": "tiny"}})
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main(["--checkpoint", str(run), "--input_folder", str(inputs), "--output_npz",
+                        str(tmp_path / "pred.npz"), "--device", "cpu", "--no_progress"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"checkpoint {run} is a folder without best.pth (it holds last.pth)" in err
+    assert str(run / "last.pth") in err and "does not exist" not in err

@@ -103,3 +103,10 @@ def test_unknown_names_are_named(workdir, capsys):
         vis.main(["--pred_npz", str(workdir / "pred.npz"), "--input_folder", str(workdir / "datasets/test/degraded"),
                   "--names", "rain-1.png", "rain-7.png"])
     assert "rain-7.png" in capsys.readouterr().err
+
+
+def test_pred_npz_without_suffix_gets_npz_appended(workdir):
+    """--pred_npz out/pred finds out/pred.npz, as inference.py --output_npz out/pred writes it."""
+    paths = vis.main(["--pred_npz", str(workdir / "pred"), "--input_folder", str(workdir / "datasets/test/degraded"),
+                      "--out_dir", str(workdir / "vis"), "--names", "rain-1.png"])
+    assert [p.name for p in paths] == ["grid_1.png"] and not (workdir / "pred").exists()
