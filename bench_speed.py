@@ -405,7 +405,8 @@ def case_gpu_train_b2(bench: Bench) -> None:
 
 
 def case_gpu_accuracy(bench: Bench) -> None:
-    """Full-float32 accuracy (TF32 off) of the fast path, eager and without autograd, against float64."""
+    """Accuracy of the fast path, eager and without autograd, against float64: float32 (TF32 off), and bf16 and
+    fp16 autocast (the original recipe trains in fp16; the plain fp16 row is the official formulation's own)."""
     device, size = bench.device, bench.size(128)
     case = f"accuracy b2 {size}x{size}"
     base = bench.model()
@@ -423,7 +424,7 @@ def case_gpu_accuracy(bench: Bench) -> None:
             bench.add(Row(case, name, error=rel_err(out, ref), notes="bound 1e-2" if amp else "bound 1e-5"))
 
         for name, fast, amp in (("plain fp32, TF32 off", False, None), ("fast fp32, TF32 off", True, None),
-                                ("fast bf16", True, BF16)):
+                                ("fast bf16", True, BF16), ("plain fp16", False, FP16), ("fast fp16", True, FP16)):
             bench.guarded(case, name, lambda a=(name, fast, amp): measure(*a))
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous

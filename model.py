@@ -126,10 +126,11 @@ class Attention(nn.Module):
         # costs more than its arithmetic, one matmul per image instead; on GPUs one batched matmul (fewer launches),
         # and compiled graphs choose their own layouts.
         if b == 1 or x.device.type != "cpu" or torch.compiler.is_compiling():
-            gram = q @ k.mT
+            gram = _gram(q, k)
         else:
-            gram = torch.stack([qi @ ki.mT for qi, ki in zip(q, k)])
-        return _apply_mix(self._mix(gram, torch.linalg.vector_norm(qk, dim=-1)), qkv[:, 2 * c:], x)
+            gram = torch.stack([_gram(qi, ki) for qi, ki in zip(q, k)])
+        norms = torch.linalg.vector_norm(qk, dim=-1, dtype=torch.float32 if qk.dtype == torch.float16 else None)
+        return _apply_mix(self._mix(gram, norms), qkv[:, 2 * c:], x)
 
     def _forward_bands(self, x: torch.Tensor, norm: nn.Module, rows: int) -> torch.Tensor:
         """``x + self(norm(x))`` for one image without autograd, ``rows`` rows at a time.
@@ -147,7 +148,7 @@ class Attention(nn.Module):
                 v = torch.empty((1, c, h, w), dtype=band.dtype, device=band.device, memory_format=_layout(x))
             v[:, :, top:bottom] = band[:, 2 * c:]
             qk = band[:, :2 * c].flatten(2).unflatten(1, (2, heads, c // heads))
-            part, part_squares = (qk[:, 0] @ qk[:, 1].mT).to(acc), qk.to(acc).square().sum(dim=-1)
+            part, part_squares = _gram(qk[:, 0], qk[:, 1]).to(acc), qk.to(acc).square().sum(dim=-1)
             gram = part if gram is None else gram.add_(part)
             squares = part_squares if squares is None else squares.add_(part_squares)
         return _add_residual(_apply_mix(self._mix(gram, squares.sqrt()), v.flatten(2), x), x)
@@ -158,12 +159,23 @@ class Attention(nn.Module):
         norms = norms.clamp_min(1e-12)  # F.normalize's eps
         attn = (gram * (self.temperature / (norms[:, 0, ..., None] * norms[:, 1, :, None, :]))).softmax(dim=-1)
         b, c = gram.shape[0], self.project_out.out_channels
-        w_out = self.project_out.weight.view(c, self.num_heads, c // self.num_heads)
+        w_out = self.project_out.weight.view(c, self.num_heads, c // self.num_heads).to(attn.dtype)
         return torch.einsum("ohi,bhij->bohj", w_out, attn).reshape(b, c, c)
+
+
+def _gram(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``q @ k^T``, summed over the pixels. q and k are not normalised first, so the sums grow with the image (65,536
+    pixels at 256x256) past float16's largest value, 65,504: float16 operands are multiplied in float32, with
+    autocast off. Other dtypes as they come (bfloat16 has float32's range)."""
+    if q.dtype != torch.float16:
+        return q @ k.mT
+    with torch.autocast(q.device.type, enabled=False):
+        return q.float() @ k.float().mT
 
 
 def _apply_mix(mix: torch.Tensor, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``mix @ v`` for v (B, C, HW), shaped and laid out like ``like`` (B, C, H, W)."""
+    mix = mix.to(v.dtype)  # the attention is computed in at least float32 where float16 could overflow
     if _is_channels_last(like):
         return (v.mT @ mix.mT).mT.view(like.shape)  # pixels-major result: channels_last
     return (mix @ v).view(like.shape)
@@ -651,6 +663,9 @@ def freeze_except(model: nn.Module, names: Sequence[str]) -> None:
     names = [names] if isinstance(names, str) else list(names)
     valid = [name for name, _ in model.named_children()]
     unknown = sorted(set(names) - set(valid))
+    if not names:
+        raise ValueError(f"no module named to train (everything would be frozen); valid top-level modules: "
+                         f"{', '.join(valid)}")
     if unknown:
         raise ValueError(f"unknown module name(s) {', '.join(unknown)}; valid top-level modules: {', '.join(valid)}")
     model.requires_grad_(False)

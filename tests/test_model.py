@@ -279,3 +279,5 @@ def test_freeze_except_unknown_name_lists_valid_names():
     """An unknown module name fails and the message lists the valid top-level names."""
     with pytest.raises(ValueError, match="unknown module name.*decoder_level4.*valid top-level modules: patch_embed"):
         freeze_except(tiny(0), ["output", "decoder_level4"])
+    with pytest.raises(ValueError, match="no module named to train"):
+        freeze_except(tiny(0), [])

@@ -100,6 +100,71 @@ def test_no_grad_path_equals_grad_path(monkeypatch):
         assert torch.allclose(fast(x), in_place, rtol=0, atol=1e-13)
 
 
+def _identity_attention(dim=48):
+    """A one-head Attention whose q, k and v are its input: large, correlated q and k, as trained attention has."""
+    from model import Attention
+
+    att = Attention(dim, 1)
+    with torch.no_grad():
+        att.qkv.weight.zero_()
+        att.qkv_dwconv.weight.zero_()
+        att.qkv_dwconv.weight[:, :, 1, 1] = 1
+        for i in range(dim):
+            for part in range(3):
+                att.qkv.weight[part * dim + i, i] = 1
+    return att
+
+
+@pytest.mark.parametrize("batch", [1, 2])  # one batched product, and one per image (the CPU's choice for batches)
+def test_fast_attention_stays_finite_under_float16_autocast_at_256(batch):
+    """Unnormalised q @ k^T over 256x256 pixels exceeds float16's 65,504: the fast path multiplies float16 q and k
+    in float32, so under float16 autocast it stays finite and within float16 rounding of the plain path."""
+    att = _identity_attention()
+    torch.manual_seed(0)
+    x = torch.randn(batch, 48, 256, 256)
+    with torch.no_grad():
+        reference = att(x)  # plain path, float32
+    outputs = {}
+    for fast in (False, True):
+        att.fast = fast
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+            outputs[fast] = att(x)
+    assert torch.isfinite(outputs[True]).all()
+    assert rel_err(outputs[True].double(), reference.double()) <= 1e-2
+    assert rel_err(outputs[True].double(), outputs[False].double()) <= 1e-2
+
+
+def test_fast_block_bands_stay_finite_under_float16_autocast():
+    """The CPU's banded no-grad block sums q @ k^T band by band: with float16 operands it multiplies in float32 too."""
+    block = TransformerBlock(48, 1, 2.66)
+    block.attn = _identity_attention()
+    with torch.no_grad():
+        block.norm1.body.weight.fill_(3.5)  # a band's sums (32 rows of 256 pixels here) then pass 65,504 too
+    torch.manual_seed(1)
+    x = torch.randn(1, 48, 256, 256)
+    with torch.no_grad():
+        reference = block(x)
+        block.fast = block.attn.fast = block.ffn.fast = True
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = block(x.contiguous(memory_format=torch.channels_last))
+    assert torch.isfinite(out).all() and rel_err(out.double(), reference.double()) <= 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fast_path_runs_a_model_cast_to_half_precision(dtype):
+    """A model whose weights are bfloat16 or float16 (no autocast) runs on the fast path with and without autograd,
+    close to the plain path in the same dtype."""
+    plain, fast = tiny_pair(4, dtype)
+    x = torch.rand(2, 3, 24, 16, dtype=dtype)
+    with torch.no_grad():
+        expected = plain(x)
+        banded = fast(x)
+    with_grad = fast(x)
+    assert banded.dtype == with_grad.dtype == dtype
+    assert rel_err(banded.double(), expected.double()) <= 2e-2
+    assert rel_err(with_grad.detach().double(), expected.double()) <= 2e-2
+
+
 def test_checkpoints_load_into_either_path(tmp_path):
     """Weights saved from the fast path load into a plain model and the other way round; outputs agree."""
     plain, fast = tiny_pair(4)
