@@ -472,7 +472,7 @@ def case_profile(bench: Bench) -> None:
         notes = ", ".join(f"{e.key} {self_time_us(e) / reps / 1e3:.1f}" for e in top)
         bench.add(Row(case, name, total_ms, None, peak_memory(device), None, f"largest (ms): {notes}"))
         if bench.out is not None:
-            sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+            sort = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
             slug = name.split(" (")[0].replace(" ", "_")
             bench.out.parent.mkdir(parents=True, exist_ok=True)
             bench.out.with_name(f"{bench.out.stem}_profile_{slug}.txt").write_text(
