@@ -264,14 +264,15 @@ def test_bench_speed_smoke_table(tmp_path):
     against float64 are within the bounds (1e-5 float32, 1e-2 bf16); CUDA-only variants say they were skipped; the
     profile rows name the largest operators and the profiler's table is written beside the output."""
     out = tmp_path / "bench.md"
-    text = bench_speed.main(["--smoke", "--quick", "--cases", "gpu-accuracy,gpu-train-b8,gpu-profile", "--out",
-                             str(out)])
+    text = bench_speed.main(["--smoke", "--quick", "--cases", "gpu-accuracy,gpu-train-b8,gpu-profile,gpu-infer-tta",
+                             "--out", str(out)])
     assert out.read_text().strip() == text
     rows = [line.split(" | ") for line in text.splitlines()[2:]]
     errors = {(r[0].lstrip("| "), r[1]): float(r[5]) for r in rows if r[5] != "-"}
     assert errors[("accuracy b2 16x16", "fast fp32, TF32 off")] <= 1e-5
     assert errors[("accuracy b2 16x16", "fast bf16")] <= 1e-2
     assert errors[("train b8 16x16", "fast bf16")] <= 1e-2
+    assert errors[("inference.py 4 x 32x32, TTA 8", "fast fp32 (tf32)")] <= 1e-5  # inference.py's API, end to end
     assert any("skipped: needs CUDA" in r[6] for r in rows if r[1] == "fast bf16 compiled")
     profiled = [r for r in rows if r[0].lstrip("| ").startswith("profile")]
     assert [r[1] for r in profiled] == ["plain fp32 (tf32)", "fast bf16"]
