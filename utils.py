@@ -1,4 +1,5 @@
-"""Metrics, checkpoint files, seeding, run logs and training curves.
+"""Small shared helpers: the errors a user sees and the one place that reports them, the device and precision
+resolvers, console logging, listings, checkpoint files, seeding, run logs and training curves.
 
 Run as a script to draw the curves of a run folder::
 
@@ -7,12 +8,16 @@ Run as a script to draw the curves of a run folder::
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import logging
 import math
 import os
 import random
+import sys
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable
 
@@ -21,6 +26,157 @@ import torch
 import torch.nn.functional as F
 
 LOG_NAME = "log.jsonl"
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ------------------------------------------------------------------------------------------------ errors a user sees
+class ToolkitError(Exception):
+    """An expected failure with a message a user can act on; ``exit_code`` is what the command exits with."""
+
+    exit_code = 1
+
+
+class ConfigError(ToolkitError, ValueError):
+    """Options that contradict each other, are out of range or point at nothing; the message says what to do."""
+
+    exit_code = 2
+
+
+def _os_error_message(err: OSError) -> str:
+    """A file-system failure in words: the path, what went wrong and what to do."""
+    where = f"{err.filename}" + (f" -> {err.filename2}" if getattr(err, "filename2", None) else "")
+    hints = {errno.ENOSPC: "the disk is full: free some space or write elsewhere",
+             errno.EDQUOT: "the disk quota is exhausted: free some space or write elsewhere",
+             errno.EACCES: "permission denied: check the permissions, or choose another path",
+             errno.EPERM: "operation not permitted: check the permissions, or choose another path",
+             errno.EROFS: "the file system is read-only: choose another path",
+             errno.EISDIR: "it is a folder, where a file is expected: give a file name",
+             errno.ENOTDIR: "a part of the path is a file, where a folder is expected",
+             errno.ENOENT: "it does not exist"}
+    hint = hints.get(err.errno, err.strerror or str(err))
+    return f"{where}: {hint}" if err.filename else f"{hint} ({err})"
+
+
+def run_cli(prog: str, fn: Callable[[], Any], *, expected: tuple[type[BaseException], ...] = ()) -> Any:
+    """Run a command-line entry point's work, turning every expected failure into one line on stderr and an exit
+    code, never a traceback: ``ToolkitError`` (its ``exit_code``), the ``expected`` exception types (exit 1), a
+    file-system error (exit 1, naming the path), running out of memory (exit 1) and Ctrl-C (exit 130).
+
+    Args:
+        prog: the command's name, as argparse shows it (``parser.prog``).
+        fn: the work; its return value is returned.
+        expected: further exception types whose message is meant for the user.
+    """
+    try:
+        return fn()
+    except ToolkitError as err:
+        code, text = err.exit_code, str(err)
+    except KeyboardInterrupt:
+        code, text = 130, "interrupted (Ctrl-C); files already written are complete, the one in progress was not written"
+    except MemoryError:
+        code, text = 1, "out of memory: use smaller images or batches (--batch_size, --patch_size, --tile)"
+    except OSError as err:
+        code, text = 1, _os_error_message(err)
+    except expected as err:
+        code, text = 1, str(err)
+    sys.stderr.write(f"{prog}: error: {text}\n")
+    raise SystemExit(code)
+
+
+def listing(items: Sequence[Any], *, limit: int = 20, sep: str = ", ", prefix: str = "") -> str:
+    """The first ``limit`` items joined by ``sep`` (each after ``prefix``), and "... and N more" when there are more:
+    the one way a long list of files or keys is shown in a message."""
+    shown = [f"{prefix}{item}" for item in list(items)[:limit]]
+    if len(items) > limit:
+        shown.append(f"{prefix}... and {len(items) - limit} more")
+    return sep.join(shown)
+
+
+# ------------------------------------------------------------------------------------------------ device, precision
+def resolve_device(name: str | None) -> torch.device:
+    """The device a command runs on: ``name`` ("cpu", "cuda", "cuda:1"), or CUDA when available for None or "auto".
+
+    Raises:
+        ConfigError: an unknown device name, or CUDA asked for where there is none.
+    """
+    if name in (None, "auto"):
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"--device {name}: {err}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: CUDA is not available here; use --device cpu (or leave --device out)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                              f"numbered from 0")
+    elif device.type != "cpu":
+        raise ConfigError(f"--device {name}: only cpu and cuda devices are supported")
+    return device
+
+
+def add_precision_args(parser: argparse.ArgumentParser | Any, *, training: bool) -> None:
+    """``--precision fp32|bf16|fp16`` and the original's spellings ``--fp16`` and ``--bf16`` (see
+    :func:`resolve_precision`)."""
+    fp16 = "float16 autocast" + (" with loss scaling (CUDA only)" if training else "")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), default=None,
+                        help=f"fp32 (default), bf16 (bfloat16 autocast) or fp16 ({fp16})")
+    parser.add_argument("--fp16", action="store_true", help="the same as --precision fp16")
+    parser.add_argument("--bf16", action="store_true", help="the same as --precision bf16")
+
+
+def resolve_precision(args: argparse.Namespace, device: torch.device, *, training: bool) -> torch.dtype | None:
+    """The autocast dtype of a run (None for float32) from ``--precision``, ``--fp16`` and ``--bf16``; sets
+    ``args.precision`` to its name and ``args.fp16`` / ``args.bf16`` to match.
+
+    Raises:
+        ConfigError: the options disagree, or float16 training without CUDA (its loss scaling needs it).
+    """
+    flags = [name for name in ("fp16", "bf16") if getattr(args, name, False)]
+    if len(flags) == 2:
+        raise ConfigError("--fp16 and --bf16 exclude each other: pick one (bf16 needs no loss scaling)")
+    chosen = getattr(args, "precision", None)
+    if flags and chosen not in (None, flags[0]):
+        raise ConfigError(f"--precision {chosen} and --{flags[0]} disagree: give one of them")
+    name = chosen or (flags[0] if flags else "fp32")
+    if training and name == "fp16" and device.type != "cuda":
+        raise ConfigError("--fp16 needs a CUDA device (float16 autocast on the CPU is slow and unscaled): "
+                          "use --bf16 or leave both off")
+    args.precision, args.fp16, args.bf16 = name, name == "fp16", name == "bf16"
+    return PRECISIONS[name]
+
+
+# ----------------------------------------------------------------------------------------------------- console
+class _TqdmHandler(logging.Handler):
+    """Writes records through ``tqdm.write``, so that they appear above any progress bar instead of breaking it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        return text if record.levelno <= logging.INFO else f"{record.levelname.lower()}: {text}"
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """The one console set-up of every entry point: this project's loggers (and warnings of any library) go to
+    stderr through ``tqdm.write``; information as it is, warnings and errors prefixed with their level. Calling it
+    again changes nothing but the level."""
+    root = logging.getLogger()
+    if not any(isinstance(h, _TqdmHandler) for h in root.handlers):
+        handler = _TqdmHandler()
+        handler.setFormatter(_Formatter())
+        root.addHandler(handler)
+    root.setLevel(level)
+    logging.captureWarnings(True)
 
 
 # ----------------------------------------------------------------------------------------------------------- metrics
@@ -132,11 +288,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
                          nps["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # Saved on a machine with more (or fewer) visible GPUs: restore those both have, by index; the others keep
+        # their fresh seed. Each process uses one device, so an extra saved state belongs to a GPU not used here.
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 # ------------------------------------------------------------------------------------------------------- checkpoints
-class CheckpointError(RuntimeError):
+class CheckpointError(ToolkitError, RuntimeError):
     """A checkpoint file is missing, unreadable, or needs pickle to load."""
 
 

@@ -135,3 +135,60 @@ def test_plot_curves_skips_panels_without_values(tmp_path):
     for epoch in (1, 2):
         log.append({"epoch": epoch, "lr": 1e-4, "train_loss": 0.5, "val_loss": None, "val_psnr": None})
     assert sorted(p.name for p in utils.plot_curves(tmp_path)) == ["curves_loss.png", "curves_lr.png"]
+
+
+def test_random_states_saved_on_more_gpus_than_visible_restore_those_present(monkeypatch):
+    """A checkpoint written where 4 GPUs were visible resumes where only 2 are: the first two states are restored by
+    index and the extra ones are left alone (indexing all four raised IndexError)."""
+    state = utils.get_rng_state()
+    state["cuda"] = [torch.full((8,), i, dtype=torch.uint8) for i in range(4)]
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.__setitem__(device, int(s[0])))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.update(enumerate(range(len(states)))))
+    utils.set_rng_state(state)
+    assert restored == {0: 0, 1: 1}
+
+
+def test_precision_resolver_takes_either_spelling_and_refuses_disagreement():
+    """--precision bf16 and --bf16 are the same run; two different choices are one clear ConfigError; float16
+    training needs CUDA."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    utils.add_precision_args(parser, training=True)
+    cpu = torch.device("cpu")
+    for argv in (["--precision", "bf16"], ["--bf16"], ["--bf16", "--precision", "bf16"]):
+        args = parser.parse_args(argv)
+        assert utils.resolve_precision(args, cpu, training=True) is torch.bfloat16
+        assert (args.precision, args.bf16, args.fp16) == ("bf16", True, False)
+    assert utils.resolve_precision(parser.parse_args([]), cpu, training=True) is None
+    with pytest.raises(utils.ConfigError, match="exclude each other"):
+        utils.resolve_precision(parser.parse_args(["--fp16", "--bf16"]), cpu, training=True)
+    with pytest.raises(utils.ConfigError, match="disagree"):
+        utils.resolve_precision(parser.parse_args(["--precision", "fp32", "--bf16"]), cpu, training=True)
+    with pytest.raises(utils.ConfigError, match="needs a CUDA device"):
+        utils.resolve_precision(parser.parse_args(["--fp16"]), cpu, training=True)
+    assert utils.resolve_precision(parser.parse_args(["--fp16"]), cpu, training=False) is torch.float16
+
+
+def test_run_cli_turns_expected_failures_into_one_line_and_an_exit_code(tmp_path, capsys):
+    """ToolkitError keeps its code, a file-system error names the path (exit 1), Ctrl-C exits 130: no traceback."""
+    def fail(err):
+        def fn():
+            raise err
+        return fn
+
+    cases = [(utils.ConfigError("--lr must be > 0"), 2, "--lr must be > 0"),
+             (utils.CheckpointError("x.pth is corrupt"), 1, "x.pth is corrupt"),
+             (PermissionError(13, "Permission denied", str(tmp_path / "run")), 1, f"{tmp_path / 'run'}: permission denied"),
+             (OSError(28, "No space left on device", str(tmp_path / "last.pth")), 1, "the disk is full"),
+             (KeyboardInterrupt(), 130, "interrupted")]
+    for err, code, text in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            utils.run_cli("prog", fail(err))
+        assert exit_info.value.code == code
+        printed = capsys.readouterr().err
+        assert printed.startswith("prog: error: ") and text in printed and "Traceback" not in printed
+    assert utils.run_cli("prog", lambda: 7) == 7
