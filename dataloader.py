@@ -101,6 +101,24 @@ def clean_partner_stem(stem: str, clean_stems: Container[str]) -> str:
     return stem if stem in clean_stems and homework_stem not in clean_stems else homework_stem
 
 
+DEGRADED_FOLDER = "degraded"
+
+
+def degradation_type(degraded: str | Path) -> str:
+    """The degradation type of a degraded image: the one rule for training logs, validation and scoring.
+
+    The ``<type>`` prefix of a homework-style name ``<type>-<N>`` (``rain-12.png`` -> ``rain``), whatever its clean
+    partner is called; otherwise the name of the set it belongs to: the folder above its ``degraded/`` folder
+    (``rain100h/degraded/1.png`` -> ``rain100h``), or its own folder when that has another name.
+    """
+    degraded = Path(degraded)
+    match = HOMEWORK_NAME.match(degraded.stem)
+    if match:
+        return match["kind"]
+    folder = degraded.absolute().parent
+    return folder.parent.name if folder.name == DEGRADED_FOLDER else folder.name
+
+
 def _set_pairs(folder: Path, *, set_kind: str | None = None, prefix: str = "") -> list[Pair]:
     """Pairs of one set; ``set_kind`` overrides the kind taken from names (folder-of-sets layout)."""
     degraded_images = list_images(folder / "degraded")
@@ -109,8 +127,7 @@ def _set_pairs(folder: Path, *, set_kind: str | None = None, prefix: str = "") -
     for degraded in degraded_images:
         stem = clean_partner_stem(degraded.stem, clean_by_stem)
         clean = clean_by_stem.get(stem, folder / "clean" / (stem + degraded.suffix))
-        homework = stem != degraded.stem
-        kind = set_kind or (HOMEWORK_NAME.match(degraded.stem)["kind"] if homework else folder.resolve().name)
+        kind = set_kind or degradation_type(degraded)
         pairs.append(Pair(degraded, clean, kind, prefix + degraded.name))
     unused = set(clean_by_stem.values()) - {p.clean for p in pairs}
     if unused:

@@ -29,7 +29,8 @@ import synthetic
 import trainer
 import vis
 from dataloader import list_images, read_image
-from utils import positive_int, psnr
+from scoring import psnr
+from utils import positive_int
 
 PRESET = "tiny"
 

@@ -32,10 +32,11 @@ from torch import nn
 from tqdm import tqdm
 
 from augment import VIEW_NAMES, dihedral, dihedral_inverse
-from dataloader import (HOMEWORK_NAME, DataError, Pair, check_pairs, clean_partner_stem, list_images, read_image,
+from dataloader import (DataError, Pair, check_pairs, clean_partner_stem, degradation_type, list_images, read_image,
                         read_image_uint8)
 from model import MIN_SIZE, PRESETS, build_model, enable_fast_path, load_weights
-from utils import CheckpointError, atomic_write, load_checkpoint, positive_int, psnr, ssim, to_uint8
+from scoring import psnr, ssim
+from utils import CheckpointError, atomic_write, load_checkpoint, positive_int, to_uint8
 
 log = logging.getLogger("inference")
 
@@ -240,7 +241,7 @@ def scan_inputs(folder: str | os.PathLike,
     paths = list_images(folder)
     if gt_folder is not None:
         partners = find_clean([path.name for path in paths], gt_folder)
-        pairs = [Pair(path, partners[path.name], image_kind(path.name), path.name) for path in paths]
+        pairs = [Pair(path, partners[path.name], degradation_type(path), path.name) for path in paths]
         sizes = {path.name: size for path, size in zip(paths, check_pairs(pairs))}
     else:
         sizes, problems = {}, []
@@ -364,12 +365,6 @@ class Score:
     ssim: float
 
 
-def image_kind(name: str) -> str:
-    """The degradation type a homework-style file name starts with (``rain-12.png`` -> ``rain``), else ``"all"``."""
-    match = HOMEWORK_NAME.match(Path(name).stem)
-    return match["kind"] if match else "all"
-
-
 def find_clean(names: Sequence[str], gt_folder: str | os.PathLike) -> dict[str, Path]:
     """``{name: clean image}`` for every degraded file name, paired as ``dataloader.find_pairs`` pairs: the homework
     partner (``rain-12.png`` -> ``rain_clean-12.*``) or the same stem.
@@ -390,7 +385,8 @@ def find_clean(names: Sequence[str], gt_folder: str | os.PathLike) -> dict[str, 
     return partners
 
 
-def evaluate(preds: Mapping[str, np.ndarray], gt_folder: str | os.PathLike) -> list[Score]:
+def evaluate(preds: Mapping[str, np.ndarray], gt_folder: str | os.PathLike, *,
+             input_folder: str | os.PathLike) -> list[Score]:
     """PSNR and SSIM (``utils.psnr``/``utils.ssim``, on uint8 RGB, whole image) of each prediction against its clean
     image in ``gt_folder``; SSIM is NaN for images under ``SSIM_MIN_SIZE`` pixels on a side (its window's size).
 
@@ -406,7 +402,7 @@ def evaluate(preds: Mapping[str, np.ndarray], gt_folder: str | os.PathLike) -> l
             problems.append(f"  {name}: restored {tuple(pred.shape)}, clean {partners[name]} {tuple(clean.shape)}")
             continue
         similarity = ssim(pred, clean) if min(pred.shape[-2:]) >= SSIM_MIN_SIZE else math.nan
-        scores.append(Score(name, image_kind(name), psnr(pred, clean), similarity))
+        scores.append(Score(name, degradation_type(Path(input_folder) / name), psnr(pred, clean), similarity))
     if problems:
         raise DataError("restored and clean images differ in size:\n" + "\n".join(problems))
     return scores
@@ -594,7 +590,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Scor
               "(3, H, W) against the inputs")
         if not args.gt_folder:
             return None
-        scores = evaluate(preds, args.gt_folder)
+        scores = evaluate(preds, args.gt_folder, input_folder=args.input_folder)
         print(format_table(scores))
         print(f"wrote {write_csv(args.csv, scores)}")
         return scores

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import scoring
 import utils
 from augment import DEFAULT_ALPHAS, DEFAULT_RATES, STRONG_AUGMENTATIONS, AugmentPolicy
 from dataloader import DataError, build_loaders
@@ -689,7 +690,7 @@ class Trainer:
             pred = net(lq).float()
             sums[""][0] += float(self.loss(pred, gt, self.epoch - 1)) * lq.shape[0]
             sums[""][1] += lq.shape[0]
-            for kind, value in zip(batch["kind"], utils.psnr_per_image(pred.clamp(0, 1), gt)):
+            for kind, value in zip(batch["kind"], scoring.psnr_per_image(pred.clamp(0, 1), gt)):
                 sums[kind][0] += value
                 sums[kind][1] += 1
         self.raw.train()

@@ -24,7 +24,8 @@ import torch
 
 from dataloader import DataError, read_image_uint8
 from inference import PredictionFileError, check_npz, find_clean, npz_path, scan_inputs
-from utils import positive_int, psnr
+from scoring import psnr
+from utils import positive_int
 
 ERROR_SCALE = 64  # 8-bit levels drawn as white in the error maps
 PANEL_INCHES = 3.2

@@ -11,9 +11,10 @@ from torch import nn
 
 import inference
 from augment import VIEW_NAMES, dihedral, dihedral_inverse
-from dataloader import read_image, read_image_uint8
+from dataloader import find_pairs, read_image, read_image_uint8
 from model import build_model
-from utils import psnr, save_checkpoint, ssim, to_uint8
+from scoring import psnr, ssim
+from utils import save_checkpoint, to_uint8
 
 SIZES = {"0.png": (40, 56), "1.png": (37, 45)}  # (H, W), one of them odd
 
@@ -304,7 +305,8 @@ def test_gt_folder_scores_match_utils(tmp_path, checkpoint, capsys):
 
 def test_plain_paired_folder_from_shared_data(tmp_path, checkpoint, shared):
     """--data_dir on a plain paired set (two real rain100h images, cropped small, same names in degraded/ and
-    clean/) restores degraded/ and scores against clean/: type "all", PSNR equal to utils.psnr."""
+    clean/) restores degraded/ and scores against clean/: the type is the set's name ("set", as the training log
+    names it: dataloader.degradation_type), PSNR equal to scoring.psnr."""
     source = shared("data", "rain100h")
     names = sorted(p.name for p in (source / "degraded").iterdir())[:2]
     for sub in ("degraded", "clean"):
@@ -314,12 +316,13 @@ def test_plain_paired_folder_from_shared_data(tmp_path, checkpoint, shared):
     out = tmp_path / "pred.npz"
     scores = inference.main(["--checkpoint", str(checkpoint), "--data_dir", str(tmp_path / "set"),
                              "--output_npz", str(out), "--tta", "1", "--device", "cpu", "--no_progress"])
-    assert [s.name for s in scores] == names and {s.kind for s in scores} == {"all"}
+    assert [s.name for s in scores] == names and {s.kind for s in scores} == {"set"}
+    assert {p.kind for p in find_pairs(tmp_path / "set")} == {"set"}
     with np.load(out) as data:
         for score in scores:
             clean = read_image_uint8(tmp_path / "set" / "clean" / score.name)
             assert score.psnr == psnr(torch.from_numpy(data[score.name]), clean)
-    assert len(_scores_from_csv(tmp_path / "pred_scores.csv")) == 2 + 2  # two images, the type "all", overall
+    assert len(_scores_from_csv(tmp_path / "pred_scores.csv")) == 2 + 2  # two images, the type "set", overall
 
 
 def test_missing_clean_partner_is_named_before_any_work(tmp_path, checkpoint, inputs, capsys):

@@ -9,7 +9,7 @@ from PIL import Image
 
 import synthetic
 from synthetic import PhotoCrops, make_dataset, render_rain, render_snow
-from utils import psnr_per_image
+from scoring import psnr_per_image
 
 SMALL = dict(train_per_type=3, test_per_type=2, size=32, seed=0, progress=False)
 DEGRADED_NAME = re.compile(r"(rain|snow)-([1-9][0-9]*)\.png")

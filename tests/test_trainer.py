@@ -15,6 +15,7 @@ from PIL import Image
 import first_stage_ft
 import second_stage_ft
 import trainer
+import scoring
 import utils
 from augment import NUM_VIEWS, dihedral
 from conftest import ROOT
@@ -557,7 +558,7 @@ def test_training_on_real_rain_beats_the_degraded_input(shared, tmp_path):
                  "--patch_size", 32, "--val_per_type", 3, "--lr", 2e-3, "--loss", "charbonnier", "--augment", "views")
     result = trainer.train(args)
     _, val_pairs = stratified_split(find_pairs(root), val_per_type=3, seed=42)
-    inputs = [utils.psnr(read_image(p.degraded), read_image(p.clean)) for p in val_pairs]
+    inputs = [scoring.psnr(read_image(p.degraded), read_image(p.clean)) for p in val_pairs]
     record = utils.read_log(tmp_path / "r")[-1]
     assert result.step == 2 * (97 // 8)
     assert record["val_psnr"] > sum(inputs) / len(inputs) + 2.0, (record["val_psnr"], inputs)

@@ -17,47 +17,6 @@ def test_to_uint8_rounds_and_clamps():
     assert utils.to_uint8(x).dtype == torch.uint8
 
 
-def test_psnr_matches_a_hand_computation_on_uint8():
-    """PSNR equals 10 log10(255^2 / MSE) on the uint8-rounded images, per image, and inf when equal."""
-    g = torch.Generator().manual_seed(0)
-    a = torch.rand(2, 3, 8, 8, generator=g)
-    b = (a + 0.05 * torch.randn(2, 3, 8, 8, generator=g)).clamp(0, 1)
-    qa = np.round(a.numpy() * 255).astype(np.float64)
-    qb = np.round(b.numpy() * 255).astype(np.float64)
-    expected = [10 * math.log10(255**2 / np.mean((qa[i] - qb[i]) ** 2)) for i in range(2)]
-    assert utils.psnr_per_image(a, b) == pytest.approx(expected, abs=1e-9)
-    assert utils.psnr(a, b) == pytest.approx(sum(expected) / 2, abs=1e-9)
-    assert utils.psnr(a[0], a[0]) == float("inf")
-    # values that round to the same byte score as identical: the grader sees bytes
-    assert utils.psnr(torch.full((3, 4, 4), 0.5), torch.full((3, 4, 4), 0.5 + 0.1 / 255)) == float("inf")
-
-
-def test_psnr_rejects_mismatched_shapes():
-    """A shape mismatch is an error, not a silent broadcast."""
-    with pytest.raises(ValueError, match="differ in shape"):
-        utils.psnr(torch.zeros(3, 8, 8), torch.zeros(3, 8, 9))
-
-
-def test_ssim_on_constant_images_matches_the_closed_form():
-    """For constant images the variances vanish and SSIM is (2ab + C1) / (a^2 + b^2 + C1)."""
-    a, b = 100, 140
-    x = torch.full((3, 16, 16), a, dtype=torch.uint8)
-    y = torch.full((3, 16, 16), b, dtype=torch.uint8)
-    c1 = (0.01 * 255) ** 2
-    assert utils.ssim(x, y) == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), rel=1e-9)
-    assert utils.ssim(x, x) == pytest.approx(1.0)
-
-
-def test_ssim_falls_with_noise():
-    """More noise, lower SSIM."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(1, 3, 32, 32, generator=g)
-    n = torch.randn(1, 3, 32, 32, generator=g)
-    s1 = utils.ssim(x, (x + 0.02 * n).clamp(0, 1))
-    s2 = utils.ssim(x, (x + 0.2 * n).clamp(0, 1))
-    assert 1.0 > s1 > s2
-
-
 def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     """Python, NumPy and torch random states survive save_checkpoint / load_checkpoint(weights_only)."""
     utils.seed_everything(123)

@@ -7,7 +7,7 @@ from PIL import Image
 
 import vis
 from inference import write_npz
-from utils import psnr
+from scoring import psnr
 
 SIZES = {"rain-1.png": (40, 56), "rain-2.png": (37, 45), "snow-1.png": (40, 56)}  # (H, W)
 
