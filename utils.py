@@ -280,20 +280,56 @@ def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_locat
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist" if not path.exists() else
+                              f"checkpoint {path} is not a file: give a .pth file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): a write that never finished? Use another file")
     try:
         if mmap and zipfile.is_zipfile(path):
             return torch.load(path, map_location=map_location, weights_only=not trusted, mmap=True)
         return torch.load(path, map_location=map_location, weights_only=not trusted)
-    except Exception as err:  # torch raises UnpicklingError or RuntimeError depending on the version
+    except OSError:
+        raise  # the file system's own failure (permissions, a vanished file): run_cli names it
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError ... by version and damage
         text = str(err)
-        if not trusted and ("weights_only" in text or "Unpickl" in type(err).__name__ or "GLOBAL" in text):
+        if not trusted and ("Unsupported global" in text or "GLOBAL" in text):
             raise CheckpointError(
                 f"{path} stores Python objects that need pickle to load, which can run code. If you trust the file, "
-                "load it with trusted=True (command line: --trust_checkpoint). Details: " + text.splitlines()[0]
+                "load it with trusted=True (command line: --trust_checkpoint). Details: " + _first_line(text, "GLOBAL")
             ) from err
-        raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint ({type(err).__name__}: "
-                              f"{text.splitlines()[0] if text else ''})") from err
+        detail = _first_line(text)
+        detail = type(err).__name__ + (f": {detail}" if detail and "Weights only load failed" not in detail else "")
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: it is damaged (truncated or corrupt) or "
+                              f"another kind of file ({detail}). Use an intact copy or another checkpoint") from err
+
+
+def _first_line(text: str, containing: str = "") -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return next((line for line in lines if containing and containing in line), lines[0] if lines else "")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """Remove the temporary files :func:`atomic_write` leaves behind when killed mid-write (``.NAME.XXXX.tmp``) for
+    each file name in ``names``, in ``folder``; returns what was removed. Call it where nothing else is writing
+    these names (a run folder under its lock, a prediction file's folder before the work)."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for name in names:
+        for tmp in folder.glob(f".{glob_escape(name)}.*.tmp"):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    if removed:
+        logging.getLogger(__name__).info("removed %d unfinished temporary file(s) of an interrupted write: %s",
+                                         len(removed), listing([p.name for p in removed], limit=5))
+    return removed
+
+
+def glob_escape(text: str) -> str:
+    """``text`` with glob's special characters escaped, for ``Path.glob``."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
 
 
 # ---------------------------------------------------------------------------------------------------------- run logs
@@ -322,17 +358,38 @@ class RunLog:
         os.replace(tmp, self.path)
 
 
+class RunFolderError(ToolkitError):
+    """A run folder that is missing, not a run folder, or whose log holds no epochs."""
+
+
 def read_log(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of ``run_dir/log.jsonl``; a torn last line (a crash while writing) is ignored."""
-    path = Path(run_dir) / LOG_NAME
+    """The epoch records of ``run_dir/log.jsonl``: JSON objects with a whole-number ``epoch``. A torn line (a crash
+    while writing) is ignored; other lines that are not epoch records are skipped with a warning.
+
+    Raises:
+        RunFolderError: ``run_dir`` is not a folder, or holds no ``log.jsonl``.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / LOG_NAME
+    if not run_dir.is_dir():
+        raise RunFolderError(f"{run_dir} is not a folder: give a run folder written by trainer.py (its --save_dir)")
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run folder written by trainer.py?")
-    records = []
-    for line in path.read_text().splitlines():
+        raise RunFolderError(f"{path} does not exist: is {run_dir} a run folder written by trainer.py? (a run writes "
+                             "its log after its first epoch)")
+    lines = path.read_text(errors="replace").splitlines()
+    records, skipped = [], 0
+    for number, line in enumerate(lines, 1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
+            skipped += number < len(lines)  # only a torn last line is expected
             continue
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int) and not isinstance(record["epoch"], bool):
+            records.append(record)
+        elif line.strip():
+            skipped += 1
+    if skipped:
+        logging.getLogger(__name__).warning("%s: skipped %d line(s) that are not epoch records", path, skipped)
     return records
 
 
@@ -356,7 +413,7 @@ def plot_curves(run_dir: str | os.PathLike) -> list[Path]:
     run_dir = Path(run_dir)
     records = read_log(run_dir)
     if not records:
-        raise ValueError(f"{run_dir / LOG_NAME} holds no epochs yet")
+        raise RunFolderError(f"{run_dir / LOG_NAME} holds no epochs yet: draw the curves after the first epoch")
     keys = sorted({k for r in records for k in r})
     panels = [
         ("curves_loss.png", "loss", [k for k in ("train_loss", "val_loss") if k in keys]),
@@ -388,7 +445,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Draw the loss, PSNR and learning-rate curves of a training run.")
     parser.add_argument("run_dir", help="a run folder written by trainer.py (it holds log.jsonl)")
     args = parser.parse_args(argv)
-    for path in plot_curves(args.run_dir):
+    setup_logging()
+    for path in run_cli(parser.prog, lambda: plot_curves(args.run_dir)):
         print(path)
 
 
