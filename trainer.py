@@ -39,7 +39,7 @@ from model import PRESETS, build_model, enable_fast_path, freeze_except, load_we
 
 FORMAT_VERSION = 1
 # What --resume needs from a checkpoint (weights alone start a fine-tuning run instead).
-TRAINING_STATE = ("model", "optimizer", "scheduler", "epoch", "step", "rng")
+TRAINING_STATE = ("model", "optimizer", "epoch", "step", "rng")
 MIN_LR = 1e-6  # where the cosine ends
 TRAIN_DEFAULTS = {"lr": 2e-4, "epochs": 250, "warmup_epochs": 10, "loss": "gfl", "augment": "strong",
                   "save_dir": "checkpoints"}
@@ -293,13 +293,14 @@ class StopRequest:
                    "(send it again to quit at once, without saving)")
 
 
-def lr_factor(step, *, warmup_steps, total_steps, min_factor):
-    """Learning rate of update ``step`` (0-based) relative to the peak: linear warm-up, then cosine to
-    ``min_factor``."""
+def lr_at(step, *, peak_lr, warmup_steps, total_steps, min_lr):
+    """The learning rate of update ``step`` (0-based): a linear warm-up to ``peak_lr`` over ``warmup_steps``
+    updates, then a cosine decay that reaches ``min_lr`` at ``total_steps`` and stays there."""
     if step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return peak_lr * ((step + 1) / warmup_steps)
     progress = min((step - warmup_steps) / max(1, total_steps - warmup_steps), 1.0)
-    return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+    min_factor = min_lr / peak_lr
+    return peak_lr * (min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def build_optimizer(params, *, lr, weight_decay, device):
@@ -537,15 +538,15 @@ class Trainer:
         self.update = Update(self.raw, self.optimizer, loss_fn=self.loss, autocast_dtype=self.amp_dtype,
                              grad_clip=args.grad_clip, scaler=self.scaler, ema=self.ema, policy=self.policy,
                              ddp_model=self.net if self.distributed else None)
-        warmup, total = args.warmup_epochs * self.updates_per_epoch, args.epochs * self.updates_per_epoch
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
-            s, warmup_steps=warmup, total_steps=total, min_factor=MIN_LR / args.lr))
+        self.schedule = {"peak_lr": args.lr, "warmup_steps": args.warmup_epochs * self.updates_per_epoch,
+                         "total_steps": args.epochs * self.updates_per_epoch, "min_lr": MIN_LR}
 
         self.epoch, self.step, self.best_psnr = 0, 0, float("-inf")
         self.bad_run = 0  # non-finite updates in a row, across epochs and resumes
         self.partial = _fresh_partial()  # this epoch's sums so far (a resume in the middle continues them)
         if resume is not None:
             self._load(resume)
+        self._set_lr(self.step)
 
     # -------------------------------------------------------------------------------------------- set-up
     def _model_config(self, checkpoint):
@@ -568,15 +569,10 @@ class Trainer:
         except ValueError as err:
             raise ConfigError(f"--resume {self.args.resume}: the optimizer does not fit ({err}); resume with the "
                               "same --trainable modules") from None
-        # The options of this invocation hold (--lr, --weight_decay and the schedule's length typed again override
-        # the saved ones; unchanged, they equal them): the loaded groups and the schedule take them over.
-        lambdas = self.scheduler.lr_lambdas
-        step = ckpt["scheduler"]["last_epoch"]
-        self.scheduler.load_state_dict({**ckpt["scheduler"], "base_lrs": [self.args.lr] * len(lambdas),
-                                        "_last_lr": [self.args.lr * f(step) for f in lambdas]})
-        for group, decay, lr in zip(self.optimizer.param_groups, (self.args.weight_decay, 0.0),
-                                    self.scheduler.get_last_lr()):
-            group.update(initial_lr=self.args.lr, lr=lr, weight_decay=decay)
+        # The options of this invocation hold (--weight_decay typed again overrides the saved one; unchanged, it
+        # equals it); the learning rate comes from the schedule, set before every update.
+        for group, decay in zip(self.optimizer.param_groups, (self.args.weight_decay, 0.0)):
+            group["weight_decay"] = decay
         if (self.scaler is None) != (ckpt.get("scaler") is None):
             raise ConfigError(f"--resume {self.args.resume} was trained with{'out' if self.scaler else ''} --fp16: "
                               "resume with the same precision")
@@ -616,7 +612,7 @@ class Trainer:
         generator = self.train_loader.generator
         return {"format_version": FORMAT_VERSION, "model": self.raw.state_dict(),
                 "ema": self.ema.module.state_dict() if self.ema else None, "model_config": self.model_config,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None, "epoch": self.epoch, "step": self.step,
                 "best_psnr": self.best_psnr, "bad_run": self.bad_run, "partial": dict(self.partial),
                 "args": vars(self.args),
@@ -724,7 +720,7 @@ class Trainer:
                     part["loss_sum"] += value
                     part["images"] += count
                     rate = seen_now * self.world / (time.perf_counter() - start)
-                    bar.set_postfix(loss=f"{value / count:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
+                    bar.set_postfix(loss=f"{value / count:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
                                     img_s=f"{rate:.1f}", refresh=False)
                 if stopped:
                     break
@@ -743,16 +739,18 @@ class Trainer:
                 "skipped_steps": part["skipped"], "time_s": part["time_s"]}, stopped
 
     def _update(self, group, stop):
-        """One optimizer update (``self.update``) and the schedule's step after it.
+        """One optimizer update (``self.update``) at the learning rate of its step.
 
         Returns:
             UpdateResult: whether the step was skipped, whether to stop, this process's loss sum and images.
         """
-        result = self.update(group, epoch=self.epoch, stop_requested=stop.signum is not None)
-        with warnings.catch_warnings():  # a skipped step still moves the schedule, which torch warns about
-            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
-            self.scheduler.step()
-        return result
+        self._set_lr(self.step)
+        return self.update(group, epoch=self.epoch, stop_requested=stop.signum is not None)
+
+    def _set_lr(self, step):
+        """Give every parameter group the learning rate of update ``step``."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, **self.schedule)
 
     # ----------------------------------------------------------------------------------------- validation
     def _maybe_validate(self):
@@ -798,7 +796,7 @@ class Trainer:
         if improved:
             self.best_psnr = record["val_psnr"]
         self._save({"last.pth"} | ({"best.pth"} if improved or self.val_loader is None else set()))
-        record = {"epoch": self.epoch, "step": self.step, "lr": self.scheduler.get_last_lr()[0], **record}
+        record = {"epoch": self.epoch, "step": self.step, "lr": lr_at(self.step, **self.schedule), **record}
         record.setdefault("val_loss", None)
         record.setdefault("val_psnr", None)
         if log is not None:

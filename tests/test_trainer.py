@@ -166,14 +166,13 @@ def test_main_reports_errors_without_a_traceback(data, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------------ loop
 def test_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor():
-    """lr_factor: (s+1)/warmup during warm-up, 1 at its end, half-way down the cosine at mid-decay, min at the end."""
-    f = lambda s: trainer.lr_factor(s, warmup_steps=4, total_steps=14, min_factor=0.01)  # noqa: E731
+    """lr_at: (s+1)/warmup during warm-up, 1 at its end, half-way down the cosine at mid-decay, min at the end."""
+    f = lambda s: trainer.lr_at(s, peak_lr=1.0, warmup_steps=4, total_steps=14, min_lr=0.01)  # noqa: E731
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(4) == 1.0 and f(9) == pytest.approx(0.505) and f(14) == pytest.approx(0.01)
     assert f(100) == pytest.approx(0.01)
 
 
-@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 def test_accumulation_equals_one_big_batch_even_for_an_uneven_group(data, tmp_path):
     """The gradient an update hands the optimizer (accumulated, clipped) from micro-batches of 2 and 1 images equals
     the one from the 3 images in one batch (relative 1e-4, absolute 1e-7)."""
@@ -205,7 +204,7 @@ def test_two_epochs_then_resume_equals_four_straight(data, tmp_path):
     assert_same_state(a["ema"], b["ema"])
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == straight.step
+    assert a["step"] == b["step"] == straight.step
     untimed = lambda run: [{k: v for k, v in r.items() if k not in ("time_s", "images_per_s")}  # noqa: E731
                            for r in utils.read_log(run)]
     assert untimed(tmp_path / "a") == untimed(tmp_path / "b")
@@ -440,12 +439,11 @@ def test_resume_with_a_new_learning_rate_and_weight_decay_uses_them(data, tmp_pa
             "--weight_decay", 0.5]
     resumed = trainer.Trainer(trainer.parse_args(trainer.build_parser(), [str(a) for a in argv]))
     decay, no_decay = resumed.optimizer.param_groups
-    assert (decay["initial_lr"], decay["weight_decay"], no_decay["initial_lr"], no_decay["weight_decay"]) == \
-        (1e-3, 0.5, 1e-3, 0.0)
+    assert (resumed.schedule["peak_lr"], decay["weight_decay"], no_decay["weight_decay"]) == (1e-3, 0.5, 0.0)
     step, total = resumed.step, 4 * resumed.updates_per_epoch
-    expected = trainer.lr_factor(step, warmup_steps=resumed.updates_per_epoch, total_steps=total,
-                                 min_factor=trainer.MIN_LR / 1e-3) * 1e-3
-    assert decay["lr"] == no_decay["lr"] == pytest.approx(expected) and resumed.scheduler.base_lrs == [1e-3] * 2
+    expected = trainer.lr_at(step, peak_lr=1e-3, warmup_steps=resumed.updates_per_epoch, total_steps=total,
+                             min_lr=trainer.MIN_LR)
+    assert decay["lr"] == no_decay["lr"] == pytest.approx(expected)
     resumed.fit()
     log = utils.read_log(tmp_path / "r")
     assert log[-1]["lr"] == pytest.approx(trainer.MIN_LR)  # the new cosine ends at the floor
