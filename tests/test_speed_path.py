@@ -314,12 +314,12 @@ def test_trainer_uses_the_fast_path_and_plain_trains_the_same_weights(tmp_path):
 
     data = make_homework_set(tmp_path / "data", per_kind=4, size=16)
     fast = trainer.Trainer(tiny(data, tmp_path / "fast"))
-    assert all(m.fast for m in fast.raw.modules() if isinstance(m, TransformerBlock))
+    assert all(m.fast for m in fast.model.modules() if isinstance(m, TransformerBlock))
     fast.fit()
     plain = trainer.Trainer(tiny(data, tmp_path / "plain", "--plain"))
-    assert not any(m.fast for m in plain.raw.modules() if isinstance(m, TransformerBlock))
+    assert not any(m.fast for m in plain.model.modules() if isinstance(m, TransformerBlock))
     plain.fit()
-    a, b = fast.raw.state_dict(), plain.raw.state_dict()
+    a, b = fast.model.state_dict(), plain.model.state_dict()
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
