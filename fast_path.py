@@ -236,10 +236,10 @@ def enable_fast_path(model: nn.Module, *, channels_last: bool = True, compile: b
         model: a PromptIR (or any module holding its blocks); its parameters are not touched.
         channels_last: keep feature maps in channels-last memory (fastest on CPUs; measure on GPUs). False leaves
             memory formats to PyTorch, as on the official path.
-        compile: compile each ``TransformerBlock`` with ``torch.compile`` in place (``compile_blocks``).
-            CUDA only: move the model to the GPU first (Inductor's CPU code for the multi-head attention softmax
-            wrote out of bounds in torch 2.14, and compiling for the CPU takes minutes for a gain the eager fast
-            path already gives).
+        compile: compile each ``TransformerBlock`` with ``torch.compile`` in place (``compile_blocks``: one graph
+            per block shape, the recompile limit scoped to those calls). CUDA only: move the model to the GPU first
+            (Inductor's CPU code for the multi-head attention softmax wrote out of bounds in torch 2.14, and
+            compiling for the CPU takes minutes for a gain the eager fast path already gives).
         mode: ``torch.compile`` mode, for example ``"max-autotune-no-cudagraphs"``; None for the default.
         recompute: top-level stages whose blocks recompute their activations in backward (``set_recomputation``).
 
@@ -328,7 +328,8 @@ def compile_blocks(model: nn.Module, *, mode: str | None = None) -> None:
     uncompiled. Blocks of one width, head count and input shape share one compiled graph (static shapes), so the
     official network compiles about ten graphs instead of one huge one, on the first call at each shape. Inductor
     caches its kernels on disk (``TORCHINDUCTOR_CACHE_DIR``, by default under the system's temporary folder), so a
-    second process compiles faster.
+    second process compiles faster. Each block's compile call carries its own recompile limit,
+    ``COMPILE_RECOMPILE_LIMIT``; the process-wide one is left alone (see ``_recompile_limit`` for older PyTorch).
 
     Args:
         model: the model whose blocks are compiled.

@@ -405,7 +405,8 @@ def _fit(model: nn.Module, state: Mapping[str, torch.Tensor], *, where: str, str
     mismatched = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
                   for k in own if k in state and state[k].shape != own[k].shape]
     listed = [("shape mismatches", mismatched)] + ([("missing", missing), ("unexpected", unexpected)] if strict else [])
-    problems = [f"  {title} ({len(keys)}):\n" + listing(keys, sep="\n", prefix="    ") for title, keys in listed if keys]
+    problems = [f"  {title} ({len(keys)}):\n" + listing(keys, sep="\n", prefix="    ")
+                for title, keys in listed if keys]
     if problems:
         raise CheckpointError(f"{where} does not fit this model:\n" + "\n".join(problems) +
                               "\nWas it saved from a model of other sizes? Build the model with the same preset.")

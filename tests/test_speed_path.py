@@ -1,6 +1,8 @@
 """fast_path.py: the same function as the plain (official) path of model.py, the same parameters, checkpoints
 shared."""
 import copy
+import functools
+import pickle
 import re
 
 import numpy as np
@@ -243,6 +245,43 @@ def test_deepcopy_of_compiled_blocks_runs_its_own_weights():
     copied = copy.deepcopy(model)
     assert all(m._compiled_call_impl is None for m in copied.modules() if isinstance(m, TransformerBlock))
     assert list(copied.state_dict()) == list(build_model("tiny").state_dict())
+
+
+def test_compiled_blocks_scope_their_recompile_limit(monkeypatch):
+    """compile_blocks lets the blocks' shared code keep one graph per block shape without touching the process-wide
+    recompile limit: with that limit at 1, three shapes still give three graphs (Dynamo's eager backend: no
+    Inductor code is generated), and the limit is 1 afterwards."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    monkeypatch.setattr(fast_path, "COMPILE_RECOMPILE_LIMIT", 3)
+    torch._dynamo.reset()
+    try:
+        block = TransformerBlock(8, 2, 2.66)
+        compile_blocks(block)
+        before = counters["stats"]["unique_graphs"]
+        for size in (8, 12, 16):
+            block(torch.rand(1, 8, size, size))
+        assert counters["stats"]["unique_graphs"] - before == 3
+        assert torch._dynamo.config.recompile_limit == 1
+    finally:
+        torch._dynamo.reset()
+
+
+def test_deepcopy_and_pickle_keep_the_fast_path():
+    """The trainer's EMA copy (copy.deepcopy) and a pickled model keep the fast classes and settings, their own
+    weights and the same function; switching settings again changes only the settings."""
+    _, fast = tiny_pair(8)
+    enable_fast_path(fast, channels_last=False, recompute=["refinement"])
+    x = torch.rand(1, 3, 16, 16, dtype=torch.float64)
+    for other in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
+        assert [type(m) for m in other.modules()] == [type(m) for m in fast.modules()]
+        assert is_fast(other) and not other.channels_last and other.refinement[0].recompute
+        assert other.output.weight is not fast.output.weight
+        with torch.no_grad():
+            assert torch.equal(other(x), fast(x))
+    assert enable_fast_path(fast).channels_last and not fast.refinement[0].recompute
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.compile of the blocks is for GPUs)")
