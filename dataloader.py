@@ -133,11 +133,12 @@ def _file_system_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def _access_problem(path: Path, err: OSError) -> str:
+def _access_problem(path: Path, err: OSError, action: str = "read") -> str:
+    """What is wrong when ``path`` cannot be read or listed, and the fix."""
     if isinstance(err, PermissionError):
-        return (f"{path} cannot be read (permission denied): give your user read access (chmod -R u+rX {path}), "
+        return (f"{path} cannot be {action} (permission denied): give your user read access (chmod -R u+rX {path}), "
                 "or copy the data somewhere you can read")
-    return f"{path} cannot be read ({err.strerror or err}): check the disk or copy the data elsewhere"
+    return f"{path} cannot be {action} ({err.strerror or err}): check the disk or copy the data elsewhere"
 
 
 def _entries(folder: Path) -> list[Path]:
@@ -145,7 +146,7 @@ def _entries(folder: Path) -> list[Path]:
     try:
         return list(folder.iterdir())
     except OSError as err:
-        raise DataError(_access_problem(folder, err).replace("cannot be read", "cannot be listed", 1)) from err
+        raise DataError(_access_problem(folder, err, "listed")) from err
 
 
 def _hidden(path: Path) -> bool:
