@@ -34,7 +34,8 @@ from tqdm import tqdm
 from augment import VIEW_NAMES, dihedral, dihedral_inverse
 from dataloader import (DataError, Pair, check_pairs, clean_partner_stem, degradation_type, list_images, read_image,
                         read_image_uint8)
-from model import MIN_SIZE, PRESETS, build_model, enable_fast_path, load_weights
+from fast_path import enable_fast_path
+from model import MIN_SIZE, PRESETS, build_model, load_weights
 from scoring import psnr, ssim
 from utils import CheckpointError, atomic_write, load_checkpoint, positive_int, to_uint8
 

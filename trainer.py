@@ -36,8 +36,9 @@ import scoring
 import utils
 from augment import DEFAULT_ALPHAS, DEFAULT_RATES, STRONG_AUGMENTATIONS, AugmentPolicy
 from dataloader import DataError, build_loaders
+from fast_path import enable_fast_path
 from GFL_Loss import LOSSES, build_loss
-from model import PRESETS, build_model, enable_fast_path, freeze_except, load_weights, trainable_summary
+from model import PRESETS, build_model, freeze_except, model_config, model_from_checkpoint, trainable_summary
 from utils import ConfigError
 
 log = logging.getLogger(__name__)
@@ -645,23 +646,14 @@ def read_resume(args):
     return checkpoint
 
 
-def model_config(checkpoint, preset=None, *, source):
-    """The model's build_model kwargs: a checkpoint's own config wins; an explicit --preset must agree."""
-    saved = checkpoint.get("model_config") if isinstance(checkpoint, dict) else None
-    if saved:
-        if preset and preset != saved.get("preset"):
-            raise ConfigError(f"{source} holds a model of preset {saved.get('preset')!r}, not --preset {preset}: "
-                              "drop --preset (the checkpoint's is used) or start a new run")
-        return dict(saved)
-    return {"preset": preset or "official"}
-
-
 def build_network(args, config, start, device):
-    """The model of ``config`` on ``device``: holding the weights of ``start`` (a loaded checkpoint) when given,
-    frozen but for --trainable, on the fast path unless --plain."""
-    model = build_model(**config)
+    """The model of ``config`` on ``device``: holding the weights of ``start`` (the loaded --checkpoint of a
+    fine-tuning run, its EMA weights where it has some) when given, frozen but for --trainable, on the fast path
+    unless --plain."""
     if start is not None:
-        load_weights(model, start)
+        model = model_from_checkpoint(start, preset=args.preset, source=args.checkpoint)
+    else:
+        model = build_model(**config)
     if args.trainable:
         try:
             freeze_except(model, args.trainable)
@@ -670,7 +662,7 @@ def build_network(args, config, start, device):
     model.to(device)
     if not args.plain:
         try:
-            enable_fast_path(model, compile=args.compile, checkpoint=args.recompute)
+            enable_fast_path(model, compile=args.compile, recompute=args.recompute)
         except ValueError as err:
             raise ConfigError(f"--recompute: {err}") from None
     return model
