@@ -6,16 +6,19 @@
 
 ``first_stage_ft.py`` and ``second_stage_ft.py`` run the same loop with their own defaults. The run folder
 (``--save_dir``) holds args.json, log.jsonl (one record per epoch), last.pth (after every epoch, and on Ctrl-C or
-SIGTERM), best.pth (best validation PSNR) and the curves drawn at the end.
+SIGTERM), best.pth (best validation PSNR) and the curves drawn at the end. One run at a time writes into a folder
+(it holds ``.lock`` while it runs); a folder holding files of a run takes no other run, only ``--resume``.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -31,6 +34,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock on the run folder
+    fcntl = None
 
 import scoring
 import utils
@@ -50,6 +58,11 @@ TRAINING_STATE = ("model", "optimizer", "epoch", "step", "rng")
 MIN_LR = 1e-6  # where the cosine ends
 TRAIN_DEFAULTS = {"lr": 2e-4, "epochs": 250, "warmup_epochs": 10, "loss": "gfl", "augment": "strong",
                   "save_dir": "checkpoints"}
+# What a run writes into its folder (a folder holding any of them holds a run); the files written whole, through
+# utils.atomic_write, whose temporaries a killed write leaves behind, come first.
+WRITTEN_WHOLE = ("args.json", "last.pth", "best.pth")
+RUN_FILES = (*WRITTEN_WHOLE, utils.LOG_NAME, "snapshots")
+LOCK_NAME = ".lock"
 
 
 class TrainingError(utils.ToolkitError, RuntimeError):
@@ -67,8 +80,7 @@ def build_parser(defaults=None, *, fine_tune=False, description=None):
         description (str | None): the script's help text.
     """
     d = {**TRAIN_DEFAULTS, **(defaults or {})}
-    p = argparse.ArgumentParser(description=description or __doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=description or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--data_dir", required=True, help="dataset root (see dataloader.py for the layouts)")
     data.add_argument("--batch_size", type=int, default=2, help="images per micro-batch per GPU (default 2)")
@@ -139,6 +151,17 @@ def build_parser(defaults=None, *, fine_tune=False, description=None):
     return p
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that reads every negative number as a value: argparse's own rule knows "-1" and "-0.5" but
+    takes "-1e-4" or "-inf" for an unknown option ("expected one argument"), before check_args could say what is
+    wrong with the number."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$",
+                                                   re.IGNORECASE)
+
+
 # Options that describe this invocation, not the run: on --resume they are not taken from the checkpoint. The data
 # folder is given every time; the run folder defaults to the --resume folder (wherever it lies now); the device, the
 # data loader processes and the speed options belong to the machine (they do not change what is computed, and a
@@ -192,17 +215,7 @@ def check_args(args):
     Raises:
         ConfigError: with what to do.
     """
-    for name, low in (("batch_size", 1), ("accum_steps", 1), ("epochs", 1), ("val_interval", 1),
-                      ("max_bad_steps", 1), ("num_workers", 0), ("warmup_epochs", 0), ("val_per_type", 0)):
-        if getattr(args, name) < low:
-            raise ConfigError(f"--{name} must be at least {low}, got {getattr(args, name)}")
-    if args.warmup_epochs >= args.epochs:
-        raise ConfigError(f"--warmup_epochs ({args.warmup_epochs}) must be smaller than --epochs ({args.epochs}): "
-                          "lower the warm-up or train longer")
-    if not args.lr > 0 or args.weight_decay < 0 or args.grad_clip < 0:
-        raise ConfigError("--lr must be > 0, --weight_decay and --grad_clip >= 0")
-    if args.ema is not None and not 0 < args.ema < 1:
-        raise ConfigError(f"--ema is a decay between 0 and 1 (e.g. 0.999), got {args.ema}")
+    _check_numbers(args)
     try:
         AugmentPolicy(rates=dict(zip(STRONG_AUGMENTATIONS, args.aug_rates)),
                       alphas=dict(zip(STRONG_AUGMENTATIONS, args.aug_alphas)))
@@ -215,7 +228,10 @@ def check_args(args):
     if args.resume:
         args.resume = str(_run_file(args.resume))
         if not Path(args.resume).is_file():
-            raise ConfigError(f"--resume {args.resume} does not exist: give a checkpoint or a run folder with last.pth")
+            best = Path(args.resume).parent / "best.pth"
+            hint = f" (--resume {best} continues from its best epoch)" if best.is_file() else ""
+            raise ConfigError(f"--resume {args.resume} does not exist: give a checkpoint or a run folder with "
+                              f"last.pth{hint}")
     if args.fine_tune and not args.resume:
         if not args.checkpoint:
             raise ConfigError("fine-tuning starts from weights: pass --checkpoint PATH (or --resume to continue a "
@@ -233,12 +249,56 @@ def check_args(args):
     args.device = str(device)
 
 
+def _check_numbers(args):
+    """Every number of the options finite and in its range."""
+    for name, value in sorted(vars(args).items()):
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(f"--{name} must be a finite number, got {' '.join(str(v) for v in values)}")
+    for name, low in (("batch_size", 1), ("accum_steps", 1), ("epochs", 1), ("val_interval", 1),
+                      ("max_bad_steps", 1), ("num_workers", 0), ("warmup_epochs", 0), ("val_per_type", 0),
+                      ("seed", 0)):
+        if getattr(args, name) < low:
+            raise ConfigError(f"--{name} must be at least {low}, got {getattr(args, name)}")
+    if args.warmup_epochs >= args.epochs:
+        raise ConfigError(f"--warmup_epochs ({args.warmup_epochs}) must be smaller than --epochs ({args.epochs}): "
+                          "lower the warm-up or train longer")
+    if not 0 < args.lr <= 1:
+        raise ConfigError(f"--lr must be above 0 and at most 1, got {args.lr} (AdamW moves every weight by about "
+                          f"the learning rate at each update; the recipe's is {TRAIN_DEFAULTS['lr']})")
+    if args.weight_decay < 0 or args.weight_decay * args.lr >= 1:
+        raise ConfigError(f"--weight_decay must be at least 0 and below 1 / --lr (each update scales the weights by "
+                          f"1 - lr x weight_decay), got {args.weight_decay}")
+    if args.grad_clip < 0:
+        raise ConfigError(f"--grad_clip must be at least 0 (0: no clipping), got {args.grad_clip}")
+    if args.ema is not None and not 0 < args.ema < 1:
+        raise ConfigError(f"--ema is a decay between 0 and 1 (e.g. 0.999), got {args.ema}")
+
+
 def check_run_folder(args):
-    """Refuse a --save_dir that holds another run (a run continues only in its own folder, with --resume)."""
-    last = Path(args.save_dir) / "last.pth"
-    if last.is_file() and not (args.resume and Path(args.resume).parent.resolve() == last.parent.resolve()):
-        raise ConfigError(f"{args.save_dir} already holds a run (last.pth): continue it with --resume "
-                          f"{args.save_dir}, or choose another --save_dir")
+    """Refuse a --save_dir that holds files of another run (a run continues only in its own folder, with --resume),
+    or that cannot be written."""
+    folder = Path(args.save_dir)
+    resuming_here = bool(args.resume) and Path(args.resume).parent.resolve() == folder.resolve()
+    found = [] if resuming_here or not folder.is_dir() else sorted(p.name for p in folder.iterdir()
+                                                                  if p.name in RUN_FILES)
+    if found:
+        if (folder / "last.pth").is_file():
+            how = f"continue it with --resume {folder}"
+        elif (folder / "best.pth").is_file():
+            how = f"its last.pth is gone: continue from its best epoch with --resume {folder / 'best.pth'}"
+        else:
+            how = "remove them if that run is of no use"
+        raise ConfigError(f"{folder} already holds a run ({utils.listing(found)}): {how}, or choose another "
+                          "--save_dir")
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--save_dir {folder}: {existing} is a file, not a folder: choose another --save_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--save_dir {folder}: {existing} cannot be written (permission denied): choose another "
+                          "--save_dir, or change the folder's permissions")
 
 
 # ---------------------------------------------------------------------------------------------------- processes
@@ -278,14 +338,14 @@ def process_group(device):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    level = log.level
+    console, level = logging.getLogger(), logging.getLogger().level
     try:
         rank = dist.get_rank()
         if rank:
-            log.setLevel(logging.WARNING)
+            console.setLevel(logging.WARNING)
         yield Processes(device, rank, dist.get_world_size(), distributed=True)
     finally:
-        log.setLevel(level)
+        console.setLevel(level)
         dist.destroy_process_group()
 
 
@@ -536,6 +596,8 @@ class TrainingState:
         optimizer (torch.optim.Optimizer): its optimizer.
         args (dict): the run's options (saved; on resume ``parse_args`` reads them before this object exists).
         model_config (dict): ``build_model`` keyword arguments (saved; read before the model is built).
+        epoch_layout (dict): how an epoch is cut into updates (``EPOCH_LAYOUT``; saved, checked by
+            ``check_resume``).
         ema (EMA | None): the weights' moving average.
         scaler (torch.amp.GradScaler | None): the float16 loss scaler.
         loader_generator (torch.Generator | None): the training loader's generator.
@@ -550,6 +612,7 @@ class TrainingState:
     optimizer: torch.optim.Optimizer
     args: dict
     model_config: dict
+    epoch_layout: dict
     ema: EMA | None = None
     scaler: torch.amp.GradScaler | None = None
     loader_generator: torch.Generator | None = None
@@ -571,8 +634,22 @@ class TrainingState:
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
                 "epoch": self.epoch, "step": self.step, "best_psnr": self.best_psnr,
                 "bad_run": self.bad_steps_in_a_row, "partial": asdict(self.epoch_sums), "args": dict(self.args),
+                "epoch_layout": self.epoch_layout,
                 "rng": rng if rng is not None else [utils.get_rng_state()],
                 "loader_generator": self.loader_generator.get_state() if self.loader_generator is not None else None}
+
+    def count(self, result):
+        """Add an optimizer update (an ``UpdateResult``) to the step, the epoch's sums and the run of bad steps."""
+        sums = self.epoch_sums
+        self.step += 1
+        sums.seen += result.images
+        if result.skipped:
+            sums.skipped += 1
+            self.bad_steps_in_a_row += 1
+        else:
+            self.bad_steps_in_a_row = 0
+            sums.loss_sum += result.loss_sum
+            sums.images += result.images
 
     @staticmethod
     def check(checkpoint, *, source):
@@ -678,19 +755,98 @@ def wrap_ddp(model, device):
 
 
 @contextmanager
+def run_folder_lock(folder):
+    """Hold ``folder/.lock`` while a run writes into ``folder``: a second run there is refused for as long as this
+    one lasts. The lock is a POSIX record lock (``fcntl.lockf``): it belongs to this process alone (the data loader
+    workers forked from it do not hold it) and ends with the process however that ends, a SIGKILL included, so
+    nothing has to clean it up.
+
+    Raises:
+        ConfigError: another process holds it (the message gives its process id).
+    """
+    with open(Path(folder) / LOCK_NAME, "a+") as file:
+        if fcntl is not None:
+            try:
+                fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
+                file.seek(0)
+                holder = file.read().strip() or "unknown"
+                raise ConfigError(f"{folder} is in use by another training run (process {holder}): wait for it to "
+                                  "end, or choose another --save_dir") from None
+        file.truncate(0)
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        yield
+
+
+@contextmanager
 def open_run_folder(args, *, epoch):
-    """The run folder, taken for this run: args.json written, and log.jsonl cut after ``epoch`` on a resume.
+    """The run folder, taken for this run under its lock: checked again (another run may have started there since
+    check_args), cleared of the temporaries of writes a killed run left, args.json written, and log.jsonl cut after
+    ``epoch`` on a resume.
 
     Yields:
         utils.RunLog: the run's per-epoch log.
     """
     folder = Path(args.save_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
-    run_log = utils.RunLog(folder)
-    if args.resume and run_log.path.is_file():
-        run_log.truncate_after(epoch)
-    yield run_log
+    with run_folder_lock(folder):
+        check_run_folder(args)
+        utils.remove_stale_temporaries(folder, WRITTEN_WHOLE)
+        utils.atomic_write(folder / "args.json", lambda f: f.write((json.dumps(vars(args), indent=2) + "\n").encode()))
+        run_log = utils.RunLog(folder)
+        if args.resume and run_log.path.is_file():
+            run_log.truncate_after(epoch)
+        yield run_log
+
+
+# How an epoch is cut into updates: resuming needs the same, or the rest of an epoch would skip or repeat images and
+# the schedule, counted in updates, would stretch.
+EPOCH_LAYOUT = {"batch_size": "--batch_size", "accum_steps": "--accum_steps", "processes": "processes",
+                "train_pairs": "training pairs"}
+
+
+def saved_epoch_layout(checkpoint):
+    """The ``EPOCH_LAYOUT`` values a checkpoint was trained with; for format 1 files, from its options and its
+    random states (one per process), without the number of training pairs."""
+    if checkpoint.get("epoch_layout"):
+        return checkpoint["epoch_layout"]
+    args, rng = checkpoint.get("args") or {}, checkpoint.get("rng")
+    return {"batch_size": args.get("batch_size"), "accum_steps": args.get("accum_steps"),
+            "processes": len(rng) if isinstance(rng, list) else 1}
+
+
+def check_resume(checkpoint, state, args, *, updates_per_epoch):
+    """Refuse a resume with nothing left to do, or whose epochs are cut into updates otherwise than they were."""
+    if state.epoch >= args.epochs:
+        raise ConfigError(f"--resume {args.resume} has already completed {state.epoch} of --epochs {args.epochs}: "
+                          "pass a larger --epochs to train longer")
+    saved, now = saved_epoch_layout(checkpoint), state.epoch_layout
+    changed = [f"{name} {saved[key]} (this run: {now[key]})" for key, name in EPOCH_LAYOUT.items()
+               if saved.get(key) is not None and saved[key] != now[key]]
+    if changed or not 0 <= state.step - state.epoch * updates_per_epoch < updates_per_epoch:
+        raise ConfigError(f"--resume {args.resume} stopped at update {state.step} of a run with "
+                          f"{', '.join(changed) or 'another number of updates per epoch'}: resume with the same data, "
+                          "--batch_size, --accum_steps and number of processes (other batches would skip or repeat "
+                          "images and stretch the schedule)")
+
+
+def sum_over_processes(sums, processes):
+    """An epoch's sums with the ``EpochSums.SUMMED`` entries added over the processes."""
+    totals = torch.tensor([float(getattr(sums, k)) for k in EpochSums.SUMMED], dtype=torch.float64,
+                          device=processes.device)
+    if processes.distributed:
+        dist.all_reduce(totals)
+    return replace(sums, **dict(zip(EpochSums.SUMMED, totals.tolist())))
+
+
+def _unwritten(path, err):
+    """The message for a checkpoint that could not be written (``utils.atomic_write`` left the old one in place)."""
+    reason = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else err.strerror or str(err)
+    return (f"{path} could not be written ({reason}); the {path.name} that was there, if any, is unchanged: make "
+            f"room, then continue with --resume {path.parent}")
 
 
 # ---------------------------------------------------------------------------------------------------- trainer
@@ -736,25 +892,16 @@ class Trainer:
                              ema=self.ema, policy=self.policy, ddp_model=self.ddp_model)
         self.schedule = {"peak_lr": args.lr, "warmup_steps": args.warmup_epochs * self.updates_per_epoch,
                          "total_steps": args.epochs * self.updates_per_epoch, "min_lr": MIN_LR}
-        self.state = TrainingState(self.model, self.optimizer, vars(args), self.model_config, ema=self.ema,
+        layout = {"batch_size": args.batch_size, "accum_steps": args.accum_steps, "processes": self.processes.world,
+                  "train_pairs": len(self.train_loader.dataset)}
+        self.state = TrainingState(self.model, self.optimizer, vars(args), self.model_config, layout, ema=self.ema,
                                    scaler=scaler, loader_generator=self.train_loader.generator)
         if resumed is not None:
             self.state.load_state_dict(resumed, rank=self.processes.rank, source=args.resume)
-            self._check_resume()
+            check_resume(resumed, self.state, args, updates_per_epoch=self.updates_per_epoch)
             for group, decay in zip(self.optimizer.param_groups, (args.weight_decay, 0.0)):
                 group["weight_decay"] = decay  # a --weight_decay given now holds (unchanged, it is the saved one)
         self._set_lr(self.state.step)
-
-    def _check_resume(self):
-        """Refuse a resume that has nothing left to do, or whose epoch does not fit the batches of this run."""
-        state, source = self.state, self.args.resume
-        if state.epoch >= self.args.epochs:
-            raise ConfigError(f"--resume {source} has already completed {state.epoch} of --epochs "
-                              f"{self.args.epochs}: pass a larger --epochs to train longer")
-        if not 0 <= self._updates_done_in_epoch() < self.updates_per_epoch:
-            raise ConfigError(f"--resume {source} stopped at update {state.step} of epoch {state.epoch + 1}, "
-                              f"which has {self.updates_per_epoch} updates here: resume with the same data, "
-                              "--batch_size, --accum_steps and number of processes")
 
     # ---------------------------------------------------------------------------------------------- loop
     def fit(self, *, until_epoch=None):
@@ -770,7 +917,7 @@ class Trainer:
             while state.epoch < stop_at and not stopped:
                 stopped = self._train_epoch(stop)
                 if self._updates_done_in_epoch() < self.updates_per_epoch:  # stopped inside the epoch
-                    state.epoch_sums = self._epoch_sums_over_processes()
+                    state.epoch_sums = sum_over_processes(state.epoch_sums, self.processes)
                     self._save({"last.pth"})
                     break
                 self._end_epoch(run_log)
@@ -821,6 +968,8 @@ class Trainer:
                     group = next(groups)
                 except StopIteration:
                     return False
+                except DataError as err:
+                    raise self._stopped_by_data(err) from None
                 except Exception:
                     # A signal can kill the loader's workers: with one process that is a stop between updates (the
                     # weights match the step). With several, the others wait in this update's collectives, so the
@@ -850,17 +999,11 @@ class Trainer:
             group["lr"] = lr_at(step, **self.schedule)
 
     def _count(self, result):
-        """Add an update to the step, the epoch's sums and the run of bad steps; raise when that run is too long."""
-        state, sums = self.state, self.state.epoch_sums
-        state.step += 1
-        sums.seen += result.images
+        """Count an update in the state; raise when the run of skipped ones reaches --max_bad_steps."""
+        state = self.state
+        state.count(result)
         if not result.skipped:
-            state.bad_steps_in_a_row = 0
-            sums.loss_sum += result.loss_sum
-            sums.images += result.images
             return
-        sums.skipped += 1
-        state.bad_steps_in_a_row += 1
         log.warning(f"epoch {state.epoch + 1} update {state.step}: non-finite loss or gradient, step skipped")
         if state.bad_steps_in_a_row >= self.args.max_bad_steps:
             raise TrainingError(
@@ -868,29 +1011,31 @@ class Trainer:
                 f"{state.epoch + 1}, update {state.step}); last.pth, if any, keeps the state after epoch "
                 f"{state.epoch}. Try a lower --lr, --bf16 instead of --fp16, or check the data")
 
-    def _epoch_sums_over_processes(self):
-        """The epoch's sums added over the processes (each one's own until now)."""
-        sums = self.state.epoch_sums
-        totals = torch.tensor([float(getattr(sums, k)) for k in EpochSums.SUMMED], dtype=torch.float64,
-                              device=self.device)
+    def _stopped_by_data(self, err):
+        """The error that ends a run whose data loader met a file it cannot read, after saving the state of the
+        last finished update as a stop does (one process; with several, the others cannot join the save)."""
         if self.processes.distributed:
-            dist.all_reduce(totals)
-        return replace(sums, **dict(zip(EpochSums.SUMMED, totals.tolist())))
+            return DataError(f"{err} (last.pth keeps the state of the last finished epoch)")
+        self._save({"last.pth"})
+        return DataError(f"{err}. last.pth holds the run after update {self.state.step}: continue it with "
+                         f"--resume {self.run_dir} once the file is back")
 
     def _end_epoch(self, run_log):
         """Validate when it is time; write last.pth (and best.pth when validation improved, or every epoch without
         validation); log the epoch and say how it went."""
-        sums, state = self._epoch_sums_over_processes(), self.state
+        sums, state = sum_over_processes(self.state.epoch_sums, self.processes), self.state
+        if not torch.stack([p.isfinite().all() for p in self.model.parameters()]).all():
+            raise TrainingError(f"the weights are no longer finite after update {state.step} (epoch "
+                                f"{state.epoch + 1}); nothing of this epoch is saved (last.pth, if any, keeps epoch "
+                                f"{state.epoch}). Try a lower --lr, or --bf16 instead of --fp16")
         state.epoch += 1
         record = {"epoch": state.epoch, "step": state.step, "lr": lr_at(state.step, **self.schedule),
                   "train_loss": sums.loss_sum / sums.images if sums.images else None,
                   "images_per_s": sums.seen / sums.time_s if sums.time_s else None,
-                  "skipped_steps": sums.skipped, "time_s": sums.time_s}
+                  "skipped_steps": sums.skipped, "time_s": sums.time_s, "val_loss": None, "val_psnr": None}
         if self.val_loader is not None and (state.epoch % self.args.val_interval == 0
                                             or state.epoch == self.args.epochs):
             record.update(self.validate())
-        record.setdefault("val_loss", None)
-        record.setdefault("val_psnr", None)
         improved = record["val_psnr"] is not None and record["val_psnr"] > state.best_psnr
         if improved:
             state.best_psnr = record["val_psnr"]
@@ -904,7 +1049,8 @@ class Trainer:
     @torch.no_grad()
     def validate(self):
         """Validation loss and the grader's PSNR (clamped, uint8-rounded), per degradation type and overall, with
-        the EMA weights when they are kept. Each process scores its share; the sums are combined."""
+        the EMA weights when they are kept. Each process scores its share; the sums are combined. Outputs that are
+        not finite give no PSNR (None): they would score as black images."""
         network = self.ema.module if self.ema else self.model
         network.eval()
         sums = defaultdict(lambda: [0.0, 0])  # kind -> [PSNR sum, images]; "" holds the validation loss
@@ -927,6 +1073,9 @@ class Trainer:
                     sums[kind][0] += total
                     sums[kind][1] += n
         loss_total, n = sums.pop("", (0.0, 0))
+        if not math.isfinite(loss_total):
+            log.warning(f"epoch {self.state.epoch}: the validation outputs are not finite; no PSNR, not a best epoch")
+            return {"val_loss": loss_total / n}
         record = {"val_loss": loss_total / n, "val_psnr": sum(s for s, _ in sums.values()) / n}
         record.update({f"val_psnr_{kind}": total / count for kind, (total, count) in sorted(sums.items())})
         return record
@@ -940,8 +1089,11 @@ class Trainer:
             dist.all_gather_object(rng, utils.get_rng_state())
         if self.is_primary:
             checkpoint = self.state.state_dict(rng=rng)
-            for name in sorted(names):
-                utils.save_checkpoint(self.run_dir / name, checkpoint)
+            for path in sorted(self.run_dir / name for name in names):
+                try:
+                    utils.save_checkpoint(path, checkpoint)
+                except OSError as err:
+                    raise TrainingError(_unwritten(path, err)) from err
         if self.processes.distributed:
             dist.barrier()
 
@@ -957,7 +1109,7 @@ def main(argv=None, *, parser=None):
     """Command-line entry point; the fine-tuning scripts pass their own ``parser`` (see ``build_parser``)."""
     utils.setup_logging()
     parser = parser or build_parser()
-    result = utils.run_cli(parser.prog, lambda: train(parse_args(parser, argv)), expected=(DataError,))
+    result = utils.run_cli(parser.prog, lambda: train(parse_args(parser, argv)))
     if result.signal is not None:
         sys.exit(128 + result.signal)
 
