@@ -431,34 +431,6 @@ def test_images_under_the_ssim_window_are_scored_without_ssim(tmp_path, checkpoi
     assert "SSIM n/a: 1 images under 11x11 pixels" in printed
 
 
-def test_table_shows_type_rows_only_for_several_types(tmp_path):
-    """A set with one type ("all": no homework names) gets a single mean row, the overall one; several types get
-    one row each and the overall one. The CSV keeps the type row either way."""
-    one = [inference.Score("1.png", "all", 20.0, 0.5), inference.Score("2.png", "all", 22.0, 0.7)]
-    table = inference.format_table(one).splitlines()
-    assert [line.split()[3:] for line in table if line.startswith("mean of")] == [["overall", "21.000", "0.6000"]]
-    rows = _scores_from_csv(inference.write_csv(tmp_path / "scores.csv", one))
-    assert [(r["level"], r["type"]) for r in rows[2:]] == [("type", "all"), ("overall", "")]
-    two = [inference.Score("rain-1.png", "rain", 20.0, 0.5), inference.Score("snow-1.png", "snow", 22.0, 0.7)]
-    table = inference.format_table(two).splitlines()
-    assert [line.split()[3] for line in table if line.startswith("mean of")] == ["rain", "snow", "overall"]
-
-
-def test_write_csv_is_atomic(tmp_path, monkeypatch):
-    """An interrupt while the scores are being written leaves the previous CSV as it was and no other file."""
-    path = tmp_path / "scores.csv"
-    inference.write_csv(path, [inference.Score("1.png", "all", 20.0, 0.5)])
-    before = path.read_bytes()
-
-    def interrupted(scores):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(inference, "summarize", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        inference.write_csv(path, [inference.Score("2.png", "all", 30.0, 0.9)])
-    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["scores.csv"]
-
-
 def test_checkpoint_folder_stands_for_its_best_pth(tmp_path, checkpoint, inputs, tiny, caplog, capsys):
     """--checkpoint RUN_FOLDER loads RUN_FOLDER/best.pth and says so; a folder without best.pth stops with an error
     naming it and what it holds, and suggesting best.pth or last.pth."""

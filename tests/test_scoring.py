@@ -1,4 +1,5 @@
-"""PSNR and SSIM as the grader computes them."""
+"""PSNR and SSIM as the grader computes them (RGB) and as the deraining literature does (Y); tables and CSV."""
+import csv
 import math
 
 import numpy as np
@@ -47,3 +48,36 @@ def test_ssim_falls_with_noise():
     s1 = scoring.ssim(x, (x + 0.02 * n).clamp(0, 1))
     s2 = scoring.ssim(x, (x + 0.2 * n).clamp(0, 1))
     assert 1.0 > s1 > s2
+
+
+def _scores_from_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_table_shows_type_rows_only_for_several_types(tmp_path):
+    """A set with one type ("all": no homework names) gets a single mean row, the overall one; several types get
+    one row each and the overall one. The CSV keeps the type row either way."""
+    one = [scoring.Score("1.png", "all", 20.0, 0.5), scoring.Score("2.png", "all", 22.0, 0.7)]
+    table = scoring.format_table(one).splitlines()
+    assert [line.split()[3:] for line in table if line.startswith("mean of")] == [["overall", "21.000", "0.6000"]]
+    rows = _scores_from_csv(scoring.write_csv(tmp_path / "scores.csv", one))
+    assert [(r["level"], r["type"]) for r in rows[2:]] == [("type", "all"), ("overall", "")]
+    two = [scoring.Score("rain-1.png", "rain", 20.0, 0.5), scoring.Score("snow-1.png", "snow", 22.0, 0.7)]
+    table = scoring.format_table(two).splitlines()
+    assert [line.split()[3] for line in table if line.startswith("mean of")] == ["rain", "snow", "overall"]
+
+
+def test_write_csv_is_atomic(tmp_path, monkeypatch):
+    """An interrupt while the scores are being written leaves the previous CSV as it was and no other file."""
+    path = tmp_path / "scores.csv"
+    scoring.write_csv(path, [scoring.Score("1.png", "all", 20.0, 0.5)])
+    before = path.read_bytes()
+
+    def interrupted(scores):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scoring, "summarize", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        scoring.write_csv(path, [scoring.Score("2.png", "all", 30.0, 0.9)])
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["scores.csv"]
