@@ -468,19 +468,20 @@ def restore(model: nn.Module | Sequence[nn.Module], image: torch.Tensor, *, tta:
         _free_device_memory()
         if len(views) > 1 and batch_views != 1 and tile is None:
             batch_views = 1
-            log.warning("out of memory on a %dx%d image: retrying one view at a time", h, w)
+            log.warning("out of memory on a %dx%d (WxH) image: retrying one view at a time", w, h)
             continue
         smaller = _smaller_tile(tile, h, w)
         if smaller is None:
             tried = f"in {tile}-pixel tiles, one view at a time" if tile else "one view at a time"
-            cpu = " or run on the CPU (--device cpu)" if device.type != "cpu" else ""
+            fix = (f"free {device} of other work, or run on the CPU (--device cpu)" if device.type != "cpu" else
+                   "free main memory of other work, or restore smaller images")
             raise RestoreOutOfMemoryError(
-                f"out of memory on a {w}x{h} (WxH) image even {tried} ({failure}); smaller tiles (--tile) and one view "
-                f"per call (--batch_views 1) were tried down to that: free the memory of {device} of other work{cpu}")
+                f"out of memory on a {w}x{h} (WxH) image even {tried} ({failure}); the automatic retries already went "
+                f"as low as smaller tiles (--tile) and one view per call (--batch_views 1) can: {fix}")
         tile = smaller
         overlap, batch_views = min(overlap, tile // 4), 1
-        log.warning("out of memory on a %dx%d image: retrying in %d-pixel tiles (overlap %d), one view at a time",
-                    h, w, tile, overlap)
+        log.warning("out of memory on a %dx%d (WxH) image: retrying in %d-pixel tiles (overlap %d), one view at a "
+                    "time", w, h, tile, overlap)
 
 
 # ------------------------------------------------------------------------------------------------------ the inputs
@@ -741,6 +742,7 @@ def write_npz(path: str | os.PathLike, preds: Mapping[str, np.ndarray],
 # ------------------------------------------------------------------------------------------------ command line
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog="inference.py",
         description="Restore degraded images with a trained PromptIR (or the mean of several) and write pred.npz "
                     "(uint8, (3, H, W), keyed by file name with extension); with --gt_folder also score PSNR and "
                     "SSIM, on RGB (the grader's) and on Y (the deraining literature's).")

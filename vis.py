@@ -134,8 +134,9 @@ def visualize(pred_npz: str | os.PathLike, input_folder: str | os.PathLike, out_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Draw degraded images beside their restorations from pred.npz "
-                                     "(and beside the clean images with an error map, given --gt_folder).")
+    parser = argparse.ArgumentParser(prog="vis.py", description="Draw degraded images beside their restorations "
+                                     "from pred.npz (and beside the clean images with an error map, given "
+                                     "--gt_folder).")
     parser.add_argument("--pred_npz", default="pred.npz", help="prediction file of inference.py, .npz appended "
                         "when missing (default: %(default)s)")
     parser.add_argument("--input_folder", default="datasets/test/degraded",
