@@ -154,7 +154,8 @@ def test_table_and_csv_label_rgb_and_y_scores(tmp_path):
     and the CSV has psnr/ssim (RGB) and psnr_y/ssim_y columns, each the scoring function's value, means per type and
     overall."""
     rng = np.random.default_rng(4)
-    clean = {f"{k}-1.png": torch.from_numpy(rng.integers(0, 256, (3, 16, 20), dtype=np.uint8)) for k in ("rain", "snow")}
+    clean = {f"{k}-1.png": torch.from_numpy(rng.integers(0, 256, (3, 16, 20), dtype=np.uint8))
+             for k in ("rain", "snow")}
     preds = {n: np.clip(c.numpy().astype(int) + rng.integers(-9, 10, c.shape), 0, 255).astype(np.uint8)
              for n, c in clean.items()}
     scores = scoring.evaluate(preds, _Pairs(clean, {n: n.split("-")[0] for n in clean}))
