@@ -445,8 +445,8 @@ def restore(model: nn.Module | Sequence[nn.Module], image: torch.Tensor, *, tta:
         total = restore(models[0], image, tta=tta, tile=tile, overlap=overlap, autocast_dtype=autocast_dtype,
                         batch_views=batch_views)
         for other in models[1:]:
-            total.add_(restore(other, image, tta=tta, tile=tile, overlap=overlap, autocast_dtype=autocast_dtype,
-                               batch_views=batch_views))
+            total = total + restore(other, image, tta=tta, tile=tile, overlap=overlap, autocast_dtype=autocast_dtype,
+                                    batch_views=batch_views)
         return total / len(models)
     if tta not in TTA_VIEWS:
         raise ValueError(f"tta must be one of {sorted(TTA_VIEWS)}, got {tta}")
@@ -630,7 +630,7 @@ def restore_folder(models: nn.Module | Sequence[nn.Module] | Ensemble, inputs: I
             model = models.model(index)
             for name in tqdm(names, desc=f"model {index + 1}/{len(models)}", unit="img", disable=not progress):
                 out = restored(model, name, source)
-                sums[name] = out if index == 0 else sums[name].add_(out)
+                sums[name] = out if index == 0 else sums[name] + out
             del model
             _free_device_memory()
         for name in names:
@@ -644,7 +644,7 @@ def restore_folder(models: nn.Module | Sequence[nn.Module] | Ensemble, inputs: I
     for name in tqdm(names, desc="restoring", unit="img", disable=not progress):
         total = restored(held[0], name, sources[0] if len(held) > 1 else None)
         for model, source in zip(held[1:], sources[1:]):
-            total.add_(restored(model, name, source))
+            total = total + restored(model, name, source)
         yield name, total / len(held)
 
 
