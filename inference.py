@@ -80,8 +80,8 @@ class PredictionFileError(InputError, ValueError):
     """A prediction file is missing, unreadable or does not match its images."""
 
 
-class NonFiniteOutputError(InputError, RuntimeError):
-    """The network produced NaN or infinite values for an image."""
+class NonFiniteOutputError(ToolkitError, RuntimeError):
+    """The network produced NaN or infinite values for an image (exit code 1)."""
 
 
 class RestoreOutOfMemoryError(ToolkitError, torch.cuda.OutOfMemoryError):
@@ -254,14 +254,11 @@ def load_model(checkpoint: str | os.PathLike, *, preset: str | None = None, use_
     except (RuntimeError, MemoryError) as err:
         if not is_out_of_memory(err):
             raise
-        message = f"the model of {checkpoint} does not fit in the memory of {device}"
-    else:
-        if not plain:
-            enable_fast_path(model, compile=compile and torch.device(device).type == "cuda")
-        return model
-    del model
-    _free_device_memory()
-    raise ToolkitError(f"{message}: free it of other work, or run with --device cpu")
+        raise ToolkitError(f"the model of {checkpoint} does not fit in the memory of {device}: free it of other "
+                           "work, or run with --device cpu") from None
+    if not plain:
+        enable_fast_path(model, compile=compile and torch.device(device).type == "cuda")
+    return model
 
 
 def model_bytes(model: nn.Module) -> int:

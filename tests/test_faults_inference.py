@@ -235,6 +235,17 @@ def test_an_unreadable_ensemble_member_is_named_before_any_work(tmp_path, checkp
         assert code == 2 and str(other) in err
 
 
+def test_non_finite_output_is_named_and_writes_nothing(tmp_path, checkpoint, inputs, monkeypatch, capsys):
+    """A network giving NaN (float16 overflow, a broken checkpoint) is never rounded into pred.npz: one message
+    naming the image, with the precision hint under --fp16, and no file."""
+    monkeypatch.setattr(inference, "_run_model", lambda model, batch, amp: torch.full_like(batch, float("nan")))
+    out = tmp_path / "pred.npz"
+    code, err = run(["--checkpoint", str(checkpoint), "--input_folder", str(inputs), "--output_npz", str(out),
+                     "--fp16"], capsys)
+    assert code == 1 and f"non-finite values for {inputs / '0.png'}" in err and "try --bf16 or fp32" in err
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------------------------------ out of memory
 CUBLAS = "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"
 CUDNN = "cuDNN error: CUDNN_STATUS_ALLOC_FAILED"
