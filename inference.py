@@ -414,14 +414,14 @@ def _smaller_tile(tile: int | None, height: int, width: int) -> int | None:
     return half if half >= MIN_RETRY_TILE else None
 
 
-def restore(model: nn.Module | Sequence[nn.Module], image: torch.Tensor, *, tta: int = 8, tile: int | None = None,
+def restore(model: nn.Module, image: torch.Tensor, *, tta: int = 8, tile: int | None = None,
             overlap: int = DEFAULT_OVERLAP, autocast_dtype: torch.dtype | None = None,
             batch_views: int | None = None) -> torch.Tensor:
     """Restore one image (3, H, W) in [0, 1]; returns the float32 result (3, H, W) on the image's device, not clamped.
 
     Args:
-        model: the network, in eval mode; the image is moved to its device. Several networks (an ensemble) give the
-            mean of their results, summed in float32.
+        model: the network, in eval mode; the image is moved to its device (:func:`restore_folder` averages
+            several).
         image: the degraded image.
         tta: number of test-time views averaged (``TTA_VIEWS``): 8 (all dihedral views), 4 (flips), 2 (horizontal
             flip), 1 (none).
@@ -437,14 +437,6 @@ def restore(model: nn.Module | Sequence[nn.Module], image: torch.Tensor, *, tta:
     Raises:
         RestoreOutOfMemoryError: still out of memory in ``MIN_RETRY_TILE``-pixel tiles, one view at a time.
     """
-    if not isinstance(model, nn.Module):
-        models = list(model)
-        total = restore(models[0], image, tta=tta, tile=tile, overlap=overlap, autocast_dtype=autocast_dtype,
-                        batch_views=batch_views)
-        for other in models[1:]:
-            total = total + restore(other, image, tta=tta, tile=tile, overlap=overlap, autocast_dtype=autocast_dtype,
-                                    batch_views=batch_views)
-        return total / len(models)
     if tta not in TTA_VIEWS:
         raise ValueError(f"tta must be one of {sorted(TTA_VIEWS)}, got {tta}")
     if tile is not None and not 0 <= overlap < tile:
@@ -598,7 +590,8 @@ def _checked(out: torch.Tensor, inputs: InputSet, name: str, autocast_dtype: tor
 def restore_folder(models: nn.Module | Sequence[nn.Module] | Ensemble, inputs: InputSet, *, progress: bool = True,
                    **options: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """Restore every image of ``inputs``, in order; yields ``(name, float32 result (3, H, W))`` on the CPU, not
-    clamped. Several models (a sequence, or an :class:`Ensemble`) give the mean of their results.
+    clamped. Several models (a sequence, or an :class:`Ensemble`) give the mean of their results, summed in float32
+    in the order given.
 
     Args:
         models: the network(s). An ``Ensemble`` that is not ``together`` loads one model at a time and yields the
