@@ -35,7 +35,8 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import build_model, enable_fast_path, set_checkpointing
+from fast_path import enable_fast_path, set_recomputation
+from model import build_model
 
 BF16, FP16 = torch.bfloat16, torch.float16
 # H100 ceilings read on this workplace's machines (.library/device/KINDS.md, 2026-11-13): used for the computed
@@ -133,7 +134,7 @@ def variant_model(base: torch.nn.Module, device: str, *, fast: bool, channels_la
                   compile: bool = False, checkpoint: tuple[str, ...] = ()) -> torch.nn.Module:
     model = copy.deepcopy(base).to(device)
     if fast:
-        enable_fast_path(model, channels_last=channels_last, compile=compile, checkpoint=checkpoint)
+        enable_fast_path(model, channels_last=channels_last, compile=compile, recompute=checkpoint)
     return model
 
 
@@ -186,7 +187,7 @@ def count_costs(*, fast: bool, batch: int, size: int, train: bool) -> tuple[floa
     with torch.device("meta"):
         model = build_model("official")
     if fast:
-        model.set_fast(True)
+        enable_fast_path(model)
     x = torch.rand(batch, 3, size, size, device="meta")
     flops, counter = FlopCounterMode(display=False), ByteCounter()
     with torch.set_grad_enabled(train):
@@ -340,7 +341,7 @@ def run_train_case(bench: Bench, case: str, variants: list[Variant], *, batch: i
             model = compiled[0]
             model.load_state_dict(base.state_dict())
             model.zero_grad(set_to_none=True)
-            set_checkpointing(model, v.checkpoint)  # compiling anew would recompile every block (new backend)
+            set_recomputation(model, v.checkpoint)  # compiling anew would recompile every block (new backend)
         else:
             model = variant_model(base, device, fast=v.fast, channels_last=v.channels_last, compile=v.compile,
                                   checkpoint=v.checkpoint)

@@ -41,7 +41,8 @@ from tqdm import tqdm
 
 from augment import VIEW_NAMES, dihedral, dihedral_inverse
 from dataloader import DataError, degradation_type, list_images, read_image_uint8
-from model import MIN_SIZE, PRESETS, build_model, enable_fast_path, load_weights
+from fast_path import enable_fast_path
+from model import MIN_SIZE, PRESETS, model_config, model_from_checkpoint
 from scoring import evaluate, find_clean, format_table, write_csv
 from utils import (CheckpointError, ConfigError, ToolkitError, add_precision_args, atomic_write, listing,
                    load_checkpoint, positive_int, remove_stale_temporaries, resolve_device, resolve_precision, run_cli,
@@ -226,29 +227,24 @@ def load_model(checkpoint: str | os.PathLike, *, preset: str | None = None, use_
     Args:
         checkpoint: a file written by ``trainer.py`` or any layout ``model.load_weights`` accepts, or a run folder
             of ``trainer.py``, whose ``best.pth`` is used (:func:`checkpoint_file`).
-        preset: model size used when the checkpoint has no ``"model_config"`` (foreign checkpoints); None: official.
+        preset: model size used when the checkpoint has no ``"model_config"`` (foreign checkpoints; None: official);
+            one that contradicts the checkpoint's own is refused (``model.model_config``).
         use_ema: take the ``"ema"`` weights of our checkpoints when they hold some (the weights trainer.py validated
             and chose ``best.pth`` by); False takes the plain ``"model"`` weights.
         trusted: allow full unpickling (only for files you trust).
         device: where the model runs.
-        plain: keep the official formulation instead of the fast path (``model.enable_fast_path``: same weights,
+        plain: keep the official formulation instead of the fast path (``fast_path.enable_fast_path``: same weights,
             same function within float rounding, about 2.5x faster on a CPU).
         compile: also compile the blocks with ``torch.compile`` (CUDA only; ignored on other devices).
 
     Raises:
         CheckpointError: the file is missing, unreadable or does not fit the model.
+        ConfigError: ``preset`` contradicts the checkpoint's own.
         ToolkitError: the model does not fit in the device's memory.
     """
     checkpoint = checkpoint_file(checkpoint)
-    state = load_checkpoint(checkpoint, trusted=trusted)
-    config = state.get("model_config") if isinstance(state, Mapping) else None
-    model = build_model(**config) if config else build_model(preset or "official")
-    if isinstance(state, Mapping) and state.get("ema") is not None:
-        log.info("%s holds EMA weights: using %s", checkpoint,
-                 "them (--no_ema for the plain ones)" if use_ema else "its plain weights instead (--no_ema)")
-        state = state["ema"] if use_ema else state["model"]
-    load_weights(model, state)
-    del state
+    model = model_from_checkpoint(load_checkpoint(checkpoint, trusted=trusted), preset=preset, use_ema=use_ema,
+                                  source=str(checkpoint))
     try:
         model = model.to(device).eval()
     except (RuntimeError, MemoryError) as err:
@@ -867,8 +863,8 @@ def load_models(args: argparse.Namespace) -> nn.Module | Ensemble:
     twice = sorted({str(f) for f in files if files.count(f) > 1})
     if twice:
         log.warning("checkpoint(s) given more than once, and weighted as often: %s", listing(twice))
-    for path in files[1:]:  # every file readable before any work (the first is loaded next)
-        load_checkpoint(path, trusted=args.trust_checkpoint, mmap=True)
+    for path in files[1:]:  # every file readable, of a size --preset agrees with, before any work
+        model_config(load_checkpoint(path, trusted=args.trust_checkpoint, mmap=True), args.preset, source=str(path))
     first = load(files[0])
     if args.ensemble_memory == "auto":
         together, reason = ensemble_fits(first, len(files), args.device)

@@ -34,8 +34,9 @@ import scoring
 import utils
 from augment import DEFAULT_ALPHAS, DEFAULT_RATES, STRONG_AUGMENTATIONS, AugmentPolicy
 from dataloader import DataError, build_loaders
+from fast_path import enable_fast_path
 from GFL_Loss import LOSSES, build_loss
-from model import PRESETS, build_model, enable_fast_path, freeze_except, load_weights, trainable_summary
+from model import PRESETS, build_model, freeze_except, load_weights, trainable_summary
 
 FORMAT_VERSION = 1
 # What --resume needs from a checkpoint (weights alone start a fine-tuning run instead).
@@ -395,7 +396,7 @@ class Trainer:
         self.raw.to(self.device)
         if not args.plain:
             try:
-                enable_fast_path(self.raw, compile=args.compile, checkpoint=args.recompute)
+                enable_fast_path(self.raw, compile=args.compile, recompute=args.recompute)
             except ValueError as err:
                 raise ConfigError(f"--recompute: {err}") from None
         if self.distributed:  # DDP starts every process from rank 0's weights

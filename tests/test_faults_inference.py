@@ -365,3 +365,25 @@ def test_vis_ctrl_c_is_one_line_and_leaves_no_broken_grid(tmp_path, inputs, pred
                             capsys)
     assert code == 130 and "interrupted" in message
     assert not out.exists() or files_in(out) == []
+
+
+def test_a_preset_that_contradicts_the_checkpoint_is_refused(tmp_path, checkpoint, tiny, inputs, no_model_run,
+                                                             capsys):
+    """--preset official for a checkpoint that holds a tiny model stops before any work with the checkpoint's
+    message (it was silently ignored before); in an ensemble the contradicting member is named before the first
+    model restores anything. A --preset that agrees is accepted."""
+    code, err = run(["--checkpoint", str(checkpoint), "--input_folder", str(inputs), "--preset", "official",
+                     "--output_npz", str(tmp_path / "pred.npz")], capsys)
+    assert code == 2 and f"{checkpoint} holds a model of preset 'tiny', not --preset official" in err
+    bare = tmp_path / "bare.pth"
+    torch.save(tiny.state_dict(), bare)
+    weight = "output.weight"
+    for agreeing in (bare, checkpoint):
+        model = inference.load_model(agreeing, preset="tiny", plain=True)
+        assert torch.equal(model.state_dict()[weight], tiny.state_dict()[weight])
+    small = tmp_path / "small.pth"
+    save_checkpoint(small, {"model": build_model("small").state_dict(), "model_config": {"preset": "small"}})
+    code, err = run(["--checkpoint", str(bare), str(small), "--input_folder", str(inputs), "--preset", "tiny",
+                     "--output_npz", str(tmp_path / "pred.npz")], capsys)
+    assert code == 2 and f"{small} holds a model of preset 'small', not --preset tiny" in err
+    assert not (tmp_path / "pred.npz").exists()
