@@ -829,9 +829,10 @@ class Trainer:
             patch_size=self.phases[0].patch_size, val_per_type=args.val_per_type, seed=args.seed, cache=args.cache,
             distributed=self.processes.distributed)
         self._phase_loaders = self._build_phase_loaders(first_loader)
+        self.phase_batches = [len(loader) for loader in self._phase_loaders]  # micro-batches per epoch
         # The updates of every epoch, and the update each epoch starts at: the schedule's and resume's arithmetic.
-        self.epoch_updates = [math.ceil(len(loader) / args.accum_steps)
-                              for loader, phase in zip(self._phase_loaders, self.phases) for _ in range(phase.epochs)]
+        self.epoch_updates = [math.ceil(batches / args.accum_steps)
+                              for batches, phase in zip(self.phase_batches, self.phases) for _ in range(phase.epochs)]
         self.epoch_starts = list(itertools.accumulate(self.epoch_updates, initial=0))
         resumed = read_resume(args)
         self._phase = self.phase_of(resumed["epoch"] if resumed is not None else 0)
@@ -957,7 +958,7 @@ class Trainer:
     def _effective_batch(self, index):
         """The effective batch of phase ``index`` in words (saying when --accum_steps exceeds its epoch)."""
         args, world, phase = self.args, self.processes.world, self.phases[index]
-        batches = len(self._phase_loaders[index])
+        batches = self.phase_batches[index]
         accum = min(args.accum_steps, batches)
         if accum < args.accum_steps:
             log.info(f"--accum_steps {args.accum_steps} is more than the {batches} batches of an epoch: each update "
