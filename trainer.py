@@ -6,12 +6,16 @@
 
 ``first_stage_ft.py`` and ``second_stage_ft.py`` run the same loop with their own defaults. The run folder
 (``--save_dir``) holds args.json, log.jsonl (one record per epoch), last.pth (after every epoch, and on Ctrl-C or
-SIGTERM), best.pth (best validation PSNR) and the curves drawn at the end.
+SIGTERM), best.pth (best validation PSNR), the curves drawn at the end, and with ``--keep_last K`` the weights of the
+newest K epochs (snapshots/epoch_N.pth, for ``avg_checkpoints.py``).
+
+    python trainer.py --data_dir datasets --epochs 250 --progressive 128:8:100 192:4:100 whole:2:50
 """
 from __future__ import annotations
 
 import argparse
-import copy
+import bisect
+import itertools
 import json
 import logging
 import math
@@ -35,7 +39,9 @@ from tqdm import tqdm
 import scoring
 import utils
 from augment import DEFAULT_ALPHAS, DEFAULT_RATES, STRONG_AUGMENTATIONS, AugmentPolicy
-from dataloader import DataError, build_loaders
+from avg_checkpoints import SNAPSHOT_DIR, SNAPSHOT_NAME, run_snapshots
+from dataloader import DataError, build_loaders, make_train_loader
+from ema import ModelEma
 from fast_path import enable_fast_path
 from GFL_Loss import LOSSES, build_loss
 from model import PRESETS, build_model, freeze_except, model_config, model_from_checkpoint, trainable_summary
@@ -75,6 +81,11 @@ def build_parser(defaults=None, *, fine_tune=False, description=None):
     data.add_argument("--num_workers", type=int, default=4, help="data loader processes (default 4)")
     data.add_argument("--patch_size", type=int, default=None,
                       help="train on random square crops of this size (default: whole images)")
+    data.add_argument("--progressive", nargs="+", type=_phase_option, default=None, metavar="PATCH:BATCH:EPOCHS",
+                      help="progressive training (Restormer's): phases of growing crops, e.g. 128:8:100 192:4:100 "
+                           "whole:2:50 (PATCH pixels or 'whole' images, BATCH images per micro-batch per GPU, "
+                           "EPOCHS of the phase; they sum to --epochs). The phases set the crop and micro-batch "
+                           "sizes, so --patch_size and --batch_size are not used; --accum_steps applies to each")
     data.add_argument("--val_per_type", type=int, default=320,
                       help="validation images per degradation type (default 320; 0: no validation)")
     data.add_argument("--cache", action="store_true", help="decode all images once and keep them in memory")
@@ -102,6 +113,9 @@ def build_parser(defaults=None, *, fine_tune=False, description=None):
     opt.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm (default 1.0; 0: off)")
     opt.add_argument("--ema", type=float, default=None, metavar="DECAY",
                      help="keep an exponential moving average of the weights (e.g. 0.999), used for validation")
+    opt.add_argument("--ema_no_warmup", action="store_true",
+                     help="with --ema: the constant decay from the first update (default: the decay warms up from "
+                          "0 as in timm's ModelEmaV3, so a short run's average does not hold its random start)")
     opt.add_argument("--max_bad_steps", type=int, default=20,
                      help="stop after this many steps in a row with a non-finite loss or gradient (default 20)")
     utils.add_precision_args(opt, training=True)
@@ -116,6 +130,9 @@ def build_parser(defaults=None, *, fine_tune=False, description=None):
                           "config is used, and a --preset given must match it)")
     run.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     run.add_argument("--val_interval", type=int, default=1, help="validate every this many epochs (default 1)")
+    run.add_argument("--keep_last", type=int, default=0, metavar="K",
+                     help="after every epoch write the weights (and EMA) to snapshots/epoch_N.pth and keep the "
+                          "newest K, for avg_checkpoints.py (default 0: none)")
     run.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     run.add_argument("--trust_checkpoint", action="store_true",
                      help="allow checkpoints that need pickle to load (only for files you trust)")
@@ -210,6 +227,7 @@ def check_args(args):
         raise ConfigError(f"--aug_rates / --aug_alphas: {err}") from None
     if args.patch_size is not None and args.patch_size < 8:
         raise ConfigError(f"--patch_size must be at least 8 pixels, got {args.patch_size}")
+    check_schedule_args(args)
     if not Path(args.data_dir).is_dir():
         raise ConfigError(f"--data_dir {args.data_dir} is not a folder: point it at the dataset root")
     if args.resume:
@@ -239,6 +257,111 @@ def check_run_folder(args):
     if last.is_file() and not (args.resume and Path(args.resume).parent.resolve() == last.parent.resolve()):
         raise ConfigError(f"{args.save_dir} already holds a run (last.pth): continue it with --resume "
                           f"{args.save_dir}, or choose another --save_dir")
+
+
+# ----------------------------------------------------------------------------------------- phases and snapshots
+MIN_PATCH = 8  # the smallest crop side --patch_size and --progressive accept
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of the run trained on one crop size and one micro-batch size: a phase of ``--progressive``, or
+    the whole run without it.
+
+    Args:
+        patch_size (int | None): side of the square training crops; None for whole images.
+        batch_size (int): images per micro-batch and process.
+        epochs (int): how many epochs the phase lasts.
+    """
+    patch_size: int | None
+    batch_size: int
+    epochs: int
+
+    @classmethod
+    def parse(cls, text):
+        """The phase ``PATCH:BATCH:EPOCHS`` names (PATCH a number of pixels or "whole").
+
+        Raises:
+            ConfigError: a malformed or out-of-range phase, with the expected form.
+        """
+        parts = str(text).split(":")
+        try:
+            if len(parts) != 3:
+                raise ValueError
+            patch = None if parts[0].strip().lower() == "whole" else int(parts[0])
+            batch, epochs = int(parts[1]), int(parts[2])
+        except ValueError:
+            raise ConfigError(f"--progressive {text}: a phase is PATCH:BATCH:EPOCHS, e.g. 128:8:100 or whole:2:50")
+        if patch is not None and patch < MIN_PATCH:
+            raise ConfigError(f"--progressive {text}: the patch must be at least {MIN_PATCH} pixels, or 'whole'")
+        if batch < 1 or epochs < 1:
+            raise ConfigError(f"--progressive {text}: the batch size and the epochs must be at least 1")
+        return cls(patch, batch, epochs)
+
+    @property
+    def crops(self):
+        """The crops in words: "128 px crops" or "whole images"."""
+        return "whole images" if self.patch_size is None else f"{self.patch_size} px crops"
+
+
+def _phase_option(text):
+    """argparse type of --progressive's words: the text itself, once ``Phase.parse`` accepts it."""
+    try:
+        Phase.parse(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix(f"--progressive {text}: ")) from None
+    return text
+
+
+def training_phases(args):
+    """The phases of the run: those of --progressive, or one of --patch_size and --batch_size for all --epochs.
+
+    Raises:
+        ConfigError: a malformed phase, or phases whose epochs do not sum to --epochs.
+    """
+    if not args.progressive:
+        return [Phase(args.patch_size, args.batch_size, args.epochs)]
+    phases = [Phase.parse(text) for text in args.progressive]
+    total = sum(phase.epochs for phase in phases)
+    if total != args.epochs:
+        raise ConfigError(f"the --progressive phases last {' + '.join(str(p.epochs) for p in phases)} = {total} "
+                          f"epochs, but --epochs is {args.epochs}: make the phases' epochs sum to --epochs")
+    return phases
+
+
+def check_schedule_args(args):
+    """Refuse a malformed --progressive schedule or a negative --keep_last (part of ``check_args``).
+
+    Raises:
+        ConfigError: with what to do.
+    """
+    if args.keep_last < 0:
+        raise ConfigError(f"--keep_last is a number of snapshots, 0 for none; got {args.keep_last}")
+    training_phases(args)
+
+
+def write_snapshot(run_dir, state, *, keep):
+    """Write the weights of the epoch ``state`` has just finished to ``run_dir/snapshots/epoch_N.pth`` (atomically;
+    ``avg_checkpoints.py`` averages them) and delete the snapshots beyond the newest ``keep``, and those of later
+    epochs (left by a run that continued from an earlier checkpoint). Only files named as snapshots are touched.
+
+    Args:
+        run_dir (Path): the run folder.
+        state (TrainingState): the run's state at the end of an epoch.
+        keep (int): how many snapshots to keep, at least 1.
+
+    Returns:
+        Path: the snapshot written.
+    """
+    path = Path(run_dir) / SNAPSHOT_DIR / f"epoch_{state.epoch:04d}.pth"
+    utils.save_checkpoint(path, {"format_version": FORMAT_VERSION, "model": state.model.state_dict(),
+                                 "ema": state.ema.module.state_dict() if state.ema else None,
+                                 "model_config": state.model_config, "epoch": state.epoch})
+    snapshots = run_snapshots(run_dir)  # oldest first
+    current = [p for p in snapshots if int(SNAPSHOT_NAME.match(p.name)["epoch"]) <= state.epoch]
+    for old in set(snapshots) - set(current[-keep:]):
+        old.unlink(missing_ok=True)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------- processes
@@ -330,24 +453,6 @@ class StopRequest:
 
 
 # -------------------------------------------------------------------------------------------- the update
-class EMA:
-    """Exponential moving average of a network's weights and buffers, updated after every optimizer step.
-
-    Args:
-        model (nn.Module): the network to follow; a frozen copy in eval mode is kept as ``self.module``.
-        decay (float): weight of the old average at each update, e.g. 0.999.
-    """
-
-    def __init__(self, model, *, decay):
-        self.decay = decay
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model):
-        torch._foreach_lerp_(list(self.module.state_dict().values()), list(model.state_dict().values()),
-                             1 - self.decay)
-
-
 def lr_at(step, *, peak_lr, warmup_steps, total_steps, min_lr):
     """The learning rate of update ``step`` (0-based): a linear warm-up to ``peak_lr`` over ``warmup_steps``
     updates, then a cosine decay that reaches ``min_lr`` at ``total_steps`` and stays there."""
@@ -422,7 +527,7 @@ class Update:
         autocast_dtype (torch.dtype | None): torch.float16 or torch.bfloat16 for mixed precision, None for float32.
         grad_clip (float): largest gradient norm (0: no clipping).
         scaler (torch.amp.GradScaler | None): loss scaling (float16).
-        ema (EMA | None): updated after every step taken.
+        ema (ModelEma | None): updated after every step taken, with the decay of that update's number.
         policy (Callable | None): ``policy(lq, gt) -> (lq, gt, name)``, the augmentation applied to each
             micro-batch on the device (None: none).
         ddp_model (DistributedDataParallel | None): the model's DDP wrapper when several processes train: forward
@@ -438,17 +543,21 @@ class Update:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.device = next(model.parameters()).device
 
-    def __call__(self, group, *, epoch, stop_requested=False):
+    def __call__(self, group, *, epoch, step=None, stop_requested=False):
         """Run the update.
 
         Args:
             group (list[dict]): micro-batches with "lq" and "gt" image tensors (moved to the model's device here).
             epoch (int): the 0-based epoch, for losses that change with it.
+            step (int | None): the 0-based number of this update in the run (skipped ones included), which sets the
+                EMA's decay; required with an EMA.
             stop_requested (bool): this process was asked to stop.
 
         Returns:
             UpdateResult
         """
+        if self.ema is not None and step is None:
+            raise ValueError("an update with an EMA needs its step (the EMA's decay follows it)")
         images = sum(batch["lq"].shape[0] for batch in group)
         network = self.model if self.ddp_model is None else self.ddp_model
         loss_sum = torch.zeros((), device=self.device)
@@ -465,9 +574,9 @@ class Update:
                 share = loss * (lq.shape[0] / images)
                 (self.scaler.scale(share) if self.scaler else share).backward()
             loss_sum += loss.detach() * lq.shape[0]
-        return self._step(loss_sum, images, stop_requested)
+        return self._step(loss_sum, images, stop_requested, step)
 
-    def _step(self, loss_sum, images, stop_requested):
+    def _step(self, loss_sum, images, stop_requested, step):
         """Clip, then step unless the loss or the gradient norm is not finite on some process."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
@@ -483,7 +592,7 @@ class Update:
             else:
                 self.optimizer.step()
             if self.ema:
-                self.ema.update(self.model)
+                self.ema.update(self.model, update=step + 1)
         if self.scaler:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -536,7 +645,7 @@ class TrainingState:
         optimizer (torch.optim.Optimizer): its optimizer.
         args (dict): the run's options (saved; on resume ``parse_args`` reads them before this object exists).
         model_config (dict): ``build_model`` keyword arguments (saved; read before the model is built).
-        ema (EMA | None): the weights' moving average.
+        ema (ModelEma | None): the weights' moving average.
         scaler (torch.amp.GradScaler | None): the float16 loss scaler.
         loader_generator (torch.Generator | None): the training loader's generator.
         epoch (int): epochs finished.
@@ -550,7 +659,7 @@ class TrainingState:
     optimizer: torch.optim.Optimizer
     args: dict
     model_config: dict
-    ema: EMA | None = None
+    ema: ModelEma | None = None
     scaler: torch.amp.GradScaler | None = None
     loader_generator: torch.Generator | None = None
     epoch: int = 0
@@ -712,18 +821,28 @@ class Trainer:
             torch.set_float32_matmul_precision("high")
             torch.backends.cudnn.benchmark = True  # training shapes are fixed (whole images or --patch_size crops)
         utils.seed_everything(args.seed + self.processes.rank)
-        # The data are checked (every pair, every file) before anything big is loaded or built.
-        self.train_loader, self.val_loader = build_loaders(
-            args.data_dir, batch_size=args.batch_size, num_workers=args.num_workers, patch_size=args.patch_size,
-            val_per_type=args.val_per_type, seed=args.seed, cache=args.cache, distributed=self.processes.distributed)
-        self.updates_per_epoch = math.ceil(len(self.train_loader) / args.accum_steps)
+        self.phases = training_phases(args)
+        # The data are checked (every pair, every file) before anything big is loaded or built. Validation runs on
+        # whole images in batches of the smallest micro-batch of the run (--batch_size without --progressive).
+        first_loader, self.val_loader = build_loaders(
+            args.data_dir, batch_size=min(p.batch_size for p in self.phases), num_workers=args.num_workers,
+            patch_size=self.phases[0].patch_size, val_per_type=args.val_per_type, seed=args.seed, cache=args.cache,
+            distributed=self.processes.distributed)
+        self._phase_loaders = self._build_phase_loaders(first_loader)
+        self.phase_batches = [len(loader) for loader in self._phase_loaders]  # micro-batches per epoch
+        # The updates of every epoch, and the update each epoch starts at: the schedule's and resume's arithmetic.
+        self.epoch_updates = [math.ceil(batches / args.accum_steps)
+                              for batches, phase in zip(self.phase_batches, self.phases) for _ in range(phase.epochs)]
+        self.epoch_starts = list(itertools.accumulate(self.epoch_updates, initial=0))
         resumed = read_resume(args)
+        self._phase = self.phase_of(resumed["epoch"] if resumed is not None else 0)
+        self.train_loader = self._phase_loaders[self._phase]
         start = (utils.load_checkpoint(args.checkpoint, trusted=args.trust_checkpoint)
                  if args.fine_tune and resumed is None else None)
         self.model_config = model_config(resumed or start, args.preset, source=args.resume or args.checkpoint)
         self.model = build_network(args, self.model_config, start, self.device)
         self.ddp_model = wrap_ddp(self.model, self.device) if self.processes.distributed else None
-        self.ema = EMA(self.model, decay=args.ema) if args.ema else None
+        self.ema = ModelEma(self.model, decay=args.ema, warmup=not args.ema_no_warmup) if args.ema else None
         self.policy = AugmentPolicy(  # draws from the global RNG (checkpointed)
             strong=args.augment == "strong", rates=dict(zip(STRONG_AUGMENTATIONS, args.aug_rates)),
             alphas=dict(zip(STRONG_AUGMENTATIONS, args.aug_alphas)))
@@ -734,8 +853,8 @@ class Trainer:
         self.update = Update(self.model, self.optimizer, loss_fn=self.loss_fn,
                              autocast_dtype=utils.PRECISIONS[args.precision], grad_clip=args.grad_clip, scaler=scaler,
                              ema=self.ema, policy=self.policy, ddp_model=self.ddp_model)
-        self.schedule = {"peak_lr": args.lr, "warmup_steps": args.warmup_epochs * self.updates_per_epoch,
-                         "total_steps": args.epochs * self.updates_per_epoch, "min_lr": MIN_LR}
+        self.schedule = {"peak_lr": args.lr, "warmup_steps": self.epoch_starts[args.warmup_epochs],
+                         "total_steps": self.epoch_starts[-1], "min_lr": MIN_LR}
         self.state = TrainingState(self.model, self.optimizer, vars(args), self.model_config, ema=self.ema,
                                    scaler=scaler, loader_generator=self.train_loader.generator)
         if resumed is not None:
@@ -744,6 +863,44 @@ class Trainer:
             for group, decay in zip(self.optimizer.param_groups, (args.weight_decay, 0.0)):
                 group["weight_decay"] = decay  # a --weight_decay given now holds (unchanged, it is the saved one)
         self._set_lr(self.state.step)
+
+    def _build_phase_loaders(self, first):
+        """The training loader of every phase, each checked now (crops larger than an image, a micro-batch larger
+        than a process's share of the data); ``first``, build_loaders' own, serves the phases of its sizes."""
+        loaders = []
+        for i, phase in enumerate(self.phases):
+            if (phase.patch_size, phase.batch_size) == (first.dataset.patch_size, first.batch_size):
+                loaders.append(first)
+                continue
+            try:
+                loaders.append(make_train_loader(
+                    first.dataset.with_patch_size(phase.patch_size), batch_size=phase.batch_size,
+                    num_workers=self.args.num_workers, seed=self.args.seed, world=self.processes.world,
+                    rank=self.processes.rank))
+            except DataError as err:
+                raise DataError(f"--progressive phase {i + 1} ({phase.crops}, micro-batch {phase.batch_size}): "
+                                f"{err}") from None
+        return loaders
+
+    def phase_of(self, epoch):
+        """The index of the phase that epoch ``epoch`` (0-based) belongs to (the last one past the end)."""
+        ends = list(itertools.accumulate(phase.epochs for phase in self.phases))
+        return min(bisect.bisect_right(ends, epoch), len(self.phases) - 1)
+
+    @property
+    def updates_per_epoch(self):
+        """The optimizer updates of the epoch in progress (they differ between --progressive phases)."""
+        return self.epoch_updates[min(self.state.epoch, len(self.epoch_updates) - 1)]
+
+    def _enter_phase(self, index):
+        """Train the phase ``index`` from now on: its loader replaces the last one (whose worker processes end with
+        it), and its sizes are said."""
+        previous, self._phase = self._phase_loaders[self._phase], index
+        self.train_loader = self._phase_loaders[index]
+        if previous is not self.train_loader:
+            self._phase_loaders = [None if loader is previous else loader for loader in self._phase_loaders]
+        self.state.loader_generator = self.train_loader.generator
+        self._describe_phase(index)
 
     def _check_resume(self):
         """Refuse a resume that has nothing left to do, or whose epoch does not fit the batches of this run."""
@@ -754,7 +911,7 @@ class Trainer:
         if not 0 <= self._updates_done_in_epoch() < self.updates_per_epoch:
             raise ConfigError(f"--resume {source} stopped at update {state.step} of epoch {state.epoch + 1}, "
                               f"which has {self.updates_per_epoch} updates here: resume with the same data, "
-                              "--batch_size, --accum_steps and number of processes")
+                              "--batch_size (or --progressive), --accum_steps and number of processes")
 
     # ---------------------------------------------------------------------------------------------- loop
     def fit(self, *, until_epoch=None):
@@ -782,19 +939,37 @@ class Trainer:
                       (stop.signum or signal.SIGTERM) if stopped else None)
 
     def _describe_run(self):
-        args, batches, world = self.args, len(self.train_loader), self.processes.world
+        args, total = self.args, self.epoch_starts[-1]
         if args.trainable or args.fine_tune:
             log.info(trainable_summary(self.model))
+        where = f"device {self.device}; run folder {self.run_dir}"
+        if not args.progressive:
+            log.info(f"effective batch: {self._effective_batch(0)}, {total} in all; {where}")
+            return
+        phases = ", ".join(f"{p.crops} x {p.batch_size} for {p.epochs} epoch(s)" for p in self.phases)
+        log.info(f"progressive training in {len(self.phases)} phases ({phases}): {total} updates in all; {where}")
+        self._describe_phase(self._phase)
+
+    def _describe_phase(self, index):
+        phase, first = self.phases[index], sum(p.epochs for p in self.phases[:index]) + 1
+        log.info(f"phase {index + 1}/{len(self.phases)}, epochs {first}-{first + phase.epochs - 1}: {phase.crops}; "
+                 f"effective batch: {self._effective_batch(index)}")
+
+    def _effective_batch(self, index):
+        """The effective batch of phase ``index`` in words (saying when --accum_steps exceeds its epoch)."""
+        args, world, phase = self.args, self.processes.world, self.phases[index]
+        batches = self.phase_batches[index]
         accum = min(args.accum_steps, batches)
         if accum < args.accum_steps:
             log.info(f"--accum_steps {args.accum_steps} is more than the {batches} batches of an epoch: each update "
                      f"takes the whole epoch, {accum} batches")
-        log.info(f"effective batch: {args.batch_size} images x {accum} accumulation steps x {world} process(es) = "
-                 f"{args.batch_size * accum * world} per update; {self.updates_per_epoch} updates per epoch, "
-                 f"{self.updates_per_epoch * args.epochs} in all; device {self.device}; run folder {self.run_dir}")
+        return (f"{phase.batch_size} images x {accum} accumulation steps x {world} process(es) = "
+                f"{phase.batch_size * accum * world} per update; {math.ceil(batches / args.accum_steps)} updates "
+                "per epoch")
 
     def _updates_done_in_epoch(self):
-        return self.state.step - self.state.epoch * self.updates_per_epoch
+        """The updates done in the epoch in progress: the step less the updates of the epochs before it."""
+        return self.state.step - self.epoch_starts[min(self.state.epoch, len(self.epoch_updates))]
 
     def _train_epoch(self, stop):
         """Train the epoch in progress to its end (its rest, after a resume inside it), or until a stop.
@@ -802,6 +977,8 @@ class Trainer:
         Returns:
             bool: whether the run was stopped.
         """
+        if self.phase_of(self.state.epoch) != self._phase:
+            self._enter_phase(self.phase_of(self.state.epoch))
         loader, done = self.train_loader, self._updates_done_in_epoch()
         loader.sampler.set_epoch(self.state.epoch)
         groups = _micro_batch_groups(iter(loader), self.args.accum_steps)
@@ -842,7 +1019,7 @@ class Trainer:
     def _take_step(self, group, stop):
         """One optimizer update (``self.update``) at the learning rate of its step."""
         self._set_lr(self.state.step)
-        return self.update(group, epoch=self.state.epoch, stop_requested=stop.signum is not None)
+        return self.update(group, epoch=self.state.epoch, step=self.state.step, stop_requested=stop.signum is not None)
 
     def _set_lr(self, step):
         """Give every parameter group the learning rate of update ``step``."""
@@ -882,7 +1059,9 @@ class Trainer:
         validation); log the epoch and say how it went."""
         sums, state = self._epoch_sums_over_processes(), self.state
         state.epoch += 1
+        phase = self.phases[self.phase_of(state.epoch - 1)]
         record = {"epoch": state.epoch, "step": state.step, "lr": lr_at(state.step, **self.schedule),
+                  "patch_size": phase.patch_size, "batch_size": phase.batch_size,
                   "train_loss": sums.loss_sum / sums.images if sums.images else None,
                   "images_per_s": sums.seen / sums.time_s if sums.time_s else None,
                   "skipped_steps": sums.skipped, "time_s": sums.time_s}
@@ -895,6 +1074,8 @@ class Trainer:
         if improved:
             state.best_psnr = record["val_psnr"]
         self._save({"last.pth"} | ({"best.pth"} if improved or self.val_loader is None else set()))
+        if self.args.keep_last and self.is_primary:
+            write_snapshot(self.run_dir, state, keep=self.args.keep_last)
         if run_log is not None:
             run_log.append(record)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float) and k != "time_s")
