@@ -302,6 +302,122 @@ def lr_factor(step, *, warmup_steps, total_steps, min_factor):
     return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def build_optimizer(params, *, lr, weight_decay, device):
+    """AdamW over ``params`` in two parameter groups: weight decay on matrices and convolution kernels (ndim > 1),
+    none on biases and norm weights; the fused implementation on CUDA.
+
+    Args:
+        params (Iterable[torch.nn.Parameter]): the parameters to train.
+        lr (float): the learning rate the groups start with (the schedule sets it before every update).
+        weight_decay (float): decoupled weight decay of the first group.
+        device (torch.device | str): where the parameters live.
+
+    Returns:
+        torch.optim.AdamW: groups ``[decayed, not decayed]``.
+    """
+    params = list(params)
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    fused = {"fused": True} if torch.device(device).type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=lr, **fused)
+
+
+@dataclass
+class UpdateResult:
+    """What one optimizer update did.
+
+    Args:
+        skipped (bool): the loss or the gradient was not finite (on any process): the weights did not change.
+        stop (bool): a stop was requested (on any process): end the run after this update.
+        loss_sum (float): this process's per-image loss summed over the group's images.
+        images (int): this process's images in the group.
+    """
+    skipped: bool
+    stop: bool
+    loss_sum: float
+    images: int
+
+
+class Update:
+    """One optimizer update from a group of micro-batches: exact accumulation (each micro-batch's loss weighted by
+    its share of the group's images), autocast, loss scaling, gradient clipping, skipping a non-finite step, the
+    EMA update and clearing the gradients.
+
+    Args:
+        model (nn.Module): the network (its trainable parameters are clipped; the EMA follows it).
+        optimizer (torch.optim.Optimizer): over the model's trainable parameters (``build_optimizer``).
+        loss_fn (Callable): ``loss_fn(pred, gt, epoch)``, a GFL_Loss loss.
+        autocast_dtype (torch.dtype | None): torch.float16 or torch.bfloat16 for mixed precision, None for float32.
+        grad_clip (float): largest gradient norm (0: no clipping).
+        scaler (torch.amp.GradScaler | None): loss scaling (float16).
+        ema (EMA | None): updated after every step taken.
+        policy (Callable | None): ``policy(lq, gt) -> (lq, gt, name)``, the augmentation applied to each
+            micro-batch on the device (None: none).
+        ddp_model (DistributedDataParallel | None): the model's DDP wrapper when several processes train: forward
+            and backward go through it (gradients synchronised on the group's last micro-batch) and the skip and
+            stop decisions are agreed by all processes.
+    """
+
+    def __init__(self, model, optimizer, *, loss_fn, autocast_dtype, grad_clip, scaler=None, ema=None, policy=None,
+                 ddp_model=None):
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.autocast_dtype, self.grad_clip, self.scaler = autocast_dtype, grad_clip, scaler
+        self.ema, self.policy, self.ddp_model = ema, policy, ddp_model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.device = next(model.parameters()).device
+
+    def __call__(self, group, *, epoch, stop_requested=False):
+        """Run the update.
+
+        Args:
+            group (list[dict]): micro-batches with "lq" and "gt" image tensors (moved to the model's device here).
+            epoch (int): the 0-based epoch, for losses that change with it.
+            stop_requested (bool): this process was asked to stop.
+
+        Returns:
+            UpdateResult
+        """
+        images = sum(batch["lq"].shape[0] for batch in group)
+        network = self.model if self.ddp_model is None else self.ddp_model
+        loss_sum = torch.zeros((), device=self.device)
+        for i, batch in enumerate(group):
+            lq = batch["lq"].to(self.device, non_blocking=True)
+            gt = batch["gt"].to(self.device, non_blocking=True)
+            if self.policy is not None:
+                lq, gt, _ = self.policy(lq, gt)
+            synchronise = self.ddp_model is None or i == len(group) - 1
+            with nullcontext() if synchronise else self.ddp_model.no_sync():
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                    enabled=self.autocast_dtype is not None):
+                    loss = self.loss_fn(network(lq), gt, epoch)
+                share = loss * (lq.shape[0] / images)
+                (self.scaler.scale(share) if self.scaler else share).backward()
+            loss_sum += loss.detach() * lq.shape[0]
+        return self._step(loss_sum, images, stop_requested)
+
+    def _step(self, loss_sum, images, stop_requested):
+        """Clip, then step unless the loss or the gradient norm is not finite on some process."""
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf"))
+        flags = torch.stack([~torch.isfinite(norm) | ~torch.isfinite(loss_sum),
+                             torch.tensor(stop_requested, device=self.device)]).float()
+        if self.ddp_model is not None:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        skipped, stop, value = torch.cat([flags, loss_sum.view(1).float()]).tolist()
+        if not skipped:
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+            if self.ema:
+                self.ema.update(self.model)
+        if self.scaler:
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return UpdateResult(bool(skipped), bool(stop), value, images)
+
+
 def _groups(batches, size):
     """Consecutive lists of ``size`` batches (the last one may be shorter): one optimizer update each."""
     group = []
@@ -416,11 +532,11 @@ class Trainer:
         self.amp_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
         self.scaler = torch.amp.GradScaler("cuda") if args.fp16 else None
 
-        self.params = [p for p in self.raw.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in self.params if p.ndim > 1], "weight_decay": args.weight_decay},
-                  {"params": [p for p in self.params if p.ndim <= 1], "weight_decay": 0.0}]
-        fused = {"fused": True} if self.device.type == "cuda" else {}
-        self.optimizer = torch.optim.AdamW(groups, lr=args.lr, **fused)
+        self.optimizer = build_optimizer((p for p in self.raw.parameters() if p.requires_grad), lr=args.lr,
+                                         weight_decay=args.weight_decay, device=self.device)
+        self.update = Update(self.raw, self.optimizer, loss_fn=self.loss, autocast_dtype=self.amp_dtype,
+                             grad_clip=args.grad_clip, scaler=self.scaler, ema=self.ema, policy=self.policy,
+                             ddp_model=self.net if self.distributed else None)
         warmup, total = args.warmup_epochs * self.updates_per_epoch, args.epochs * self.updates_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
             s, warmup_steps=warmup, total_steps=total, min_factor=MIN_LR / args.lr))
@@ -587,7 +703,8 @@ class Trainer:
                         raise
                     stopped = True
                     break
-                bad, stopped, value, count = self._update(group, stop)
+                result = self._update(group, stop)
+                bad, stopped, value, count = result.skipped, result.stop, result.loss_sum, result.images
                 self.step += 1
                 part["seen"] += count
                 seen_now += count
@@ -626,49 +743,16 @@ class Trainer:
                 "skipped_steps": part["skipped"], "time_s": part["time_s"]}, stopped
 
     def _update(self, group, stop):
-        """One optimizer update from a group of micro-batches: exact accumulation (each micro-batch's loss weighted
-        by its share of the group's images), mixed precision, clipping, skipping non-finite steps.
+        """One optimizer update (``self.update``) and the schedule's step after it.
 
         Returns:
-            (bad, stop, loss_sum, images): whether the step was skipped, whether to stop (agreed by all
-            processes), and this process's summed per-image loss and image count.
+            UpdateResult: whether the step was skipped, whether to stop, this process's loss sum and images.
         """
-        args = self.args
-        count = sum(batch["lq"].shape[0] for batch in group)
-        loss_sum = torch.zeros((), device=self.device)
-        for i, batch in enumerate(group):
-            lq = batch["lq"].to(self.device, non_blocking=True)
-            gt = batch["gt"].to(self.device, non_blocking=True)
-            lq, gt, _ = self.policy(lq, gt)
-            sync = not self.distributed or i == len(group) - 1
-            with nullcontext() if sync else self.net.no_sync():
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    loss = self.loss(self.net(lq), gt, self.epoch)
-                scaled = loss * (lq.shape[0] / count)
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            loss_sum += loss.detach() * lq.shape[0]
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, args.grad_clip or float("inf"))
-        flags = torch.stack([~torch.isfinite(norm) | ~torch.isfinite(loss_sum),
-                             torch.tensor(stop.signum is not None, device=self.device)]).float()
-        if self.distributed:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        bad, stop_now, value = torch.cat([flags, loss_sum.view(1).float()]).tolist()
-        if not bad:
-            if self.scaler:
-                self.scaler.step(self.optimizer)
-            else:
-                self.optimizer.step()
-            if self.ema:
-                self.ema.update(self.raw)
-        if self.scaler:
-            self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        result = self.update(group, epoch=self.epoch, stop_requested=stop.signum is not None)
         with warnings.catch_warnings():  # a skipped step still moves the schedule, which torch warns about
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
             self.scheduler.step()
-        return bool(bad), bool(stop_now), value, count
+        return result
 
     # ----------------------------------------------------------------------------------------- validation
     def _maybe_validate(self):
