@@ -44,8 +44,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import utils
+from fast_path import enable_fast_path
 from GFL_Loss import build_loss
-from model import build_model, enable_fast_path
+from model import build_model
 from trainer import Update, build_optimizer
 
 log = logging.getLogger("bench_speed")
@@ -456,7 +457,7 @@ def variant_model(base: torch.nn.Module, device: str, *, fast: bool, channels_la
     """A copy of ``base`` on ``device``, on the fast path when ``fast`` (the one place a variant's model is made)."""
     model = copy.deepcopy(base).to(device)
     if fast:
-        enable_fast_path(model, channels_last=channels_last, compile=compile, checkpoint=recompute)
+        enable_fast_path(model, channels_last=channels_last, compile=compile, recompute=recompute)
     return model
 
 
@@ -513,7 +514,7 @@ def count_costs(*, fast: bool, batch: int, size: int, train: bool) -> tuple[floa
     with torch.device("meta"):
         model = build_model("official")
     if fast:
-        model.set_fast(True)
+        enable_fast_path(model)
     x = torch.rand(batch, 3, size, size, device="meta")
     flops, counter = FlopCounterMode(display=False), ByteCounter()
     with torch.set_grad_enabled(train):

@@ -7,16 +7,29 @@ Layouts ``find_pairs`` understands (``root`` is what ``--data_dir`` names):
    with ``list_images``);
 2. one paired set: ``root/degraded`` and ``root/clean`` with identical file names, or homework-style names (so
    ``--data_dir .../train`` works too);
-3. a folder of such sets: ``root/<set>/degraded`` and ``root/<set>/clean`` (like ``../shared/data``).
+3. a folder of such sets: ``root/<set>/degraded`` and ``root/<set>/clean`` (like ``../shared/data``), or the same
+   under ``root/train/`` (Restormer's ``Datasets/train/Rain13K``).
 
-The degradation type ("kind") of a pair is its set's folder name in layout 3; otherwise the ``<type>`` prefix of a
-homework-style name, or the set folder's name when the file has none.
+The two halves of a set may carry the names public sets ship with instead of ``degraded``/``clean``: the table
+``PAIRED_FOLDERS`` (``input``/``target`` of Rain13K, ``lq``/``gt`` of BasicSR, ``rain``/``norain``, ``synthetic``/``gt``
+of Snow100K, ``Snow``/``Gt`` of CSD), used by every layout; ``train/`` may also be ``Train/`` (CSD).
 
-Every image is read by ``read_image_uint8``: grayscale and palette images become RGB, an alpha channel is dropped
+The degradation type ("kind") of a pair is its set's folder name in layout 3; otherwise ``degradation_type``: the
+``<type>`` prefix of a homework-style name, or the set folder's name when the file has none.
+
+Hidden files (any name starting with ".", such as macOS's ``.DS_Store`` and ``._rain-1.png``) are skipped. A stem
+that several files share (``rain-1.png`` beside ``rain-1.jpg``), a broken link, or a folder named like an image is
+an error naming the files, never a silent choice.
+
+Every image is read by ``read_image_uint8``: the EXIF orientation is applied (as image viewers do; the header check
+``check_pairs`` reports the size as shown), grayscale and palette images become RGB, an alpha channel is dropped
 (the stored colours are kept, not composited), and 16-bit samples keep their high byte (``v >> 8``, which is what
 Pillow itself does for 16-bit RGB PNGs), so the same file gives the same pixels everywhere.
 """
+import copy
+import functools
 import logging
+import math
 import os
 import random
 import re
@@ -33,6 +46,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from augment import NUM_VIEWS, SHAPE_PRESERVING_VIEWS, dihedral
+from model import MIN_SIZE
+from utils import ToolkitError, listing
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +55,46 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 HOMEWORK_NAME = re.compile(r"^(?P<kind>.+)-(?P<number>[0-9]+)$")  # degraded stem "<type>-<N>"
 MAX_LISTED_PROBLEMS = 50
 VAL_FRACTION_CAP = 0.2
+# (degraded, clean) folder names of a paired set, as public data sets ship them; names match exactly (case too).
+PAIRED_FOLDERS = (("degraded", "clean"), ("input", "target"), ("lq", "gt"), ("LQ", "GT"), ("rain", "norain"),
+                  ("synthetic", "gt"), ("Snow", "Gt"))
+DEGRADED_FOLDERS = tuple(dict.fromkeys(degraded for degraded, _ in PAIRED_FOLDERS))
+TRAIN_FOLDERS = ("train", "Train")
+_HALF_NAMES = frozenset(name for pair in PAIRED_FOLDERS for name in pair)
 _LAYOUTS = ("  - root/train/degraded + root/train/clean (homework: rain-1.png <-> rain_clean-1.png)\n"
             "  - root/degraded + root/clean (identical file names, or homework-style names)\n"
-            "  - root/<set>/degraded + root/<set>/clean for several sets (kind = set name)")
+            "  - root/<set>/degraded + root/<set>/clean for several sets (kind = set name), also under root/train/\n"
+            "  degraded/ + clean/ may be named " + ", ".join(f"{d}/ + {c}/" for d, c in PAIRED_FOLDERS))
+# EXIF orientation -> what turns the stored (H, W, C) pixels into the image as shown (ImageOps.exif_transpose's table)
+_ORIENTATIONS = {
+    2: lambda a: a[:, ::-1],  # mirrored left-right
+    3: lambda a: a[::-1, ::-1],  # rotated 180
+    4: lambda a: a[::-1],  # mirrored top-bottom
+    5: lambda a: a.transpose(1, 0, 2),  # transposed
+    6: lambda a: np.rot90(a, -1),  # shown rotated 90 degrees clockwise
+    7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],  # transversed
+    8: lambda a: np.rot90(a, 1),  # shown rotated 90 degrees counter-clockwise
+}
+_EXIF_ORIENTATION = 0x0112
+_WORKER_ERROR = re.compile(r"^(?:[\w.]+\.)?DataError: ", re.MULTILINE)
 
 
-class DataError(ValueError):
-    """A problem with the data on disk; the message names the files and what to do."""
+class DataError(ToolkitError, ValueError):
+    """A problem with the data on disk; the message names the files and what to do.
+
+    Args:
+        message (str): the problem and its fix.
+    """
+
+    def __init__(self, message: str = ""):
+        # A DataLoader worker's exception is raised again in the main process as this type, built from the worker's
+        # whole traceback ("Caught DataError in DataLoader worker process 0. Original Traceback ..."): keep only the
+        # message, which is what a user needs.
+        if message.startswith("Caught DataError") and "Traceback" in message:
+            found = list(_WORKER_ERROR.finditer(message))
+            if found:
+                message = message[found[-1].end():].rstrip("\n")
+        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -72,23 +120,119 @@ def natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"([0-9]+)", name)]
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+def _file_system_errors(fn: Callable) -> Callable:
+    """Turn a file-system failure inside ``fn`` (a folder or file that cannot be accessed) into a DataError."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DataError:
+            raise
+        except OSError as err:
+            raise DataError(_access_problem(Path(err.filename or "?"), err)) from err
+    return wrapper
 
 
+def _access_problem(path: Path, err: OSError, action: str = "read") -> str:
+    """What is wrong when ``path`` cannot be read or listed, and the fix."""
+    if isinstance(err, PermissionError):
+        return (f"{path} cannot be {action} (permission denied): give your user read access (chmod -R u+rX {path}), "
+                "or copy the data somewhere you can read")
+    return f"{path} cannot be {action} ({err.strerror or err}): check the disk or copy the data elsewhere"
+
+
+def _entries(folder: Path) -> list[Path]:
+    """The entries of ``folder``; a DataError naming it and the fix when it cannot be listed."""
+    try:
+        return list(folder.iterdir())
+    except OSError as err:
+        raise DataError(_access_problem(folder, err, "listed")) from err
+
+
+def _hidden(path: Path) -> bool:
+    return path.name.startswith(".")
+
+
+@_file_system_errors
 def list_images(folder: str | Path) -> list[Path]:
-    """The image files in ``folder``, natural-sorted; DataError when the folder is missing or holds none."""
+    """The image files in ``folder``, natural-sorted, hidden files skipped.
+
+    Raises:
+        DataError: the folder is missing, cannot be listed or holds no images; a broken link or a folder carries an
+            image's name (all named at once).
+    """
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"{folder} is not a folder")
-    images = sorted((p for p in folder.iterdir() if _is_image(p)), key=lambda p: natural_key(p.name))
+        raise DataError(f"{folder} is not a folder" + ("" if folder.exists() else " (it does not exist)"))
+    images, problems = [], []
+    for path in _entries(folder):
+        if _hidden(path) or path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        if path.is_file():
+            images.append(path)
+        elif path.is_symlink() and not path.exists():
+            problems.append(f"{path} is a broken link: it points to {os.readlink(path)}, which does not exist "
+                            "(fix the link or remove it)")
+        elif path.is_dir():
+            problems.append(f"{path} is a folder, not an image file (rename it or move it out of {folder})")
+        else:
+            problems.append(f"{path} is not a regular file (remove it or replace it with the image)")
+    _raise_problems(problems, f"the files of {folder}")
     if not images:
         raise DataError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return images
+    return sorted(images, key=lambda p: natural_key(p.name))
 
 
-def _is_set(folder: Path) -> bool:
-    return (folder / "degraded").is_dir() and (folder / "clean").is_dir()
+def _by_stem(folder: Path) -> tuple[dict[str, Path], list[str]]:
+    """The images of ``folder`` by file stem, and a problem for every stem that several files share."""
+    groups = defaultdict(list)
+    for path in list_images(folder):
+        groups[path.stem].append(path)
+    problems = [f"{folder}: {' and '.join(p.name for p in paths)} share one name, so which is meant is unclear "
+                "(keep one, move the others out of the folder)" for paths in groups.values() if len(paths) > 1]
+    return {stem: paths[0] for stem, paths in groups.items()}, problems
+
+
+def images_by_stem(folder: str | Path) -> dict[str, Path]:
+    """``{file stem: image}`` of the images in ``folder`` (as ``list_images`` finds them).
+
+    Raises:
+        DataError: as ``list_images``, or naming every stem that several files share (``rain-1.png`` beside
+            ``rain-1.jpg``): pairing by name could not tell which one is meant.
+    """
+    by_stem, problems = _by_stem(Path(folder))
+    _raise_problems(problems, f"the file names of {folder}")
+    return by_stem
+
+
+def _halves(folder: Path) -> tuple[str, str] | None:
+    """The (degraded, clean) folder names of ``folder`` when it is a paired set (``PAIRED_FOLDERS``), else None."""
+    present = _present_halves(folder)
+    found = [(d, c) for d, c in PAIRED_FOLDERS if d in present and c in present]
+    if len(found) > 1:
+        raise DataError(f"{folder} holds several pairs of degraded/clean folders ("
+                        f"{', '.join(f'{d}/ + {c}/' for d, c in found)}): keep one pair in it (move the others into "
+                        "a set folder of their own)")
+    return found[0] if found else None
+
+
+def _present_halves(folder: Path) -> set[str]:
+    """The names of ``PAIRED_FOLDERS`` that ``folder`` holds as folders (compared exactly, as listed)."""
+    if not folder.is_dir():
+        return set()
+    return {p.name for p in _entries(folder) if p.name in _HALF_NAMES and p.is_dir()}
+
+
+def _one_sided(folder: Path) -> str | None:
+    """What is wrong with a folder that holds one half of a set but not the other, or None."""
+    present = _present_halves(folder)
+    if not present or _halves(folder):
+        return None
+    clauses = []
+    for name in sorted(present):
+        partners = list(dict.fromkeys(c if d == name else d for d, c in PAIRED_FOLDERS if name in (d, c)))
+        clauses.append(f"it has {name}/ but no {' or '.join(p + '/' for p in partners)} beside it")
+    return "; ".join(clauses)
 
 
 def clean_partner_stem(stem: str, clean_stems: Container[str]) -> str:
@@ -101,78 +245,140 @@ def clean_partner_stem(stem: str, clean_stems: Container[str]) -> str:
     return stem if stem in clean_stems and homework_stem not in clean_stems else homework_stem
 
 
-DEGRADED_FOLDER = "degraded"
-
-
 def degradation_type(degraded: str | Path) -> str:
     """The degradation type of a degraded image: the one rule for training logs, validation and scoring.
 
     The ``<type>`` prefix of a homework-style name ``<type>-<N>`` (``rain-12.png`` -> ``rain``), whatever its clean
-    partner is called; otherwise the name of the set it belongs to: the folder above its ``degraded/`` folder
-    (``rain100h/degraded/1.png`` -> ``rain100h``), or its own folder when that has another name.
+    partner is called; otherwise the name of the set it belongs to: the folder above its degraded folder (any
+    degraded name of ``PAIRED_FOLDERS``: ``rain100h/degraded/1.png`` and ``Rain13K/input/1.jpg`` -> ``rain100h`` and
+    ``Rain13K``), or its own folder when that has another name.
     """
     degraded = Path(degraded)
     match = HOMEWORK_NAME.match(degraded.stem)
     if match:
         return match["kind"]
     folder = degraded.absolute().parent
-    return folder.parent.name if folder.name == DEGRADED_FOLDER else folder.name
+    return folder.parent.name if folder.name in DEGRADED_FOLDERS else folder.name
 
 
-def _set_pairs(folder: Path, *, set_kind: str | None = None, prefix: str = "") -> list[Pair]:
+def _set_pairs(folder: Path, halves: tuple[str, str], *, set_kind: str | None = None, prefix: str = "") -> list[Pair]:
     """Pairs of one set; ``set_kind`` overrides the kind taken from names (folder-of-sets layout)."""
-    degraded_images = list_images(folder / "degraded")
-    clean_by_stem = {p.stem: p for p in list_images(folder / "clean")}
+    degraded_folder, clean_folder = folder / halves[0], folder / halves[1]
+    degraded_by_stem, problems = _by_stem(degraded_folder)
+    clean_by_stem, clean_problems = _by_stem(clean_folder)
+    _raise_problems(problems + clean_problems, f"the file names of {folder}")
     pairs = []
-    for degraded in degraded_images:
+    for degraded in sorted(degraded_by_stem.values(), key=lambda p: natural_key(p.name)):
         stem = clean_partner_stem(degraded.stem, clean_by_stem)
-        clean = clean_by_stem.get(stem, folder / "clean" / (stem + degraded.suffix))
+        clean = clean_by_stem.get(stem, clean_folder / (stem + degraded.suffix))
         kind = set_kind or degradation_type(degraded)
         pairs.append(Pair(degraded, clean, kind, prefix + degraded.name))
-    unused = set(clean_by_stem.values()) - {p.clean for p in pairs}
+    used = {p.clean for p in pairs}
+    unused = [p.name for p in sorted(clean_by_stem.values(), key=lambda p: natural_key(p.name)) if p not in used]
     if unused:
-        log.warning("%d clean image(s) in %s have no degraded partner and are ignored", len(unused), folder / "clean")
+        log.warning("%d clean image(s) in %s have no degraded partner and are ignored: %s", len(unused), clean_folder,
+                    listing(unused, limit=10))
     return pairs
 
 
+def _folder_of_sets(root: Path) -> list[Pair]:
+    """The pairs of every set folder in ``root`` (layout 3); empty when it holds none."""
+    folders = sorted((d for d in _entries(root) if not _hidden(d) and d.is_dir()), key=lambda d: natural_key(d.name))
+    sets = [(d, halves) for d in folders if (halves := _halves(d))]
+    if sets:
+        for d in folders:
+            problem = _one_sided(d)
+            if problem:
+                log.warning("skipping %s: %s (a set needs both folders of one of: %s)", d, problem,
+                            ", ".join(f"{a}/ + {b}/" for a, b in PAIRED_FOLDERS))
+    return [pair for d, halves in sets for pair in _set_pairs(d, halves, set_kind=d.name, prefix=f"{d.name}/")]
+
+
+@_file_system_errors
 def find_pairs(root: str | Path) -> list[Pair]:
     """All (degraded, clean) pairs under ``root`` in one of the layouts of the module docstring.
 
     Pairs whose clean partner is missing are returned with the expected path; ``check_pairs`` reports them.
+
+    Raises:
+        DataError: no layout fits (the message lists what ``root`` holds and the layouts and folder names accepted),
+            a folder cannot be listed, or file names are ambiguous or broken (see ``list_images``).
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist; expected one of these layouts:\n{_LAYOUTS}")
-    if _is_set(root / "train"):
-        return _set_pairs(root / "train")
-    if _is_set(root):
-        return _set_pairs(root)
-    folders = sorted((d for d in root.iterdir() if d.is_dir()), key=lambda d: natural_key(d.name))
-    sets = [d for d in folders if _is_set(d)]
-    for d in folders:
-        halves = [name for name in ("degraded", "clean") if (d / name).is_dir()]
-        if sets and len(halves) == 1:
-            log.warning("skipping %s: it has %s/ but no %s/ beside it (name its folders degraded/ and clean/ to "
-                        "use it)", d, halves[0], "clean" if halves[0] == "degraded" else "degraded")
-    if not sets:
-        found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
-        shown = ", ".join(found[:10]) + (", ..." if len(found) > 10 else "") if found else "nothing"
-        raise DataError(f"no degraded/clean pairs found in {root} (it holds {shown}); expected one of these "
-                        f"layouts:\n{_LAYOUTS}")
-    return [pair for s in sets for pair in _set_pairs(s, set_kind=s.name, prefix=f"{s.name}/")]
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DataError(f"data folder {root} {what}; expected one of these layouts:\n{_LAYOUTS}")
+    for train in TRAIN_FOLDERS:
+        halves = _halves(root / train)
+        if halves:
+            return _set_pairs(root / train, halves)
+    halves = _halves(root)
+    if halves:
+        return _set_pairs(root, halves)
+    pairs = _folder_of_sets(root)
+    for train in TRAIN_FOLDERS:
+        if not pairs and (root / train).is_dir():
+            pairs = _folder_of_sets(root / train)
+    if not pairs:
+        found = sorted(p.name + ("/" if p.is_dir() else "") for p in _entries(root) if not _hidden(p))
+        shown = listing(found, limit=10) if found else "nothing"
+        hint = _one_sided(root)
+        raise DataError(f"no degraded/clean pairs found in {root} (it holds {shown}{'; ' + hint if hint else ''}); "
+                        f"expected one of these layouts:\n{_LAYOUTS}")
+    return pairs
+
+
+def _too_large(path: str | Path, detail: str) -> str:
+    return (f"{path} is too large to decode safely ({detail}; Pillow refuses such files as possible decompression "
+            "bombs): downscale it or remove it")
 
 
 def _open(path: str | Path, fn: Callable):
-    """``fn(image)`` on the opened file; every Pillow failure (it raises many types) becomes a DataError."""
+    """``fn(image)`` on the opened file; every failure (Pillow raises many types) becomes a DataError naming the file
+    and the fix."""
     try:
         with Image.open(path) as img:
             if img.mode == "F":
                 raise DataError(f"{path}: floating-point images are not supported; save it as 8- or 16-bit")
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and img.width * img.height > limit:
+                raise DataError(_too_large(path, f"{img.width}x{img.height} (WxH), {img.width * img.height:,} "
+                                                 f"pixels, more than {limit:,}"))
             return fn(img)
     except DataError:
         raise
+    except Image.DecompressionBombError as err:
+        raise DataError(_too_large(path, str(err))) from err
+    except FileNotFoundError as err:
+        raise DataError(f"{path} does not exist (deleted, moved or renamed after the data were found?): put it back, "
+                        "or start again so that the data are found anew") from err
+    except IsADirectoryError as err:
+        raise DataError(f"{path} is a folder, not an image file: rename it or move it away") from err
+    except PermissionError as err:
+        raise DataError(_access_problem(Path(path), err)) from err
     except Exception as err:
-        raise DataError(f"{path}: cannot be read as an image ({type(err).__name__}: {err})") from err
+        try:
+            empty = os.path.getsize(path) == 0
+        except OSError:
+            empty = False
+        if empty:
+            raise DataError(f"{path} is empty (0 bytes; an interrupted copy or download?): copy it again or remove "
+                            "it") from err
+        raise DataError(f"{path}: cannot be read as an image ({type(err).__name__}: {err}); copy it again, re-save "
+                        "it, or remove it") from err
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation (2 to 8) the file's header stores, or 1 (shown as stored): none, an invalid one, a
+    malformed EXIF block (viewers show such files as stored), or a TIFF (Pillow's reader applies it itself)."""
+    if img.format == "TIFF":
+        return 1
+    try:
+        # The base method reads what the header holds; PngImageFile's own would decode the whole file first.
+        value = Image.Image.getexif(img).get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - any EXIF parsing failure means "no usable orientation"
+        return 1
+    return value if value in _ORIENTATIONS else 1
 
 
 def _to_rgb_array(img: Image.Image) -> np.ndarray:
@@ -182,9 +388,17 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
 
 
+def _shown_rgb(img: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 pixels as the image is shown: the EXIF orientation applied."""
+    orient = _ORIENTATIONS.get(_orientation(img))  # before decoding, as _image_size reads it
+    pixels = _to_rgb_array(img)
+    return pixels if orient is None else orient(pixels)
+
+
 def read_image_uint8(path: str | Path) -> Tensor:
-    """Decode an image file to a uint8 RGB tensor (3, H, W); DataError naming the file when it cannot be read."""
-    return torch.from_numpy(np.ascontiguousarray(_open(path, _to_rgb_array).transpose(2, 0, 1)))  # one copy
+    """Decode an image file to a uint8 RGB tensor (3, H, W) as it is shown (EXIF orientation applied); DataError
+    naming the file and the fix when it cannot be read."""
+    return torch.from_numpy(np.ascontiguousarray(_open(path, _shown_rgb).transpose(2, 0, 1)))  # one copy
 
 
 def read_image(path: str | Path) -> Tensor:
@@ -193,11 +407,13 @@ def read_image(path: str | Path) -> Tensor:
 
 
 def _image_size(path: Path, decode: bool) -> tuple[int, int]:
-    """(H, W) from the header; with ``decode`` the whole file is decoded, which finds truncated data."""
+    """(H, W) as shown (EXIF orientation applied) from the header; with ``decode`` the whole file is decoded, which
+    finds truncated data."""
     def size(img: Image.Image) -> tuple[int, int]:
+        swapped = _orientation(img) >= 5  # orientations 5 to 8 swap height and width
         if decode:
             img.load()
-        return img.height, img.width
+        return (img.width, img.height) if swapped else (img.height, img.width)
     return _open(path, size)
 
 
@@ -214,13 +430,33 @@ def _threaded(fn: Callable, items: Sequence) -> list:
 
 def _raise_problems(problems: list[str], what: str) -> None:
     if problems:
-        listed = "\n".join(f"  - {p}" for p in problems[:MAX_LISTED_PROBLEMS])
-        more = f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
-        raise DataError(f"{len(problems)} problem(s) with {what}; fix them and start again:\n{listed}{more}")
+        listed = listing(problems, limit=MAX_LISTED_PROBLEMS, sep="\n", prefix="  - ")
+        raise DataError(f"{len(problems)} problem(s) with {what}; fix them and start again:\n{listed}")
 
 
+def _missing_partner(pair: Pair, others: dict[Path, dict[str, list[str]]]) -> str:
+    """The problem of a pair whose clean partner is missing, naming files of that name that are not images."""
+    if pair.clean is None:
+        return f"{pair.degraded} has no clean partner"
+    folder = pair.clean.parent
+    if folder not in others:
+        names = defaultdict(list)
+        for path in (_entries(folder) if folder.is_dir() else []):
+            if not _hidden(path):
+                names[path.stem].append(path.name)
+        others[folder] = names
+    text = f"{pair.degraded} has no clean partner (expected {pair.clean})"
+    unsupported = others[folder].get(pair.clean.stem)
+    if unsupported:
+        text += (f"; {folder} holds {', '.join(unsupported)}, which is not a supported image type "
+                 f"({', '.join(IMAGE_EXTENSIONS)})")
+    return text
+
+
+@_file_system_errors
 def check_pairs(pairs: Sequence[Pair], *, decode: bool = True) -> list[tuple[int, int]]:
-    """Check every pair before any training starts and return the (H, W) of each.
+    """Check every pair before any training starts and return the (H, W) of each, as shown (EXIF orientation
+    applied).
 
     Finds clean partners that are missing, unreadable files, pairs of different sizes and, with ``decode`` (slower:
     it decodes every file), truncated or corrupt image data. All problems are raised together in one DataError.
@@ -231,18 +467,19 @@ def check_pairs(pairs: Sequence[Pair], *, decode: bool = True) -> list[tuple[int
     """
     if not pairs:
         raise DataError("no image pairs to check")
-    files = [path for p in pairs for path in (p.degraded, p.clean) if path is not None and path.is_file()]
+    files = list(dict.fromkeys(path for p in pairs for path in (p.degraded, p.clean)
+                               if path is not None and (path == p.degraded or path.is_file())))
     size_of = dict(zip(files, _threaded(lambda path: _image_size(path, decode), files)))
-    problems = []
+    problems, listed = [], {}
     for pair in pairs:
         lq_size, gt_size = size_of[pair.degraded], size_of.get(pair.clean)
         if gt_size is None:
-            problems.append(f"{pair.degraded} has no clean partner (expected {pair.clean})")
+            problems.append(_missing_partner(pair, listed))
         problems += [str(r) for r in (lq_size, gt_size) if isinstance(r, DataError)]
         if isinstance(lq_size, tuple) and isinstance(gt_size, tuple) and lq_size != gt_size:
             problems.append(f"sizes differ: {pair.degraded} is {lq_size[1]}x{lq_size[0]} (WxH) but {pair.clean} is "
                             f"{gt_size[1]}x{gt_size[0]}")
-    _raise_problems(problems, "the data set")
+    _raise_problems(list(dict.fromkeys(problems)), "the data set")
     return [size_of[p.degraded] for p in pairs]
 
 
@@ -271,6 +508,25 @@ def stratified_split(pairs: Sequence[Pair], *, val_per_type: int = 320, seed: in
     return [p for p in pairs if p not in val], [p for p in pairs if p in val]
 
 
+def _check_patch_size(patch_size: int | None) -> None:
+    if patch_size is not None and patch_size < 1:
+        raise ValueError(f"patch_size must be a positive number of pixels or None, got {patch_size}")
+
+
+def _small_images(pairs: Sequence[Pair], sizes: Sequence[tuple[int, int]], *, train: bool,
+                  patch_size: int | None) -> list[str]:
+    """A problem for every image too small to use: training crops need ``patch_size``, whole images (validation, or
+    training without crops) the network's ``MIN_SIZE``."""
+    if train and patch_size is not None:
+        need, reason = patch_size, f"smaller than --patch_size {patch_size} (use a smaller patch or remove it)"
+    else:
+        need, reason = MIN_SIZE, (f"smaller than {MIN_SIZE}x{MIN_SIZE}, the network's smallest input (remove or "
+                                  "enlarge it)")
+    role = "training" if train else "validation"
+    return [f"{p.degraded} is {w}x{h} (WxH): {role} image {reason}" for p, (h, w) in zip(pairs, sizes)
+            if min(h, w) < need]
+
+
 class PairedDataset(Dataset):
     """Pairs as dicts ``{"lq", "gt", "kind", "name"}`` with float (3, H, W) images in [0, 1].
 
@@ -278,9 +534,11 @@ class PairedDataset(Dataset):
     one random dihedral view of both; whole images when ``patch_size`` is None, which needs all images to share one
     size. A crop is square, so all 8 views are used; whole non-square images use only the 4 views that keep their
     shape, so that they still batch. An image smaller than the patch is an error (no padding: a model should not
-    learn from invented borders). The randomness of an item comes from a seed the sampler gives with its index
-    (``dataset[(index, seed)]``, see ``SeededSampler``); a plain integer index draws a seed from torch's generator.
-    For validation (``train=False``) items are whole images, unchanged.
+    learn from invented borders), and so is a whole image smaller than the network's ``MIN_SIZE``. The randomness of
+    an item comes from a seed the sampler gives with its index (``dataset[(index, seed)]``, see ``SeededSampler``); a
+    plain integer index draws a seed from torch's generator. For validation (``train=False``) items are whole images,
+    unchanged. A file that is deleted or replaced (another size) after the dataset was made raises a DataError naming
+    it when it is read, also from a DataLoader worker.
 
     Args:
         pairs (Sequence[Pair]): pairs with their clean partners (checked with ``check_pairs``).
@@ -292,8 +550,7 @@ class PairedDataset(Dataset):
 
     def __init__(self, pairs: Sequence[Pair], *, train: bool = True, patch_size: int | None = None,
                  cache: bool = False):
-        if patch_size is not None and patch_size < 1:
-            raise ValueError(f"patch_size must be a positive number of pixels or None, got {patch_size}")
+        _check_patch_size(patch_size)
         self.pairs, self.train, self.patch_size = list(pairs), train, patch_size
         self.cache = None
         if cache:
@@ -303,21 +560,30 @@ class PairedDataset(Dataset):
             self.sizes = [tuple(lq.shape[-2:]) for lq, _ in self.cache]
         else:
             self.sizes = [_image_size(p.degraded, decode=False) for p in self.pairs]
-        if train:
-            self._check_train_sizes()
+        self._check_sizes()
 
-    def _check_train_sizes(self) -> None:
-        if self.patch_size is None:
+    def with_patch_size(self, patch_size: int | None) -> "PairedDataset":
+        """A copy of this dataset that crops ``patch_size`` (None: whole images), sharing its pairs, sizes and cache
+        (nothing is read again); the sizes are checked as on construction.
+
+        Args:
+            patch_size (int | None): side of the square training crops; None for whole images.
+        """
+        _check_patch_size(patch_size)
+        other = copy.copy(self)
+        other.patch_size = patch_size
+        other._check_sizes()
+        return other
+
+    def _check_sizes(self) -> None:
+        _raise_problems(_small_images(self.pairs, self.sizes, train=self.train, patch_size=self.patch_size),
+                        "the image sizes")
+        if self.train and self.patch_size is None:
             distinct = sorted(set(self.sizes))
             if len(distinct) > 1:
-                shown = ", ".join(f"{w}x{h}" for h, w in distinct[:5]) + (", ..." if len(distinct) > 5 else "")
+                shown = listing([f"{w}x{h}" for h, w in distinct], limit=5)
                 raise DataError(f"training images come in {len(distinct)} sizes (WxH {shown}): whole images cannot "
                                 "be batched; pass --patch_size to train on random crops")
-            return
-        small = [f"{p.degraded} is {w}x{h} (WxH)" for p, (h, w) in zip(self.pairs, self.sizes)
-                 if min(h, w) < self.patch_size]
-        _raise_problems(small, f"training images smaller than --patch_size {self.patch_size} (use a smaller patch "
-                               "or remove them)")
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -326,7 +592,14 @@ class PairedDataset(Dataset):
         if self.cache is not None:
             return self.cache[index]
         pair = self.pairs[index]
-        return read_image_uint8(pair.degraded), read_image_uint8(pair.clean)
+        lq, gt = read_image_uint8(pair.degraded), read_image_uint8(pair.clean)
+        (h, w) = self.sizes[index]
+        for path, image in ((pair.degraded, lq), (pair.clean, gt)):
+            if tuple(image.shape[-2:]) != (h, w):
+                raise DataError(f"{path} is now {image.shape[-1]}x{image.shape[-2]} (WxH), but {pair.degraded} was "
+                                f"{w}x{h} when the data were checked: a file was replaced since; put the original "
+                                "back (then continue the run with --resume), or start again")
+        return lq, gt
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict:
         index, seed = item if isinstance(item, tuple) else (item, None)
@@ -389,36 +662,66 @@ def _world() -> tuple[int, int]:
     return torch.distributed.get_world_size(), torch.distributed.get_rank()
 
 
+def _loader_options(num_workers: int) -> dict:
+    return {"num_workers": num_workers, "pin_memory": torch.cuda.is_available(), "persistent_workers": num_workers > 0}
+
+
+def make_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int, seed: int, world: int = 1,
+                      rank: int = 0) -> DataLoader:
+    """The training loader of ``dataset``: ``batch_size`` samples per step (per process) drawn by a ``SeededSampler``
+    (exposed as ``loader.sampler``), the last incomplete batch dropped, workers kept alive between epochs, batches in
+    pinned memory when CUDA is present. Its batches depend only on the dataset, ``seed``, the epoch and the rank.
+
+    Args:
+        dataset (Dataset): a training ``PairedDataset`` (or any dataset taking ``(index, seed)`` items).
+        batch_size (int): samples per step and process.
+        num_workers (int): loader worker processes (0: load in the main process).
+        seed (int): base seed of the order, the crops and the views, >= 0.
+        world (int): number of processes sharing the data. Default: 1.
+        rank (int): this process's rank. Default: 0.
+
+    Raises:
+        DataError: this process's share of the data holds fewer samples than one batch.
+    """
+    sampler = SeededSampler(dataset, seed=seed, num_replicas=world, rank=rank)
+    if len(sampler) < batch_size:
+        raise DataError(f"{len(sampler)} training pairs per process is fewer than --batch_size {batch_size} "
+                        f"({len(dataset)} training pairs, {world} process(es)): lower --batch_size")
+    # Workers draw nothing at random themselves (the sampler hands out seeds); this generator only keeps the
+    # loader from consuming the global RNG when it seeds them.
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                      generator=torch.Generator().manual_seed(seed), **_loader_options(num_workers))
+
+
 def build_loaders(data_dir: str | Path, *, batch_size: int, num_workers: int, patch_size: int | None = None,
                   val_per_type: int = 320, seed: int = 42, cache: bool = False, distributed: bool = False,
                   decode_check: bool = True) -> tuple[DataLoader, DataLoader | None]:
     """Find, check and split the pairs under ``data_dir``; return ``(train_loader, val_loader)``.
 
     All data problems are raised in one DataError before any loader exists: ``check_pairs`` reads every header, and
-    decodes every file too when ``decode_check`` (skipped with ``cache``, whose up-front decode finds the same).
-    The training loader draws ``batch_size`` samples per step (per process), drops the last incomplete batch and
-    exposes its ``SeededSampler`` as ``loader.sampler``. The validation loader gives whole images, in batches of
-    ``batch_size`` when all validation images share one size, else one at a time; it is None when
+    decodes every file too when ``decode_check`` (skipped with ``cache``, whose up-front decode finds the same);
+    training images smaller than ``patch_size`` and validation images smaller than the network's ``MIN_SIZE`` are
+    named together. The training loader is ``make_train_loader``'s. The validation loader gives whole images, in
+    batches of ``batch_size`` when all validation images share one size, else one at a time; it is None when
     ``val_per_type=0``. With ``distributed`` each process trains on its own shard and validates its own share
     (images ``rank, rank + world, ...``, each image exactly once, no padding): sum the per-kind results across
     processes. Workers are kept alive between epochs, and batches go to pinned memory when CUDA is present.
     """
     pairs = find_pairs(data_dir)
-    check_pairs(pairs, decode=decode_check and not cache)
+    size_of = dict(zip(pairs, check_pairs(pairs, decode=decode_check and not cache)))
     train_pairs, val_pairs = stratified_split(pairs, val_per_type=val_per_type, seed=seed)
+    small = _small_images(train_pairs, [size_of[p] for p in train_pairs], train=True, patch_size=patch_size)
+    small += _small_images(val_pairs, [size_of[p] for p in val_pairs], train=False, patch_size=None)
+    _raise_problems(small, "the image sizes")
     world, rank = _world() if distributed else (1, 0)
-    train_set = PairedDataset(train_pairs, train=True, patch_size=patch_size, cache=cache)
-    sampler = SeededSampler(train_set, seed=seed, num_replicas=world, rank=rank)
-    if len(sampler) < batch_size:
-        raise DataError(f"{len(sampler)} training pairs per process is fewer than --batch_size {batch_size} ("
+    per_process = math.ceil(len(train_pairs) / world)  # what the sampler gives each process
+    if per_process < batch_size:
+        raise DataError(f"{per_process} training pairs per process is fewer than --batch_size {batch_size} ("
                         f"{len(pairs)} pairs found, {len(val_pairs)} kept for validation, {world} process(es)): "
                         "lower --batch_size, or --val_per_type (0 trains on every pair)")
-    common = {"num_workers": num_workers, "pin_memory": torch.cuda.is_available(),
-              "persistent_workers": num_workers > 0}
-    # Workers draw nothing at random themselves (the sampler hands out seeds); this generator only keeps the
-    # loader from consuming the global RNG when it seeds them.
-    train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
-                              generator=torch.Generator().manual_seed(seed), **common)
+    train_set = PairedDataset(train_pairs, train=True, patch_size=patch_size, cache=cache)
+    train_loader = make_train_loader(train_set, batch_size=batch_size, num_workers=num_workers, seed=seed,
+                                     world=world, rank=rank)
     if not val_pairs:
         return train_loader, None
     val_set = PairedDataset(val_pairs, train=False, cache=cache)
@@ -426,5 +729,5 @@ def build_loaders(data_dir: str | Path, *, batch_size: int, num_workers: int, pa
     # its own generator too: a loader without one draws its workers' base seed from the global RNG, which the
     # augmentation policy uses, so validating would change the training that follows (and differ with workers)
     val_loader = DataLoader(val_set, batch_size=val_batch, sampler=range(rank, len(val_set), world),
-                            generator=torch.Generator().manual_seed(seed), **common)
+                            generator=torch.Generator().manual_seed(seed), **_loader_options(num_workers))
     return train_loader, val_loader

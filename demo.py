@@ -33,6 +33,7 @@ from scoring import psnr
 from utils import positive_int
 
 PRESET = "tiny"
+MARKER = "demo.json"  # written first into the output folder: marks it as a demo's, finished or not
 
 
 def _banner(text: str) -> None:
@@ -60,15 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] + " Everything goes into --out.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_output", help="output folder (default: %(default)s); replaced if "
-                        "it holds an earlier demo, finished or not")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data and of training (default: %(default)s)")
+                        "it holds an earlier demo, finished or not (nothing else is replaced)")
+    parser.add_argument("--seed", type=synthetic.non_negative_int, default=0,
+                        help="seed of the data and of training, >= 0 (default: %(default)s)")
     parser.add_argument("--epochs", type=positive_int, default=12, help="epochs of training from scratch (default: "
                         "%(default)s); each fine-tuning stage runs a third of them")
     parser.add_argument("--train_per_type", type=positive_int, default=48, help="training pairs per type (default: "
                         "%(default)s)")
     parser.add_argument("--test_per_type", type=positive_int, default=8, help="test images per type (default: "
                         "%(default)s)")
-    parser.add_argument("--size", type=int, default=64, help="image size in pixels (default: %(default)s)")
+    parser.add_argument("--size", type=synthetic.image_side, default=64,
+                        help=f"image size in pixels, at least {synthetic.MIN_IMAGE_SIZE} (default: %(default)s)")
     parser.add_argument("--threads", type=positive_int, default=1, help="CPU threads for PyTorch (default: "
                         "%(default)s: the tiny model gains little from more, and they slow it many times over when "
                         "other programs share the cores)")
@@ -79,12 +82,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    if out.exists():
-        if not (out / "demo.json").is_file():
-            sys.exit(f"demo: {out} exists and is not an earlier demo's output; choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    (out / "demo.json").write_text(json.dumps({"status": "running"}))  # marks the folder as a demo's until the end
+    try:
+        if synthetic.replaceable_output(out, MARKER, what="an earlier demo's output"):
+            shutil.rmtree(out)
+    except FileExistsError as err:
+        sys.exit(f"demo: {err}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(json.dumps({"status": "running"}))
     start = time.time()
     data = out / "data"
     ft_epochs = max(1, args.epochs // 3)
@@ -120,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     kinds = json.loads((data / "synthetic.json").read_text())["test_kinds"]
     result = {"degraded": degraded_psnr(data), "restored": _by_kind({s.name: s.psnr for s in scores}, kinds)}
-    (out / "demo.json").write_text(json.dumps(result, indent=2))
+    (out / MARKER).write_text(json.dumps(result, indent=2))
     print(f"\nTest set PSNR (dB, uint8 RGB) after {time.time() - start:.0f} s:")
     print(f"{'':10}" + "".join(f"{k:>10}" for k in result["degraded"]))
     for row, values in result.items():

@@ -4,26 +4,26 @@
 and forward function, checked number for number against ``../shared/fixtures/promptir_parity``. The six modules the
 official forward never calls (``DEAD_MODULES``) are left out; weights that still carry them load anyway.
 
-``enable_fast_path(model)`` (or ``model.set_fast()``) switches to formulations of the same function with less memory
-traffic, optionally with every transformer block compiled; the plain path stays the official formulation.
+This file holds the official formulation only. ``fast_path.enable_fast_path(model)`` runs the same function with
+less memory traffic (and optionally compiled, or recomputing activations in backward) on the same parameters.
 
 Besides the network this file owns the presets for tests and the demo, the one weight loader for every checkpoint
-layout we meet, and freezing modules by name for fine-tuning.
+layout we meet, the rules for which weights and which model size a checkpoint gives (``checkpoint_weights``,
+``model_config``, ``model_from_checkpoint``), and freezing modules by name for fine-tuning.
 """
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
 
-from utils import CheckpointError, load_checkpoint
+from utils import CheckpointError, ConfigError, listing, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +32,6 @@ DEAD_MODULES = ("chnl_reduce1", "chnl_reduce2", "chnl_reduce3",
                 "reduce_noise_channel_1", "reduce_noise_channel_2", "reduce_noise_channel_3")
 # The modules the second fine-tuning stage trains; everything else stays frozen.
 STAGE2_MODULES = ("refinement", "output", "decoder_level1", "noise_level1", "reduce_noise_level1", "up2_1")
-
-# Compiled graphs one process may keep for the blocks' shared code: one per distinct block shape (9 per input size
-# for the official network), times the training, validation and inference sizes and grad modes a process meets.
-COMPILE_RECOMPILE_LIMIT = 128
-
-# The CPU inference path runs each block in bands of rows whose widest intermediate (the feed-forward network's
-# hidden maps) holds about BAND_BYTES, and at least BAND_MIN_ROWS rows (each band recomputes two rows).
-BAND_BYTES = 8 * 2**20
-BAND_MIN_ROWS = 8
 
 PAD_MULTIPLE = 8  # three 2x downsamplings
 # Reflection cannot add as many pixels as the side has: sides of 1 to 4 pixels would need 7 to 4 more, 5 needs 3.
@@ -52,14 +43,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"dim": 8, "num_blocks": (1, 1, 1, 1), "num_refinement_blocks": 1, "heads": (1, 1, 1, 1),
              "prompt_dims": (8, 16, 16), "prompt_sizes": (16, 8, 4)},
 }
-
-
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-
-
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if _is_channels_last(x) else torch.contiguous_format
 
 
 class LayerNorm(nn.Module):
@@ -98,100 +81,14 @@ class Attention(nn.Module):
         self.qkv = nn.Conv2d(dim, dim * 3, kernel_size=1, bias=False)
         self.qkv_dwconv = nn.Conv2d(dim * 3, dim * 3, kernel_size=3, padding=1, groups=dim * 3, bias=False)
         self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=False)
-        self.fast = False  # set by PromptIR.set_fast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast:
-            return self._forward_fast(x)
         h, w = x.shape[-2:]
         q, k, v = (rearrange(t, "b (head c) h w -> b head c (h w)", head=self.num_heads)
                    for t in self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1))
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         attn = (q @ k.transpose(-2, -1) * self.temperature).softmax(dim=-1)
         return self.project_out(rearrange(attn @ v, "b head c (h w) -> b (head c) h w", h=h, w=w))
-
-    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
-        """The same function with less memory traffic, in the memory format of ``x`` (NCHW or channels_last).
-
-        q and k are never normalised in place: the Gram matrix of the raw q and k is divided by the outer product of
-        their norms, with the temperature folded in (a C x C division instead of two C x HW ones). ``attn @ v`` and
-        ``project_out`` are one matrix, ``W_out @ blockdiag(attn)``, applied to v once, so the per-head output is
-        never written. q, k and v stay views of the convolution output: no rearrange copies.
-        """
-        b, c = x.shape[:2]
-        qkv = self.qkv_dwconv(self.qkv(x)).flatten(2)  # (B, 3C, HW), a view in x's memory layout
-        qk = qkv[:, :2 * c].unflatten(1, (2, self.num_heads, c // self.num_heads))  # (B, q|k, head, c, HW)
-        q, k = qk[:, 0], qk[:, 1]
-        # Batch and heads cannot share one batch dimension without copying q and k. On the CPU, where a fresh copy
-        # costs more than its arithmetic, one matmul per image instead; on GPUs one batched matmul (fewer launches),
-        # and compiled graphs choose their own layouts.
-        if b == 1 or x.device.type != "cpu" or torch.compiler.is_compiling():
-            gram = _gram(q, k)
-        else:
-            gram = torch.stack([_gram(qi, ki) for qi, ki in zip(q, k)])
-        norms = torch.linalg.vector_norm(qk, dim=-1, dtype=torch.float32 if qk.dtype == torch.float16 else None)
-        return _apply_mix(self._mix(gram, norms), qkv[:, 2 * c:], x)
-
-    def _forward_bands(self, x: torch.Tensor, norm: nn.Module, rows: int) -> torch.Tensor:
-        """``x + self(norm(x))`` for one image without autograd, ``rows`` rows at a time.
-
-        The Gram matrix and the norms are sums over pixels, so they are summed band by band and q and k are never
-        stored whole; only v is. Each band reads one more input row on each side for the 3x3 convolution.
-        """
-        _, c, h, w = x.shape
-        heads = self.num_heads
-        acc = torch.promote_types(x.dtype, torch.float32)  # sums in at least float32, also under autocast
-        v = gram = squares = None
-        for top, bottom, start, stop in _bands(h, rows):
-            band = self.qkv_dwconv(self.qkv(norm(x[:, :, start:stop])))[:, :, top - start:bottom - start]
-            if v is None:
-                v = torch.empty((1, c, h, w), dtype=band.dtype, device=band.device, memory_format=_layout(x))
-            v[:, :, top:bottom] = band[:, 2 * c:]
-            qk = band[:, :2 * c].flatten(2).unflatten(1, (2, heads, c // heads))
-            part, part_squares = _gram(qk[:, 0], qk[:, 1]).to(acc), qk.to(acc).square().sum(dim=-1)
-            gram = part if gram is None else gram.add_(part)
-            squares = part_squares if squares is None else squares.add_(part_squares)
-        return _add_residual(_apply_mix(self._mix(gram, squares.sqrt()), v.flatten(2), x), x)
-
-    def _mix(self, gram: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-        """``W_out @ blockdiag(attn)`` (B, C, C) from the raw Gram matrices (B, head, c, c) and the norms of q and k
-        over the pixels (B, q|k, head, c)."""
-        norms = norms.clamp_min(1e-12)  # F.normalize's eps
-        attn = (gram * (self.temperature / (norms[:, 0, ..., None] * norms[:, 1, :, None, :]))).softmax(dim=-1)
-        b, c = gram.shape[0], self.project_out.out_channels
-        w_out = self.project_out.weight.view(c, self.num_heads, c // self.num_heads).to(attn.dtype)
-        return torch.einsum("ohi,bhij->bohj", w_out, attn).reshape(b, c, c)
-
-
-def _gram(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """``q @ k^T``, summed over the pixels. q and k are not normalised first, so the sums grow with the image (65,536
-    pixels at 256x256) past float16's largest value, 65,504: float16 operands are multiplied in float32, with
-    autocast off. Other dtypes as they come (bfloat16 has float32's range)."""
-    if q.dtype != torch.float16:
-        return q @ k.mT
-    with torch.autocast(q.device.type, enabled=False):
-        return q.float() @ k.float().mT
-
-
-def _apply_mix(mix: torch.Tensor, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``mix @ v`` for v (B, C, HW), shaped and laid out like ``like`` (B, C, H, W)."""
-    mix = mix.to(v.dtype)  # the attention is computed in at least float32 where float16 could overflow
-    if _is_channels_last(like):
-        return (v.mT @ mix.mT).mT.view(like.shape)  # pixels-major result: channels_last
-    return (mix @ v).view(like.shape)
-
-
-def _add_residual(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``x + y``, into ``y``'s fresh buffer when the dtypes allow (under autocast y may be the lower precision)."""
-    return y.add_(x) if y.dtype == x.dtype else x + y
-
-
-def _bands(height: int, rows: int) -> Iterator[tuple[int, int, int, int]]:
-    """(top, bottom, start, stop) per band: output rows ``top:bottom`` of a 3x3 convolution need input rows
-    ``start:stop``, one more on each side except at the image border (where the zero padding is the image's own)."""
-    for top in range(0, height, rows):
-        bottom = min(height, top + rows)
-        yield top, bottom, max(0, top - 1), min(height, bottom + 1)
 
 
 class FeedForward(nn.Module):
@@ -208,21 +105,10 @@ class FeedForward(nn.Module):
         self.project_in = nn.Conv2d(dim, hidden * 2, kernel_size=1, bias=False)
         self.dwconv = nn.Conv2d(hidden * 2, hidden * 2, kernel_size=3, padding=1, groups=hidden * 2, bias=False)
         self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=False)
-        self.fast = False  # set by PromptIR.set_fast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, value = self.dwconv(self.project_in(x)).chunk(2, dim=1)
-        if self.fast and not torch.is_grad_enabled():
-            return self.project_out(F.gelu(gate).mul_(value))  # one large buffer fewer: allocating it costs more
         return self.project_out(F.gelu(gate) * value)
-
-    def _forward_bands(self, x: torch.Tensor, norm: nn.Module, out: torch.Tensor, rows: int) -> None:
-        """Write ``x + self(norm(x))`` into ``out``, ``rows`` rows at a time (one image, no autograd); each band
-        reads one more input row on each side for the 3x3 convolution."""
-        for top, bottom, start, stop in _bands(x.shape[2], rows):
-            hidden = self.dwconv(self.project_in(norm(x[:, :, start:stop])))[:, :, top - start:bottom - start]
-            gate, value = hidden.chunk(2, dim=1)
-            torch.add(x[:, :, top:bottom], self.project_out(F.gelu(gate).mul_(value)), out=out[:, :, top:bottom])
 
 
 class TransformerBlock(nn.Module):
@@ -240,34 +126,10 @@ class TransformerBlock(nn.Module):
         self.attn = Attention(dim, num_heads)
         self.norm2 = LayerNorm(dim)
         self.ffn = FeedForward(dim, ffn_expansion_factor)
-        self.fast = False  # set by PromptIR.set_fast
-        self.recompute = False  # set by enable_fast_path(checkpoint=...)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast and not torch.is_grad_enabled():
-            if x.device.type == "cpu":
-                return self._forward_bands(x)
-            x = _add_residual(self.attn(self.norm1(x)), x)  # no autograd: residuals go into the fresh outputs
-            return _add_residual(self.ffn(self.norm2(x)), x)
-        if self.recompute and torch.is_grad_enabled():  # keep only the input; recompute the rest in backward
-            return torch.utils.checkpoint.checkpoint(self._residual_forward, x, use_reentrant=False,
-                                                     preserve_rng_state=False)  # nothing random to replay
-        return self._residual_forward(x)
-
-    def _residual_forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
         return x + self.ffn(self.norm2(x))
-
-    def _forward_bands(self, x: torch.Tensor) -> torch.Tensor:
-        """Without autograd on the CPU: image by image, in bands of rows, so the wide intermediates (3 and 5.3 times
-        the channels) stay small enough to be reused from the allocator and the caches instead of being fresh
-        memory each time; only maps of the block's own width are allocated whole. The same function as forward."""
-        out = torch.empty_like(x)
-        rows = max(BAND_MIN_ROWS, BAND_BYTES // (x.shape[-1] * self.ffn.dwconv.out_channels * x.element_size()))
-        for i in range(x.shape[0]):
-            y = self.attn._forward_bands(x[i:i + 1], self.norm1, rows)
-            self.ffn._forward_bands(y, self.norm2, out[i:i + 1], rows)
-        return out
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -338,13 +200,10 @@ class PromptGenBlock(nn.Module):
         self.prompt_param = nn.Parameter(torch.rand(1, prompt_len, prompt_dim, prompt_size, prompt_size))
         self.linear_layer = nn.Linear(lin_dim, prompt_len)
         self.conv3x3 = nn.Conv2d(prompt_dim, prompt_dim, kernel_size=3, padding=1, bias=False)
-        self.fast = False  # set by PromptIR.set_fast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = self.linear_layer(x.mean(dim=(-2, -1))).softmax(dim=1)
         prompt = torch.einsum("bl,lchw->bchw", weights, self.prompt_param[0])
-        if self.fast and _is_channels_last(x):
-            prompt = prompt.contiguous(memory_format=torch.channels_last)  # resize the small map, not the large one
         prompt = F.interpolate(prompt, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return self.conv3x3(prompt)
 
@@ -427,26 +286,6 @@ class PromptIR(nn.Module):
 
         self.refinement = _stage(widths[1], heads[0], ffn, num_refinement_blocks)
         self.output = nn.Conv2d(widths[1], channels, kernel_size=3, padding=1, bias=False)
-        self.fast = self.channels_last = False
-
-    def set_fast(self, enabled: bool = True, *, channels_last: bool = True) -> PromptIR:
-        """Switch between the plain forward (the official formulation) and the fast one; returns the model.
-
-        The fast path computes the same function with less memory traffic (see ``Attention._forward_fast``) and, with
-        ``channels_last``, keeps every feature map in channels-last memory, so the channel LayerNorm needs no
-        transposing copies and the convolutions run in their NHWC kernels. Without autograd the residuals are added
-        in place, and on the CPU each block runs in bands of rows (``TransformerBlock._forward_bands``). The
-        parameters are not touched (names, shapes, values and memory layout), so checkpoints and optimizer states
-        move freely between the paths: fused AdamW silently miscomputes when a parameter and its state tensors
-        differ in layout.
-        """
-        self.fast, self.channels_last = enabled, enabled and channels_last
-        for module in self.modules():
-            if isinstance(module, (Attention, FeedForward, TransformerBlock, PromptGenBlock)):
-                module.fast = enabled
-            if isinstance(module, TransformerBlock) and not enabled:
-                module.recompute = False
-        return self
 
     @staticmethod
     def _prompted(x: torch.Tensor, prompt: PromptGenBlock, noise_level: TransformerBlock,
@@ -465,8 +304,6 @@ class PromptIR(nn.Module):
             raise ValueError(f"PromptIR needs images of at least {MIN_SIZE}x{MIN_SIZE} pixels (they are reflect-padded "
                              f"to a multiple of {PAD_MULTIPLE}), got {h}x{w}")
         inp = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect") if pad_h or pad_w else x
-        if self.channels_last:
-            inp = inp.contiguous(memory_format=torch.channels_last)
 
         enc1 = self.encoder_level1(self.patch_embed(inp))
         enc2 = self.encoder_level2(self.down1_2(enc1))
@@ -481,81 +318,22 @@ class PromptIR(nn.Module):
         dec1 = self.decoder_level1(torch.cat([self.up2_1(dec2), enc1], dim=1))
 
         out = self.output(self.refinement(dec1)) + inp
-        return out[..., :h, :w].contiguous() if self.fast else out[..., :h, :w]
+        return out[..., :h, :w]
 
 
 def build_model(preset: str = "official", **overrides: Any) -> PromptIR:
-    """A PromptIR of a named size (``PRESETS``), with any constructor argument overridden."""
+    """A PromptIR of a named size (``PRESETS``), with any constructor argument overridden.
+
+    Args:
+        preset: a key of ``PRESETS``.
+        overrides: ``PromptIR`` keyword arguments that replace the preset's.
+
+    Raises:
+        ValueError: an unknown preset (the message lists the known ones).
+    """
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
     return PromptIR(**{**PRESETS[preset], **overrides})
-
-
-def enable_fast_path(model: PromptIR, *, channels_last: bool = True, compile: bool = False,
-                     mode: str | None = None, checkpoint: Sequence[str] = ()) -> PromptIR:
-    """Put ``model`` on the fast path (``PromptIR.set_fast``) and optionally compile it; returns the model.
-
-    Args:
-        model: the network; its parameter names and shapes stay as they are.
-        channels_last: keep feature maps in channels-last memory (fastest on CPUs; measure on GPUs). False leaves
-            memory formats to PyTorch, as on the plain path.
-        compile: compile each ``TransformerBlock`` with ``torch.compile`` in place (regional compilation, static
-            shapes). Blocks of one width, head count and input shape share one compiled graph, so the official
-            network compiles about ten graphs instead of one huge one. Compilation happens on the first call at
-            each shape. Inductor caches its kernels on disk (``TORCHINDUCTOR_CACHE_DIR``, by default under the
-            system's temporary folder), so a second process compiles faster. CUDA only: move the model to the GPU
-            first (Inductor's CPU code for the multi-head attention softmax wrote out of bounds in torch 2.14, and
-            compiling for the CPU takes minutes for a gain the eager fast path already gives).
-        mode: ``torch.compile`` mode, for example ``"max-autotune-no-cudagraphs"``; None for the default.
-        checkpoint: top-level stages (for example ``("decoder_level1", "refinement")``, the full-resolution blocks
-            that hold most of the activation memory) whose blocks keep only their input during training and
-            recompute the rest in backward: less memory for about a third more work in those blocks.
-
-    Raises:
-        ValueError: ``compile=True`` for a model that is not on a CUDA device, or an unknown stage name.
-    """
-    if compile and next(model.parameters()).device.type != "cuda":
-        raise ValueError("enable_fast_path(compile=True) is for CUDA: move the model to the GPU first "
-                         "(model.to('cuda')), or leave compile off on the CPU")
-    set_checkpointing(model, checkpoint)
-    model.set_fast(True, channels_last=channels_last)
-    if compile:
-        # Every block runs the same code object at its own shape: allow one graph per distinct block shape.
-        config = torch._dynamo.config
-        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-        setattr(config, limit, max(getattr(config, limit), COMPILE_RECOMPILE_LIMIT))
-        if hasattr(config, "accumulated_recompile_limit"):
-            config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 2 * COMPILE_RECOMPILE_LIMIT)
-        _compile_blocks(model, mode=mode)
-    return model
-
-
-def set_checkpointing(model: PromptIR, stages: Sequence[str]) -> None:
-    """Checkpoint the blocks of the named top-level stages during training (fast path) and no others: they keep only
-    their input for backward and recompute the rest. Changes no compiled graph but those of the blocks it switches.
-
-    Raises:
-        ValueError: a name that is not a stage with transformer blocks (the message lists those).
-    """
-    stages = [stages] if isinstance(stages, str) else list(stages)
-    valid = [name for name, child in model.named_children()
-             if any(isinstance(m, TransformerBlock) for m in child.modules())]
-    unknown = sorted(set(stages) - set(valid))
-    if unknown:
-        raise ValueError(f"cannot checkpoint {', '.join(unknown)}; stages with transformer blocks are "
-                         f"{', '.join(valid)}")
-    for name in valid:
-        for module in getattr(model, name).modules():
-            if isinstance(module, TransformerBlock):
-                module.recompute = name in stages
-
-
-def _compile_blocks(model: nn.Module, *, mode: str | None) -> None:
-    """Compile every ``TransformerBlock`` of ``model`` in place (``nn.Module.compile``: parameter names keep no
-    ``_orig_mod.`` prefix). A deep copy of the model (an EMA copy, say) comes out uncompiled."""
-    for module in model.modules():
-        if isinstance(module, TransformerBlock):
-            module.compile(dynamic=False, mode=mode)
 
 
 # ------------------------------------------------------------------------------------------------------- weights
@@ -565,6 +343,8 @@ def _compile_blocks(model: nn.Module, *, mode: str | None) -> None:
 WRAPPER_KEYS = ("params_ema", "ema", "params", "model", "state_dict", "net")
 # Added to key names by the official Lightning module, DistributedDataParallel and torch.compile; possibly stacked.
 KEY_PREFIXES = ("net.", "module.", "_orig_mod.")
+# (EMA copy, plain weights) as our trainer and BasicSR store them side by side.
+EMA_LAYOUTS = (("ema", "model"), ("params_ema", "params"))
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -587,7 +367,11 @@ def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     Accepts a plain state dict, a module, or a dict that holds one under a key of ``WRAPPER_KEYS`` (first match wins,
     wrappers may nest). Strips ``KEY_PREFIXES`` from the start of each key, as often as they are stacked, and drops
     the official network's ``DEAD_MODULES``. An EMA copy wins over the plain weights (``params_ema``, our trainer's
-    ``ema``: the weights it validated and chose ``best.pth`` by); pass ``checkpoint["model"]`` for the plain ones.
+    ``ema``: the weights it validated and chose ``best.pth`` by); ``checkpoint_weights(use_ema=False)`` takes the
+    plain ones.
+
+    Args:
+        obj: a loaded checkpoint, state dict or module.
 
     Raises:
         CheckpointError: no weights found, or two keys that become the same name.
@@ -601,7 +385,7 @@ def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
         key = next((k for k in WRAPPER_KEYS if _holds_weights(obj.get(k))), None)
         if key is None:
             raise CheckpointError(f"found no weights: expected a state dict (names to tensors) or a dict holding one "
-                                  f"under one of {', '.join(WRAPPER_KEYS)}; its keys are {', '.join(map(str, obj))}")
+                                  f"under one of {', '.join(WRAPPER_KEYS)}; its keys are {listing(list(obj))}")
         obj = obj[key]
     state: dict[str, torch.Tensor] = {}
     for key, value in obj.items():
@@ -613,9 +397,24 @@ def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     return state
 
 
-def _listing(title: str, items: list[str], limit: int = 25) -> str:
-    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
-    return f"  {title} ({len(items)}):\n" + "\n".join(f"    {item}" for item in items[:limit]) + more
+def _fit(model: nn.Module, state: Mapping[str, torch.Tensor], *, where: str, strict: bool) -> nn.Module:
+    """Load the extracted ``state`` into ``model``, or fail listing every key that does not fit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
+                  for k in own if k in state and state[k].shape != own[k].shape]
+    listed = [("shape mismatches", mismatched)] + ([("missing", missing), ("unexpected", unexpected)] if strict else [])
+    problems = [f"  {title} ({len(keys)}):\n" + listing(keys, sep="\n", prefix="    ")
+                for title, keys in listed if keys]
+    if problems:
+        raise CheckpointError(f"{where} does not fit this model:\n" + "\n".join(problems) +
+                              "\nWas it saved from a model of other sizes? Build the model with the same preset.")
+    if missing or unexpected:
+        log.warning("%s: skipped %d missing and %d unexpected keys (strict=False): %s", where, len(missing),
+                    len(unexpected), listing(missing + unexpected))
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return model
 
 
 def load_weights(model: nn.Module, source: str | os.PathLike | Any, *, trusted: bool = False,
@@ -640,21 +439,87 @@ def load_weights(model: nn.Module, source: str | os.PathLike | Any, *, trusted: 
         state = extract_state_dict(obj)
     except CheckpointError as err:
         raise CheckpointError(f"{where}: {err}") from None
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
-                  for k in own if k in state and state[k].shape != own[k].shape]
-    listed = [("shape mismatches", mismatched)] + ([("missing", missing), ("unexpected", unexpected)] if strict else [])
-    problems = [_listing(title, keys) for title, keys in listed if keys]
-    if problems:
-        raise CheckpointError(f"{where} does not fit this model:\n" + "\n".join(problems) +
-                              "\nWas it saved from a model of other sizes? Build the model with the same preset.")
-    if missing or unexpected:
-        log.warning("%s: skipped %d missing and %d unexpected keys (strict=False): %s", where, len(missing),
-                    len(unexpected), ", ".join(missing + unexpected))
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-    return model
+    return _fit(model, state, where=where, strict=strict)
+
+
+# ------------------------------------------------------------------------------------------------------- checkpoints
+# The rules every script follows for a checkpoint already read (utils.load_checkpoint): which of its weights are used,
+# and which model they are loaded into. trainer.py (fine-tuning, resuming) and inference.py both call these.
+def checkpoint_weights(checkpoint: Any, *, use_ema: bool = True,
+                       source: str = "the given weights") -> dict[str, torch.Tensor]:
+    """The weights to load from an already-loaded checkpoint, named as in our model (``extract_state_dict``).
+
+    Our trainer's dicts hold ``"model"`` and, when it kept one, an EMA copy under ``"ema"``; BasicSR's hold
+    ``"params"`` and possibly ``"params_ema"``. The EMA copy wins (the weights the trainer validated and chose
+    ``best.pth`` by) unless ``use_ema=False``. Any other layout goes to ``extract_state_dict``. Logs once (info)
+    which weights were used when the checkpoint holds an EMA copy.
+
+    Args:
+        checkpoint: a loaded checkpoint, state dict or module.
+        use_ema: take the EMA copy where there is one; False takes the plain weights beside it.
+        source: what the checkpoint is called in messages (its path, say).
+
+    Raises:
+        CheckpointError: no weights found (the message starts with ``source``).
+    """
+    if isinstance(checkpoint, Mapping):
+        for ema_key, plain_key in EMA_LAYOUTS:
+            if _holds_weights(checkpoint.get(ema_key)) and _holds_weights(checkpoint.get(plain_key)):
+                log.info("%s holds EMA weights: using %s", source,
+                         "them (--no_ema for the plain ones)" if use_ema else "its plain weights instead (--no_ema)")
+                checkpoint = checkpoint[ema_key if use_ema else plain_key]
+                break
+    try:
+        return extract_state_dict(checkpoint)
+    except CheckpointError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+
+
+def model_config(checkpoint: Any, preset: str | None = None, *, source: str) -> dict[str, Any]:
+    """The ``build_model`` keyword arguments for the weights of ``checkpoint``.
+
+    A checkpoint's own ``"model_config"`` (written by trainer.py) wins; a ``preset`` asked for explicitly must agree
+    with it. A checkpoint without one (a bare state dict, a foreign layout) is built as ``preset``, by default the
+    official size.
+
+    Args:
+        checkpoint: a loaded checkpoint (or state dict, or module).
+        preset: the ``--preset`` given, or None where none was.
+        source: what the checkpoint is called in messages (its path, say).
+
+    Raises:
+        ConfigError: ``preset`` conflicts with the checkpoint's own.
+    """
+    saved = checkpoint.get("model_config") if isinstance(checkpoint, Mapping) else None
+    if not saved:
+        return {"preset": preset or "official"}
+    saved_preset = saved.get("preset", "official")
+    if preset and preset != saved_preset:
+        raise ConfigError(f"{source} holds a model of preset {saved_preset!r}, not --preset {preset}: drop --preset "
+                          "(the checkpoint's is used) or start a new run")
+    return dict(saved)
+
+
+def model_from_checkpoint(checkpoint: Any, *, preset: str | None = None, use_ema: bool = True,
+                          source: str | None = None) -> PromptIR:
+    """A PromptIR of the checkpoint's size (``model_config``) holding its weights (``checkpoint_weights``).
+
+    Reading the file stays ``utils.load_checkpoint``'s job: pass what it returned. The model is on the CPU, in
+    training mode, on the official formulation (``fast_path.enable_fast_path`` for the fast one).
+
+    Args:
+        checkpoint: a loaded checkpoint, state dict or module.
+        preset: the ``--preset`` given, or None; used where the checkpoint has no ``"model_config"``.
+        use_ema: take the checkpoint's EMA copy where there is one.
+        source: what the checkpoint is called in messages (its path, say); None for "the given weights".
+
+    Raises:
+        ConfigError: ``preset`` conflicts with the checkpoint's own.
+        CheckpointError: no weights found, or they do not fit the model (every such key is listed).
+    """
+    source = source or "the given weights"
+    model = build_model(**model_config(checkpoint, preset, source=source))
+    return _fit(model, checkpoint_weights(checkpoint, use_ema=use_ema, source=source), where=source, strict=True)
 
 
 # ------------------------------------------------------------------------------------------------------- freezing

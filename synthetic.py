@@ -7,7 +7,8 @@ Run as a script to write a small dataset for the demo or the tests::
 
 The layout is the homework's (``train/degraded/rain-1.png`` beside ``train/clean/rain_clean-1.png``; ``test/degraded``
 holds ``0.png``, ``1.png``, ... with rain and snow shuffled together), plus ``test/clean`` with the same names so
-results can be scored, and ``synthetic.json`` recording the settings and which test image is which type.
+results can be scored, and ``synthetic.json`` recording the settings and which test image is which type. That file
+also marks the folder as this script's: ``--overwrite`` replaces only such a folder, never other files.
 
 Clean images are square crops, at random positions, scales (1x to 4x zoom-out) and horizontal flips, of photographs:
 by default the two sample photographs matplotlib installs (``grace_hopper.jpg``, ``Minduka_Present_Blue_Pack.png``),
@@ -32,14 +33,16 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from utils import to_uint8
+from utils import positive_int, to_uint8
 
 KINDS = ("rain", "snow")
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MARKER = "synthetic.json"  # written last into every dataset; marks a folder this script may replace
+MIN_IMAGE_SIZE = 16
 DEFAULT_PHOTOS = ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png")
 TEST_FRACTION = 1 / 3  # the left third of every photograph is kept for the test set
 MAX_ZOOM_OUT = 4.0  # a crop spans between 1 and 4 output sizes of the photograph
@@ -271,10 +274,11 @@ RENDERERS = {"rain": render_rain, "snow": render_snow}
 
 # ---------------------------------------------------------------------------------------------- clean photographs
 def _load_photo(path: Path) -> Image.Image:
-    """Decode a photograph as RGB, or RGBA when it has transparency (16-bit greyscale is scaled to 8 bits)."""
+    """Decode a photograph as shown (EXIF orientation applied) as RGB, or RGBA when it has transparency (16-bit
+    greyscale is scaled to 8 bits)."""
     try:
-        with Image.open(path) as img:
-            img.load()
+        with Image.open(path) as opened:
+            img = ImageOps.exif_transpose(opened)
             if img.mode in ("I", "I;16", "I;16B", "I;16L"):
                 return Image.fromarray(np.round(np.asarray(img, np.float64) / 257).astype(np.uint8)).convert("RGB")
             alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
@@ -357,16 +361,61 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path, format="PNG")
 
 
+def replaceable_output(out: str | os.PathLike, marker: str, *, what: str) -> bool:
+    """The one check before synthetic.py or demo.py writes its output folder: whether ``out`` holds an earlier output
+    of the command, which it may replace. Nothing else is ever replaced.
+
+    Args:
+        out (str | Path): the output folder.
+        marker (str): the name of the file that only the command writes into its output (``synthetic.json``,
+            ``demo.json``).
+        what (str): the command's output in words, for the message (e.g. "an earlier demo's output").
+
+    Returns:
+        bool: False when ``out`` is absent or an empty folder (write it), True when it is a folder holding ``marker``.
+
+    Raises:
+        FileExistsError: ``out`` is a file, a folder of other files (it lacks ``marker``), or the current folder or
+            one above it (replacing it would remove the folder the command runs in).
+    """
+    path, cwd = Path(out).resolve(), Path.cwd().resolve()
+    if path == cwd or path in cwd.parents:
+        raise FileExistsError(f"--out {out} is the current folder or one above it, which is never replaced: name a "
+                              "new folder")
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"--out {out} is a file; choose a folder name")
+    if not path.is_dir() or not any(path.iterdir()):
+        return False
+    if (path / marker).is_file():
+        return True
+    raise FileExistsError(f"--out {out} exists and is not {what} (it has no {marker}), so it is left as it is: "
+                          "choose another --out")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer of at least 0 (a seed)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text}")
+    return value
+
+
+def image_side(text: str) -> int:
+    """argparse type: an image side of at least ``MIN_IMAGE_SIZE`` pixels."""
+    value = int(text)
+    if value < MIN_IMAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"expected at least {MIN_IMAGE_SIZE} pixels, got {text}")
+    return value
+
+
 def _check_args(out: Path, train_per_type: int, test_per_type: int, size: int, seed: int, overwrite: bool) -> None:
-    """Fail before any work on bad numbers or an output folder that would be overwritten."""
+    """Fail before any work on bad numbers or an output folder that is not this script's to replace."""
     for name, value, low in (("train_per_type", train_per_type, 1), ("test_per_type", test_per_type, 1),
-                             ("size", size, 16), ("seed", seed, 0)):
+                             ("size", size, MIN_IMAGE_SIZE), ("seed", seed, 0)):
         if not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"synthetic.py: --{name} must be an integer >= {low}, got {value!r}")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"synthetic.py: --out {out} is a file; choose a folder name")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"synthetic.py: --out {out} exists and is not empty; pass --overwrite to replace it "
+    if replaceable_output(out, MARKER, what="a dataset written by synthetic.py") and not overwrite:
+        raise FileExistsError(f"synthetic.py: --out {out} holds an earlier dataset; pass --overwrite to replace it "
                               "or choose another --out")
 
 
@@ -378,13 +427,14 @@ def make_dataset(out: str | os.PathLike, *, train_per_type: int, test_per_type: 
     either absent, the previous dataset, or the complete new one; an interrupted run leaves no half-written dataset.
 
     Args:
-        out (str | Path): Folder to create. An existing non-empty folder is refused unless ``overwrite``.
+        out (str | Path): Folder to create. An existing non-empty folder is refused unless it holds an earlier
+            dataset (``synthetic.json``) and ``overwrite`` is given; the current folder is never replaced.
         train_per_type (int): Training pairs per type (``rain-1 ... rain-N``, ``snow-1 ... snow-N``).
         test_per_type (int): Test pairs per type; the test set holds ``2 * test_per_type`` images ``0 ... 2M-1``.
         size (int): Side of the square images, at least 16.
         seed (int): Non-negative seed; each image's generator is seeded from (seed, split, type, number).
         clean_dir (str | Path | None): Folder of clean photographs; None uses matplotlib's sample photographs.
-        overwrite (bool): Replace an existing non-empty ``out``.
+        overwrite (bool): Replace an earlier dataset at ``out``.
         progress (bool): Show a tqdm progress bar.
 
     Returns:
@@ -392,6 +442,7 @@ def make_dataset(out: str | os.PathLike, *, train_per_type: int, test_per_type: 
     """
     out = Path(out)
     _check_args(out, train_per_type, test_per_type, size, seed, overwrite)
+    target = Path(os.path.abspath(out))  # has a name and a parent even for "out/.."
     photos = PhotoCrops(clean_dir)
     # the shuffle of the test set has its own stream, which no image uses (their split indices are 0 and 1)
     order = np.random.default_rng([seed, len(SPLITS)]).permutation(len(KINDS) * test_per_type)
@@ -400,8 +451,8 @@ def make_dataset(out: str | os.PathLike, *, train_per_type: int, test_per_type: 
             for kind in KINDS for n in range(1, train_per_type + 1)]
     jobs += [("test", kind, n, f"{i}.png", f"{i}.png") for i, (kind, n) in enumerate(test_items)]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         for split in SPLITS:
             for side in ("degraded", "clean"):
@@ -414,14 +465,14 @@ def make_dataset(out: str | os.PathLike, *, train_per_type: int, test_per_type: 
         meta = {"seed": seed, "size": size, "train_per_type": train_per_type, "test_per_type": test_per_type,
                 "clean_photos": [str(p) for p in photos.paths], "test_fraction_of_width": TEST_FRACTION,
                 "test_kinds": {f"{i}.png": kind for i, (kind, _) in enumerate(test_items)}}
-        (tmp / "synthetic.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():  # empty, or overwrite was asked for: move it aside, put the new one in place, then delete
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
+        (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+        if target.exists():  # empty, or an earlier dataset: move it aside, put the new one in place, then delete
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
             shutil.rmtree(old)
         else:
-            os.replace(tmp, out)
+            os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -433,14 +484,17 @@ def main(argv: list[str] | None = None) -> None:
                                                  "a dataset in the homework layout (train/ and test/, each with "
                                                  "degraded/ and clean/).")
     parser.add_argument("--out", default="datasets_synth", help="folder to create (default: datasets_synth)")
-    parser.add_argument("--train_per_type", type=int, default=32, help="training pairs per type (default: 32)")
-    parser.add_argument("--test_per_type", type=int, default=8, help="test pairs per type (default: 8)")
-    parser.add_argument("--size", type=int, default=64, help="side of the square images in pixels (default: 64)")
-    parser.add_argument("--seed", type=int, default=0, help="non-negative seed (default: 0)")
+    parser.add_argument("--train_per_type", type=positive_int, default=32,
+                        help="training pairs per type (default: 32)")
+    parser.add_argument("--test_per_type", type=positive_int, default=8, help="test pairs per type (default: 8)")
+    parser.add_argument("--size", type=image_side, default=64,
+                        help=f"side of the square images in pixels, at least {MIN_IMAGE_SIZE} (default: 64)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="non-negative seed (default: 0)")
     parser.add_argument("--clean_dir", default=None,
                         help="folder of clean PNG/JPEG photographs, searched recursively (default: the sample "
                              "photographs installed with matplotlib)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it holds an earlier dataset of this script (nothing else is replaced)")
     args = parser.parse_args(argv)
     try:
         out = make_dataset(args.out, train_per_type=args.train_per_type, test_per_type=args.test_per_type,

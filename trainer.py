@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import math
 import os
 import signal
@@ -21,9 +22,10 @@ import threading
 import time
 import warnings
 from collections import defaultdict
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -34,22 +36,23 @@ import scoring
 import utils
 from augment import DEFAULT_ALPHAS, DEFAULT_RATES, STRONG_AUGMENTATIONS, AugmentPolicy
 from dataloader import DataError, build_loaders
+from fast_path import enable_fast_path
 from GFL_Loss import LOSSES, build_loss
-from model import PRESETS, build_model, enable_fast_path, freeze_except, load_weights, trainable_summary
+from model import PRESETS, build_model, freeze_except, model_config, model_from_checkpoint, trainable_summary
+from utils import ConfigError
 
-FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+# 2: the learning rate is a function of the step (no "scheduler" entry). Format 1 files resume as well.
+FORMAT_VERSION = 2
 # What --resume needs from a checkpoint (weights alone start a fine-tuning run instead).
-TRAINING_STATE = ("model", "optimizer", "scheduler", "epoch", "step", "rng")
+TRAINING_STATE = ("model", "optimizer", "epoch", "step", "rng")
 MIN_LR = 1e-6  # where the cosine ends
 TRAIN_DEFAULTS = {"lr": 2e-4, "epochs": 250, "warmup_epochs": 10, "loss": "gfl", "augment": "strong",
                   "save_dir": "checkpoints"}
 
 
-class ConfigError(ValueError):
-    """Options that contradict each other or point at nothing; the message says what to do."""
-
-
-class TrainingError(RuntimeError):
+class TrainingError(utils.ToolkitError, RuntimeError):
     """Training cannot go on (for example, every step has a non-finite loss)."""
 
 
@@ -101,8 +104,7 @@ def build_parser(defaults=None, *, fine_tune=False, description=None):
                      help="keep an exponential moving average of the weights (e.g. 0.999), used for validation")
     opt.add_argument("--max_bad_steps", type=int, default=20,
                      help="stop after this many steps in a row with a non-finite loss or gradient (default 20)")
-    opt.add_argument("--fp16", action="store_true", help="float16 autocast with loss scaling (CUDA only)")
-    opt.add_argument("--bf16", action="store_true", help="bfloat16 autocast, no loss scaling (not with --fp16)")
+    utils.add_precision_args(opt, training=True)
     run = p.add_argument_group("run")
     run.add_argument("--save_dir", default=None,
                      help=f"run folder (default: the --resume folder, else {d['save_dir']})")
@@ -144,12 +146,14 @@ def build_parser(defaults=None, *, fine_tune=False, description=None):
 # fine_tune, default_save_dir and checkpoint belong to the script (--checkpoint only seeds a new fine-tuning run).
 PER_INVOCATION = frozenset({"resume", "save_dir", "data_dir", "device", "trust_checkpoint", "num_workers", "cache",
                             "plain", "compile", "recompute", "fine_tune", "default_save_dir", "checkpoint"})
+PRECISION_OPTIONS = ("precision", "fp16", "bf16")
 
 
 def parse_args(parser, argv=None):
     """Parse the command line; with ``--resume``, the options recorded in the checkpoint (its ``args``) become the
     defaults and the command line is parsed again, so only options given now override them (``PER_INVOCATION``
-    ones are never taken from the checkpoint).
+    ones are never taken from the checkpoint). The precision is carried over as a whole unless one of
+    --precision, --fp16 or --bf16 is given now; a checkpoint that records only --fp16/--bf16 maps to it.
 
     Args:
         parser (argparse.ArgumentParser): from ``build_parser``.
@@ -162,12 +166,16 @@ def parse_args(parser, argv=None):
     if not args.resume or not _run_file(args.resume).is_file():  # a missing file is reported by check_args
         return args
     # mapped, not read: only the options are wanted here (the Trainer reads the whole file once)
-    ckpt = utils.load_checkpoint(_run_file(args.resume), trusted=args.trust_checkpoint, mmap=True)
-    saved = ckpt.get("args") if isinstance(ckpt, dict) else None
+    checkpoint = utils.load_checkpoint(_run_file(args.resume), trusted=args.trust_checkpoint, mmap=True)
+    saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
     if not isinstance(saved, dict):
         return args
-    known = set(vars(args)) - PER_INVOCATION
-    parser.set_defaults(**{key: value for key, value in saved.items() if key in known})
+    known = set(vars(args)) - PER_INVOCATION - set(PRECISION_OPTIONS)
+    defaults = {key: value for key, value in saved.items() if key in known}
+    if not any(getattr(args, name) for name in PRECISION_OPTIONS):
+        name = saved.get("precision") or ("fp16" if saved.get("fp16") else "bf16" if saved.get("bf16") else "fp32")
+        defaults.update(precision=name, fp16=name == "fp16", bf16=name == "bf16")
+    parser.set_defaults(**defaults)
     return parser.parse_args(argv)
 
 
@@ -179,9 +187,11 @@ def _run_file(path):
 
 def check_args(args):
     """Fail on options that contradict each other or point at nothing, before any work starts; fills in
-    ``save_dir`` and ``device``. Raises ConfigError with what to do."""
-    if args.fp16 and args.bf16:
-        raise ConfigError("--fp16 and --bf16 exclude each other: pick one (bf16 needs no loss scaling)")
+    ``save_dir``, ``device`` and ``precision``. Checking checked options again changes nothing.
+
+    Raises:
+        ConfigError: with what to do.
+    """
     for name, low in (("batch_size", 1), ("accum_steps", 1), ("epochs", 1), ("val_interval", 1),
                       ("max_bad_steps", 1), ("num_workers", 0), ("warmup_epochs", 0), ("val_per_type", 0)):
         if getattr(args, name) < low:
@@ -213,44 +223,70 @@ def check_args(args):
         if not Path(args.checkpoint).is_file():
             raise ConfigError(f"--checkpoint {args.checkpoint} does not exist")
     args.save_dir = str(args.save_dir or (Path(args.resume).parent if args.resume else args.default_save_dir))
-    last = Path(args.save_dir) / "last.pth"
-    if last.is_file() and not (args.resume and Path(args.resume).parent.resolve() == last.parent.resolve()):
-        raise ConfigError(f"{args.save_dir} already holds a run (last.pth): continue it with --resume "
-                          f"{args.save_dir}, or choose another --save_dir")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError as err:
-        raise ConfigError(f"--device {args.device}: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: CUDA is not available here; use --device cpu")
+    check_run_folder(args)
+    device = utils.resolve_device(args.device)
+    utils.resolve_precision(args, device, training=True)
     if args.plain and (args.compile or args.recompute):
         raise ConfigError("--compile and --recompute work on the fast path: drop --plain or drop them")
     if args.compile and device.type != "cuda":
         raise ConfigError("--compile needs a CUDA device: on the CPU the fast path without it is the quicker one")
-    if args.fp16 and device.type != "cuda":
-        raise ConfigError("--fp16 needs a CUDA device (float16 autocast on the CPU is slow and unscaled): "
-                          "use --bf16 or leave both off")
     args.device = str(device)
 
 
-# -------------------------------------------------------------------------------------------------- helpers
-class EMA:
-    """Exponential moving average of a network's weights and buffers, updated after every optimizer step.
+def check_run_folder(args):
+    """Refuse a --save_dir that holds another run (a run continues only in its own folder, with --resume)."""
+    last = Path(args.save_dir) / "last.pth"
+    if last.is_file() and not (args.resume and Path(args.resume).parent.resolve() == last.parent.resolve()):
+        raise ConfigError(f"{args.save_dir} already holds a run (last.pth): continue it with --resume "
+                          f"{args.save_dir}, or choose another --save_dir")
+
+
+# ---------------------------------------------------------------------------------------------------- processes
+@dataclass(frozen=True)
+class Processes:
+    """The processes that train together and this one's place among them.
 
     Args:
-        model (nn.Module): the network to follow; a frozen copy in eval mode is kept as ``self.module``.
-        decay (float): weight of the old average at each update, e.g. 0.999.
+        device (torch.device): this process's device.
+        rank (int): this process's number, 0 for the primary one (it writes the run folder and reports).
+        world (int): how many processes train.
+        distributed (bool): started by torchrun: gradients and results are combined through torch.distributed.
     """
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    distributed: bool = False
 
-    def __init__(self, model, *, decay):
-        self.decay = decay
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
 
-    @torch.no_grad()
-    def update(self, model):
-        torch._foreach_lerp_(list(self.module.state_dict().values()), list(model.state_dict().values()),
-                             1 - self.decay)
+@contextmanager
+def process_group(device):
+    """The processes of a run. Under torchrun (RANK and WORLD_SIZE set) this starts torch.distributed (NCCL on
+    CUDA, each process on GPU LOCAL_RANK; gloo on the CPU) and ends it on leaving, however the run ends; only the
+    primary process reports progress. Otherwise a single process on ``device``.
+
+    Args:
+        device (str | None): the --device option (see ``utils.resolve_device``).
+
+    Yields:
+        Processes
+    """
+    device = utils.resolve_device(device)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        yield Processes(device)
+        return
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    level = log.level
+    try:
+        rank = dist.get_rank()
+        if rank:
+            log.setLevel(logging.WARNING)
+        yield Processes(device, rank, dist.get_world_size(), distributed=True)
+    finally:
+        log.setLevel(level)
+        dist.destroy_process_group()
 
 
 class StopRequest:
@@ -266,7 +302,7 @@ class StopRequest:
     REPEAT_S = 1.0
 
     def __init__(self):
-        self.signum = None
+        self.signum = None  # the signal that asked this process to stop
         self._previous = {}
         self._pid = os.getpid()
         self._first = None  # time.monotonic() of the first signal
@@ -289,17 +325,37 @@ class StopRequest:
                 return
             raise KeyboardInterrupt
         self.signum, self._first = signum, time.monotonic()
-        tqdm.write(f"{signal.Signals(signum).name}: stopping after this optimizer update and writing last.pth "
-                   "(send it again to quit at once, without saving)")
+        log.info(f"{signal.Signals(signum).name}: stopping after this optimizer update and writing last.pth "
+                 "(send it again to quit at once, without saving)")
 
 
-def lr_factor(step, *, warmup_steps, total_steps, min_factor):
-    """Learning rate of update ``step`` (0-based) relative to the peak: linear warm-up, then cosine to
-    ``min_factor``."""
+# -------------------------------------------------------------------------------------------- the update
+class EMA:
+    """Exponential moving average of a network's weights and buffers, updated after every optimizer step.
+
+    Args:
+        model (nn.Module): the network to follow; a frozen copy in eval mode is kept as ``self.module``.
+        decay (float): weight of the old average at each update, e.g. 0.999.
+    """
+
+    def __init__(self, model, *, decay):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model):
+        torch._foreach_lerp_(list(self.module.state_dict().values()), list(model.state_dict().values()),
+                             1 - self.decay)
+
+
+def lr_at(step, *, peak_lr, warmup_steps, total_steps, min_lr):
+    """The learning rate of update ``step`` (0-based): a linear warm-up to ``peak_lr`` over ``warmup_steps``
+    updates, then a cosine decay that reaches ``min_lr`` at ``total_steps`` and stays there."""
     if step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return peak_lr * ((step + 1) / warmup_steps)
     progress = min((step - warmup_steps) / max(1, total_steps - warmup_steps), 1.0)
-    return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+    min_factor = min_lr / peak_lr
+    return peak_lr * (min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def build_optimizer(params, *, lr, weight_decay, device):
@@ -320,6 +376,22 @@ def build_optimizer(params, *, lr, weight_decay, device):
               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
     fused = {"fused": True} if torch.device(device).type == "cuda" else {}
     return torch.optim.AdamW(groups, lr=lr, **fused)
+
+
+# Parameter-group entries that choose the optimizer's implementation for the device it runs on
+IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable")
+
+
+def load_optimizer_state(optimizer, saved):
+    """``optimizer.load_state_dict(saved)``, keeping the implementation ``optimizer`` was built with (fused AdamW
+    on CUDA): a state saved on another device carries that device's choice in its parameter groups.
+
+    Raises:
+        ValueError: the saved state does not fit (other parameter groups or sizes).
+    """
+    own = [{k: group[k] for k in IMPLEMENTATION_FLAGS if k in group} for group in optimizer.param_groups]
+    groups = [{**group, **own[i]} if i < len(own) else group for i, group in enumerate(saved["param_groups"])]
+    optimizer.load_state_dict({**saved, "param_groups": groups})
 
 
 @dataclass
@@ -418,8 +490,8 @@ class Update:
         return UpdateResult(bool(skipped), bool(stop), value, images)
 
 
-def _groups(batches, size):
-    """Consecutive lists of ``size`` batches (the last one may be shorter): one optimizer update each."""
+def _micro_batch_groups(batches, size):
+    """Consecutive lists of ``size`` micro-batches (the last one may be shorter): one optimizer update each."""
     group = []
     for batch in batches:
         group.append(batch)
@@ -430,13 +502,21 @@ def _groups(batches, size):
         yield group
 
 
-# An epoch's running sums: the SUMMED ones are added over the processes at the epoch's end; skipped steps (agreed by
-# all processes) and the training time are the same on every process.
-SUMMED = ("loss_sum", "images", "seen")
+# ------------------------------------------------------------------------------------------- the state of a run
+@dataclass
+class EpochSums:
+    """The running sums of the epoch in progress; a resume inside the epoch continues them.
 
-
-def _fresh_partial():
-    return {"loss_sum": 0.0, "images": 0, "seen": 0, "skipped": 0, "time_s": 0.0}
+    ``SUMMED`` entries are this process's own while the epoch runs and are added over the processes when it ends (or
+    when a stop inside it is saved: rank 0 carries the total on); skipped updates (agreed by all processes) and the
+    training time are the same on every process.
+    """
+    SUMMED: ClassVar[tuple[str, ...]] = ("loss_sum", "images", "seen")
+    loss_sum: float = 0.0  # per-image loss summed over the images of the updates taken
+    images: int = 0  # images of the updates taken
+    seen: int = 0  # images trained on, skipped updates included (the speed)
+    skipped: int = 0  # updates skipped for a non-finite loss or gradient
+    time_s: float = 0.0  # training time, validation excluded
 
 
 def rank_rng_state(saved, rank):
@@ -444,6 +524,106 @@ def rank_rng_state(saved, rank):
     (or, in checkpoints written before, rank 0's state alone). None when it holds none for this rank."""
     states = saved if isinstance(saved, list) else [saved]
     return states[rank] if rank < len(states) else None
+
+
+@dataclass
+class TrainingState:
+    """Everything a checkpoint holds, saved (``state_dict``) and restored (``load_state_dict``) by this object
+    alone: what a resumed run needs to continue as if it had never stopped.
+
+    Args:
+        model (nn.Module): the network (not its DDP wrapper).
+        optimizer (torch.optim.Optimizer): its optimizer.
+        args (dict): the run's options (saved; on resume ``parse_args`` reads them before this object exists).
+        model_config (dict): ``build_model`` keyword arguments (saved; read before the model is built).
+        ema (EMA | None): the weights' moving average.
+        scaler (torch.amp.GradScaler | None): the float16 loss scaler.
+        loader_generator (torch.Generator | None): the training loader's generator.
+        epoch (int): epochs finished.
+        step (int): optimizer updates done, skipped ones included (the schedule's position).
+        best_psnr (float): the best validation PSNR so far.
+        bad_steps_in_a_row (int): the updates just before this point that were skipped for a non-finite loss or
+            gradient, across epochs and resumes.
+        epoch_sums (EpochSums): the sums of the epoch in progress.
+    """
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    args: dict
+    model_config: dict
+    ema: EMA | None = None
+    scaler: torch.amp.GradScaler | None = None
+    loader_generator: torch.Generator | None = None
+    epoch: int = 0
+    step: int = 0
+    best_psnr: float = float("-inf")
+    bad_steps_in_a_row: int = 0
+    epoch_sums: EpochSums = field(default_factory=EpochSums)
+
+    def state_dict(self, *, rng=None):
+        """The checkpoint: a plain dict of tensors and primitives (``torch.load(weights_only=True)`` reads it).
+
+        Args:
+            rng (list[dict] | None): every process's ``utils.get_rng_state()``, indexed by rank (default: this
+                process's alone, which is all there is with one process).
+        """
+        return {"format_version": FORMAT_VERSION, "model": self.model.state_dict(),
+                "ema": self.ema.module.state_dict() if self.ema else None, "model_config": self.model_config,
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+                "epoch": self.epoch, "step": self.step, "best_psnr": self.best_psnr,
+                "bad_run": self.bad_steps_in_a_row, "partial": asdict(self.epoch_sums), "args": dict(self.args),
+                "rng": rng if rng is not None else [utils.get_rng_state()],
+                "loader_generator": self.loader_generator.get_state() if self.loader_generator is not None else None}
+
+    @staticmethod
+    def check(checkpoint, *, source):
+        """Refuse a checkpoint that holds no training run's state, or one of a format newer than this code reads.
+
+        Raises:
+            ConfigError: weights alone (the message names the fine-tuning command to start from them).
+            utils.CheckpointError: a newer format.
+        """
+        missing = [k for k in TRAINING_STATE if not isinstance(checkpoint, dict) or k not in checkpoint]
+        if missing:
+            raise ConfigError(f"--resume {source} holds weights, not a training run's state (no "
+                              f"{', '.join(missing)}): start a run from these weights with first_stage_ft.py "
+                              f"--checkpoint {source}")
+        version = checkpoint.get("format_version", 1)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise utils.CheckpointError(f"{source} is a checkpoint of format {version}; this trainer.py reads formats "
+                                        f"up to {FORMAT_VERSION}: resume it with the newer code that wrote it")
+
+    def load_state_dict(self, checkpoint, *, rank=0, source="the checkpoint"):
+        """Restore what ``state_dict`` saved (format 1 files too), for process ``rank``.
+
+        Raises:
+            ConfigError: the checkpoint was trained with other modules or another precision.
+        """
+        self.check(checkpoint, source=source)
+        self.model.load_state_dict(checkpoint["model"])
+        try:
+            load_optimizer_state(self.optimizer, checkpoint["optimizer"])
+        except ValueError as err:
+            raise ConfigError(f"--resume {source}: the optimizer does not fit ({err}); resume with the same "
+                              "--trainable modules") from None
+        if (self.scaler is None) != (checkpoint.get("scaler") is None):
+            raise ConfigError(f"--resume {source} was trained with{'out' if self.scaler else ''} --fp16: resume with "
+                              "the same precision")
+        if self.scaler is not None:
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(checkpoint["ema"] if checkpoint.get("ema") is not None
+                                            else checkpoint["model"])
+        self.epoch, self.step, self.best_psnr = checkpoint["epoch"], checkpoint["step"], checkpoint["best_psnr"]
+        self.bad_steps_in_a_row = checkpoint.get("bad_run", 0)
+        saved = checkpoint.get("partial") or {}
+        self.epoch_sums = EpochSums(**{f.name: saved.get(f.name, f.default) for f in fields(EpochSums)})
+        if rank:  # the summed entries were summed over the processes when saved: rank 0 carries them on
+            self.epoch_sums = replace(self.epoch_sums, **{k: 0 for k in EpochSums.SUMMED})
+        state = rank_rng_state(checkpoint["rng"], rank)
+        if state is not None:  # else this process keeps its fresh seed (--seed + rank)
+            utils.set_rng_state(state)
+        if checkpoint.get("loader_generator") is not None and self.loader_generator is not None:
+            self.loader_generator.set_state(checkpoint["loader_generator"])
 
 
 @dataclass
@@ -456,172 +636,125 @@ class Result:
     signal: int | None = None
 
 
+# ------------------------------------------------------------------------------------------------------- set-up
+def read_resume(args):
+    """The checkpoint --resume names, read whole and checked to hold a training run's state; None without one."""
+    if not args.resume:
+        return None
+    checkpoint = utils.load_checkpoint(args.resume, trusted=args.trust_checkpoint)
+    TrainingState.check(checkpoint, source=args.resume)
+    return checkpoint
+
+
+def build_network(args, config, start, device):
+    """The model of ``config`` on ``device``: holding the weights of ``start`` (the loaded --checkpoint of a
+    fine-tuning run, its EMA weights where it has some) when given, frozen but for --trainable, on the fast path
+    unless --plain."""
+    if start is not None:
+        model = model_from_checkpoint(start, preset=args.preset, source=args.checkpoint)
+    else:
+        model = build_model(**config)
+    if args.trainable:
+        try:
+            freeze_except(model, args.trainable)
+        except ValueError as err:
+            raise ConfigError(f"--trainable: {err}") from None
+    model.to(device)
+    if not args.plain:
+        try:
+            enable_fast_path(model, compile=args.compile, recompute=args.recompute)
+        except ValueError as err:
+            raise ConfigError(f"--recompute: {err}") from None
+    return model
+
+
+def wrap_ddp(model, device):
+    """``model``'s DistributedDataParallel wrapper; every process starts from rank 0's weights."""
+    # The fast path's channels-last activations give some convolution weight gradients other strides than their
+    # parameters (on the CPU only along size-1 dimensions: the same memory, tested). DDP copies every gradient into
+    # its buckets anyway; a strided copy of the weights' size costs nothing next to a step.
+    warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides", UserWarning)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.index is not None else None)
+
+
+@contextmanager
+def open_run_folder(args, *, epoch):
+    """The run folder, taken for this run: args.json written, and log.jsonl cut after ``epoch`` on a resume.
+
+    Yields:
+        utils.RunLog: the run's per-epoch log.
+    """
+    folder = Path(args.save_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+    run_log = utils.RunLog(folder)
+    if args.resume and run_log.path.is_file():
+        run_log.truncate_after(epoch)
+    yield run_log
+
+
 # ---------------------------------------------------------------------------------------------------- trainer
 class Trainer:
     """One training run: from scratch, fine-tuning from ``--checkpoint``, or resumed from ``--resume``.
 
     Args:
         args (argparse.Namespace): parsed options of ``build_parser`` (checked here with ``check_args``).
+        processes (Processes | None): the processes training together (``process_group``); default: this one alone,
+            on --device.
     """
 
-    def __init__(self, args):
+    def __init__(self, args, processes=None):
         check_args(args)
-        self.args = args
-        self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-        self.device = torch.device(args.device)
-        if self.distributed:
-            local_rank = int(os.environ.get("LOCAL_RANK", 0))
-            if self.device.type == "cuda":
-                self.device = torch.device("cuda", local_rank)
-                torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.rank = dist.get_rank() if self.distributed else 0
-        self.world = dist.get_world_size() if self.distributed else 1
-        self.main = self.rank == 0
+        self.args, self.run_dir = args, Path(args.save_dir)
+        self.processes = processes or Processes(torch.device(args.device))
+        self.device, self.is_primary = self.processes.device, self.processes.rank == 0
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")
             torch.backends.cudnn.benchmark = True  # training shapes are fixed (whole images or --patch_size crops)
-        utils.seed_everything(args.seed + self.rank)
-        self.run_dir = Path(args.save_dir)
+        utils.seed_everything(args.seed + self.processes.rank)
         # The data are checked (every pair, every file) before anything big is loaded or built.
         self.train_loader, self.val_loader = build_loaders(
             args.data_dir, batch_size=args.batch_size, num_workers=args.num_workers, patch_size=args.patch_size,
-            val_per_type=args.val_per_type, seed=args.seed, cache=args.cache, distributed=self.distributed)
+            val_per_type=args.val_per_type, seed=args.seed, cache=args.cache, distributed=self.processes.distributed)
         self.updates_per_epoch = math.ceil(len(self.train_loader) / args.accum_steps)
-
-        resume = utils.load_checkpoint(args.resume, trusted=args.trust_checkpoint) if args.resume else None
-        if resume is not None:
-            missing = [k for k in TRAINING_STATE if not isinstance(resume, dict) or k not in resume]
-            if missing:
-                raise ConfigError(f"--resume {args.resume} holds weights, not a training run's state (no "
-                                  f"{', '.join(missing)}): start a run from these weights with first_stage_ft.py "
-                                  f"--checkpoint {args.resume}")
-        init = None
-        if args.fine_tune and resume is None:
-            init = utils.load_checkpoint(args.checkpoint, trusted=args.trust_checkpoint)
-        self.model_config = self._model_config(resume or init)
-        self.raw = build_model(**self.model_config)
-        if init is not None:
-            load_weights(self.raw, init)
-        if args.trainable:
-            try:
-                freeze_except(self.raw, args.trainable)
-            except ValueError as err:
-                raise ConfigError(f"--trainable: {err}") from None
-        self.raw.to(self.device)
-        if not args.plain:
-            try:
-                enable_fast_path(self.raw, compile=args.compile, checkpoint=args.recompute)
-            except ValueError as err:
-                raise ConfigError(f"--recompute: {err}") from None
-        if self.distributed:  # DDP starts every process from rank 0's weights
-            # The fast path's channels-last activations give some convolution weight gradients other strides than
-            # their parameters (on the CPU only along size-1 dimensions: the same memory, tested). DDP copies every
-            # gradient into its buckets anyway; a strided copy of the weights' size costs nothing next to a step.
-            warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides", UserWarning)
-            self.net = DistributedDataParallel(self.raw, device_ids=[self.device.index] if self.device.index is not None
-                                               else None)
-        else:
-            self.net = self.raw
-        self.ema = EMA(self.raw, decay=args.ema) if args.ema else None
-
+        resumed = read_resume(args)
+        start = (utils.load_checkpoint(args.checkpoint, trusted=args.trust_checkpoint)
+                 if args.fine_tune and resumed is None else None)
+        self.model_config = model_config(resumed or start, args.preset, source=args.resume or args.checkpoint)
+        self.model = build_network(args, self.model_config, start, self.device)
+        self.ddp_model = wrap_ddp(self.model, self.device) if self.processes.distributed else None
+        self.ema = EMA(self.model, decay=args.ema) if args.ema else None
         self.policy = AugmentPolicy(  # draws from the global RNG (checkpointed)
             strong=args.augment == "strong", rates=dict(zip(STRONG_AUGMENTATIONS, args.aug_rates)),
             alphas=dict(zip(STRONG_AUGMENTATIONS, args.aug_alphas)))
-        self.loss = build_loss(args.loss, num_epochs=args.epochs)
-        self.amp_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
-        self.scaler = torch.amp.GradScaler("cuda") if args.fp16 else None
-
-        self.optimizer = build_optimizer((p for p in self.raw.parameters() if p.requires_grad), lr=args.lr,
+        self.loss_fn = build_loss(args.loss, num_epochs=args.epochs)
+        self.optimizer = build_optimizer((p for p in self.model.parameters() if p.requires_grad), lr=args.lr,
                                          weight_decay=args.weight_decay, device=self.device)
-        self.update = Update(self.raw, self.optimizer, loss_fn=self.loss, autocast_dtype=self.amp_dtype,
-                             grad_clip=args.grad_clip, scaler=self.scaler, ema=self.ema, policy=self.policy,
-                             ddp_model=self.net if self.distributed else None)
-        warmup, total = args.warmup_epochs * self.updates_per_epoch, args.epochs * self.updates_per_epoch
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
-            s, warmup_steps=warmup, total_steps=total, min_factor=MIN_LR / args.lr))
+        scaler = torch.amp.GradScaler("cuda") if args.precision == "fp16" else None
+        self.update = Update(self.model, self.optimizer, loss_fn=self.loss_fn,
+                             autocast_dtype=utils.PRECISIONS[args.precision], grad_clip=args.grad_clip, scaler=scaler,
+                             ema=self.ema, policy=self.policy, ddp_model=self.ddp_model)
+        self.schedule = {"peak_lr": args.lr, "warmup_steps": args.warmup_epochs * self.updates_per_epoch,
+                         "total_steps": args.epochs * self.updates_per_epoch, "min_lr": MIN_LR}
+        self.state = TrainingState(self.model, self.optimizer, vars(args), self.model_config, ema=self.ema,
+                                   scaler=scaler, loader_generator=self.train_loader.generator)
+        if resumed is not None:
+            self.state.load_state_dict(resumed, rank=self.processes.rank, source=args.resume)
+            self._check_resume()
+            for group, decay in zip(self.optimizer.param_groups, (args.weight_decay, 0.0)):
+                group["weight_decay"] = decay  # a --weight_decay given now holds (unchanged, it is the saved one)
+        self._set_lr(self.state.step)
 
-        self.epoch, self.step, self.best_psnr = 0, 0, float("-inf")
-        self.bad_run = 0  # non-finite updates in a row, across epochs and resumes
-        self.partial = _fresh_partial()  # this epoch's sums so far (a resume in the middle continues them)
-        if resume is not None:
-            self._load(resume)
-
-    # -------------------------------------------------------------------------------------------- set-up
-    def _model_config(self, checkpoint):
-        """The model's build_model kwargs: a checkpoint's own config wins; an explicit --preset must agree."""
-        preset = self.args.preset
-        saved = checkpoint.get("model_config") if isinstance(checkpoint, dict) else None
-        if saved:
-            if preset and preset != saved.get("preset"):
-                source = self.args.resume or self.args.checkpoint
-                raise ConfigError(f"{source} holds a model of preset {saved.get('preset')!r}, not --preset {preset}: "
-                                  "drop --preset (the checkpoint's is used) or start a new run")
-            return dict(saved)
-        return {"preset": preset or "official"}
-
-    def _load(self, ckpt):
-        """Restore everything a checkpoint holds so that training continues as if it had never stopped."""
-        self.raw.load_state_dict(ckpt["model"])
-        try:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-        except ValueError as err:
-            raise ConfigError(f"--resume {self.args.resume}: the optimizer does not fit ({err}); resume with the "
-                              "same --trainable modules") from None
-        # The options of this invocation hold (--lr, --weight_decay and the schedule's length typed again override
-        # the saved ones; unchanged, they equal them): the loaded groups and the schedule take them over.
-        lambdas = self.scheduler.lr_lambdas
-        step = ckpt["scheduler"]["last_epoch"]
-        self.scheduler.load_state_dict({**ckpt["scheduler"], "base_lrs": [self.args.lr] * len(lambdas),
-                                        "_last_lr": [self.args.lr * f(step) for f in lambdas]})
-        for group, decay, lr in zip(self.optimizer.param_groups, (self.args.weight_decay, 0.0),
-                                    self.scheduler.get_last_lr()):
-            group.update(initial_lr=self.args.lr, lr=lr, weight_decay=decay)
-        if (self.scaler is None) != (ckpt.get("scaler") is None):
-            raise ConfigError(f"--resume {self.args.resume} was trained with{'out' if self.scaler else ''} --fp16: "
-                              "resume with the same precision")
-        if self.scaler is not None:
-            self.scaler.load_state_dict(ckpt["scaler"])
-        if self.ema is not None:
-            self.ema.module.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
-        self.epoch, self.step, self.best_psnr = ckpt["epoch"], ckpt["step"], ckpt["best_psnr"]
-        self.bad_run = ckpt.get("bad_run", 0)
-        saved = ckpt.get("partial") or {}
-        # the summed entries were summed over the processes when saved: rank 0 carries them on
-        self.partial = {k: saved.get(k, v) if self.main or k not in SUMMED else v for k, v in _fresh_partial().items()}
-        if self.epoch >= self.args.epochs:
-            raise ConfigError(f"--resume {self.args.resume} has already completed {self.epoch} of --epochs "
+    def _check_resume(self):
+        """Refuse a resume that has nothing left to do, or whose epoch does not fit the batches of this run."""
+        state, source = self.state, self.args.resume
+        if state.epoch >= self.args.epochs:
+            raise ConfigError(f"--resume {source} has already completed {state.epoch} of --epochs "
                               f"{self.args.epochs}: pass a larger --epochs to train longer")
-        if not 0 <= self.step - self.epoch * self.updates_per_epoch < self.updates_per_epoch:
-            raise ConfigError(f"--resume {self.args.resume} stopped at update {self.step} of epoch {self.epoch + 1}, "
+        if not 0 <= self._updates_done_in_epoch() < self.updates_per_epoch:
+            raise ConfigError(f"--resume {source} stopped at update {state.step} of epoch {state.epoch + 1}, "
                               f"which has {self.updates_per_epoch} updates here: resume with the same data, "
                               "--batch_size, --accum_steps and number of processes")
-        state = rank_rng_state(ckpt["rng"], self.rank)
-        if state is not None:  # else this process keeps its fresh seed (--seed + rank)
-            utils.set_rng_state(state)
-        if ckpt.get("loader_generator") is not None and self.train_loader.generator is not None:
-            self.train_loader.generator.set_state(ckpt["loader_generator"])
-
-    def _say(self, text):
-        if self.main:
-            tqdm.write(text)
-
-    def checkpoint(self, *, rng=None):
-        """The state of the run right now, in the checkpoint schema (a plain dict).
-
-        Args:
-            rng (list[dict] | None): every process's ``utils.get_rng_state()``, indexed by rank, as ``_rng_states``
-                gathers them (default: this process's alone, which is all there is without DDP).
-        """
-        generator = self.train_loader.generator
-        return {"format_version": FORMAT_VERSION, "model": self.raw.state_dict(),
-                "ema": self.ema.module.state_dict() if self.ema else None, "model_config": self.model_config,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler else None, "epoch": self.epoch, "step": self.step,
-                "best_psnr": self.best_psnr, "bad_run": self.bad_run, "partial": dict(self.partial),
-                "args": vars(self.args),
-                "rng": rng if rng is not None else [utils.get_rng_state()],
-                "loader_generator": generator.get_state() if generator is not None else None}
 
     # ---------------------------------------------------------------------------------------------- loop
     def fit(self, *, until_epoch=None):
@@ -630,156 +763,163 @@ class Trainer:
         Returns:
             Result: the run folder, epochs and updates done, best validation PSNR, and the signal that stopped it.
         """
-        args, stop_at = self.args, min(until_epoch or self.args.epochs, self.args.epochs)
-        log = None
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
-            log = utils.RunLog(self.run_dir)
-            if args.resume and log.path.is_file():
-                log.truncate_after(self.epoch)
-            if args.trainable or args.fine_tune:
-                self._say(trainable_summary(self.raw))
-        batches = len(self.train_loader)
+        stop_at, state, stopped = min(until_epoch or self.args.epochs, self.args.epochs), self.state, False
+        folder = open_run_folder(self.args, epoch=state.epoch) if self.is_primary else nullcontext()
+        with folder as run_log, StopRequest() as stop:
+            self._describe_run()
+            while state.epoch < stop_at and not stopped:
+                stopped = self._train_epoch(stop)
+                if self._updates_done_in_epoch() < self.updates_per_epoch:  # stopped inside the epoch
+                    state.epoch_sums = self._epoch_sums_over_processes()
+                    self._save({"last.pth"})
+                    break
+                self._end_epoch(run_log)
+        if stopped:
+            log.info(f"stopped after update {state.step}; continue with --resume {self.run_dir}")
+        elif self.is_primary:
+            utils.plot_curves(self.run_dir)
+        return Result(self.run_dir, state.epoch, state.step, state.best_psnr,
+                      (stop.signum or signal.SIGTERM) if stopped else None)
+
+    def _describe_run(self):
+        args, batches, world = self.args, len(self.train_loader), self.processes.world
+        if args.trainable or args.fine_tune:
+            log.info(trainable_summary(self.model))
         accum = min(args.accum_steps, batches)
         if accum < args.accum_steps:
-            self._say(f"--accum_steps {args.accum_steps} is more than the {batches} batches of an epoch: each update "
-                      f"takes the whole epoch, {accum} batches")
-        self._say(f"effective batch: {args.batch_size} images x {accum} accumulation steps x {self.world} "
-                  f"process(es) = {args.batch_size * accum * self.world} per update; {self.updates_per_epoch} updates "
-                  f"per epoch, {self.updates_per_epoch * args.epochs} in all; device {self.device}; run folder "
-                  f"{self.run_dir}")
-        stopped = None
-        try:
-            with StopRequest() as stop:
-                while self.epoch < stop_at and stopped is None:
-                    record, stop_now = self._train_epoch(stop)
-                    stopped = (stop.signum or signal.SIGTERM) if stop_now else None
-                    if self.step < (self.epoch + 1) * self.updates_per_epoch:  # stopped inside the epoch
-                        self._save({"last.pth"})
-                        break
-                    self.epoch += 1
-                    record.update(self._maybe_validate())
-                    self._end_epoch(record, log)
-            if stopped is not None:
-                self._say(f"stopped after update {self.step}; continue with --resume {self.run_dir}")
-            elif self.main:
-                utils.plot_curves(self.run_dir)
-        finally:
-            if self.distributed:
-                dist.destroy_process_group()
-        return Result(self.run_dir, self.epoch, self.step, self.best_psnr, stopped)
+            log.info(f"--accum_steps {args.accum_steps} is more than the {batches} batches of an epoch: each update "
+                     f"takes the whole epoch, {accum} batches")
+        log.info(f"effective batch: {args.batch_size} images x {accum} accumulation steps x {world} process(es) = "
+                 f"{args.batch_size * accum * world} per update; {self.updates_per_epoch} updates per epoch, "
+                 f"{self.updates_per_epoch * args.epochs} in all; device {self.device}; run folder {self.run_dir}")
+
+    def _updates_done_in_epoch(self):
+        return self.state.step - self.state.epoch * self.updates_per_epoch
 
     def _train_epoch(self, stop):
-        """One epoch (or its rest, after a resume in the middle).
+        """Train the epoch in progress to its end (its rest, after a resume inside it), or until a stop.
 
         Returns:
-            (record, stopped): the training part of the epoch's log record, and whether a signal stopped it.
+            bool: whether the run was stopped.
         """
-        args, loader = self.args, self.train_loader
-        loader.sampler.set_epoch(self.epoch)
-        done = self.step - self.epoch * self.updates_per_epoch  # updates of this epoch already done (resume)
-        batches = _groups(iter(loader), args.accum_steps)
+        loader, done = self.train_loader, self._updates_done_in_epoch()
+        loader.sampler.set_epoch(self.state.epoch)
+        groups = _micro_batch_groups(iter(loader), self.args.accum_steps)
         for _ in range(done):  # items are seeded by the sampler: skipping re-reads them without drawing at random
-            next(batches)
-        self.raw.train()
-        bar = tqdm(total=len(loader), initial=done * args.accum_steps, desc=f"epoch {self.epoch + 1}/{args.epochs}",
-                   unit="batch", leave=False, dynamic_ncols=True, disable=not self.main)
+            next(groups)
         if done == 0:
-            self.partial = _fresh_partial()
-        part = self.partial
-        stopped, start, time_before, seen_now = False, time.perf_counter(), part["time_s"], 0
-        try:
+            self.state.epoch_sums = EpochSums()
+        sums = self.state.epoch_sums
+        self.model.train()
+        bar = tqdm(total=len(loader), initial=done * self.args.accum_steps, unit="batch", leave=False,
+                   desc=f"epoch {self.state.epoch + 1}/{self.args.epochs}", dynamic_ncols=True,
+                   disable=not self.is_primary)
+        start, time_before, seen_before = time.perf_counter(), sums.time_s, sums.seen
+        with bar:
             while True:
                 try:
-                    group = next(batches)
+                    group = next(groups)
                 except StopIteration:
-                    break
+                    return False
                 except Exception:
                     # A signal can kill the loader's workers: with one process that is a stop between updates (the
-                    # weights match self.step). With several, the others wait in this update's collectives, so the
+                    # weights match the step). With several, the others wait in this update's collectives, so the
                     # error is raised (last.pth keeps the last finished epoch).
-                    if stop.signum is None or self.distributed:
+                    if stop.signum is None or self.processes.distributed:
                         raise
-                    stopped = True
-                    break
-                result = self._update(group, stop)
-                bad, stopped, value, count = result.skipped, result.stop, result.loss_sum, result.images
-                self.step += 1
-                part["seen"] += count
-                seen_now += count
-                part["time_s"] = time_before + time.perf_counter() - start
+                    return True
+                result = self._take_step(group, stop)
+                self._count(result)
+                sums.time_s = time_before + time.perf_counter() - start
                 bar.update(len(group))
-                if bad:
-                    part["skipped"] += 1
-                    self.bad_run += 1
-                    self._say(f"epoch {self.epoch + 1} update {self.step}: non-finite loss or gradient, step skipped")
-                    if self.bad_run >= args.max_bad_steps:
-                        raise TrainingError(
-                            f"{self.bad_run} updates in a row had a non-finite loss or gradient (epoch "
-                            f"{self.epoch + 1}, update {self.step}); last.pth, if any, keeps the state after epoch "
-                            f"{self.epoch}. Try a lower --lr, --bf16 instead of --fp16, or check the data")
-                else:
-                    self.bad_run = 0
-                    part["loss_sum"] += value
-                    part["images"] += count
-                    rate = seen_now * self.world / (time.perf_counter() - start)
-                    bar.set_postfix(loss=f"{value / count:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
-                                    img_s=f"{rate:.1f}", refresh=False)
-                if stopped:
-                    break
-        finally:
-            bar.close()
-        totals = torch.tensor([float(part[k]) for k in SUMMED], dtype=torch.float64, device=self.device)
-        if self.distributed:
+                if not result.skipped:
+                    rate = (sums.seen - seen_before) * self.processes.world / (time.perf_counter() - start)
+                    bar.set_postfix(loss=f"{result.loss_sum / result.images:.4f}", img_s=f"{rate:.1f}",
+                                    lr=f"{self.optimizer.param_groups[0]['lr']:.2e}", refresh=False)
+                if result.stop:
+                    return True
+
+    def _take_step(self, group, stop):
+        """One optimizer update (``self.update``) at the learning rate of its step."""
+        self._set_lr(self.state.step)
+        return self.update(group, epoch=self.state.epoch, stop_requested=stop.signum is not None)
+
+    def _set_lr(self, step):
+        """Give every parameter group the learning rate of update ``step``."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, **self.schedule)
+
+    def _count(self, result):
+        """Add an update to the step, the epoch's sums and the run of bad steps; raise when that run is too long."""
+        state, sums = self.state, self.state.epoch_sums
+        state.step += 1
+        sums.seen += result.images
+        if not result.skipped:
+            state.bad_steps_in_a_row = 0
+            sums.loss_sum += result.loss_sum
+            sums.images += result.images
+            return
+        sums.skipped += 1
+        state.bad_steps_in_a_row += 1
+        log.warning(f"epoch {state.epoch + 1} update {state.step}: non-finite loss or gradient, step skipped")
+        if state.bad_steps_in_a_row >= self.args.max_bad_steps:
+            raise TrainingError(
+                f"{state.bad_steps_in_a_row} updates in a row had a non-finite loss or gradient (epoch "
+                f"{state.epoch + 1}, update {state.step}); last.pth, if any, keeps the state after epoch "
+                f"{state.epoch}. Try a lower --lr, --bf16 instead of --fp16, or check the data")
+
+    def _epoch_sums_over_processes(self):
+        """The epoch's sums added over the processes (each one's own until now)."""
+        sums = self.state.epoch_sums
+        totals = torch.tensor([float(getattr(sums, k)) for k in EpochSums.SUMMED], dtype=torch.float64,
+                              device=self.device)
+        if self.processes.distributed:
             dist.all_reduce(totals)
-        summed = dict(zip(SUMMED, totals.tolist()))
-        if self.step < (self.epoch + 1) * self.updates_per_epoch:
-            # stopped inside the epoch: last.pth keeps the sums so far, over all processes, for rank 0 to carry on
-            part.update({k: (v if self.main else 0) for k, v in summed.items()})
-            return {}, stopped
-        return {"train_loss": summed["loss_sum"] / summed["images"] if summed["images"] else None,
-                "images_per_s": summed["seen"] / part["time_s"] if part["time_s"] else None,
-                "skipped_steps": part["skipped"], "time_s": part["time_s"]}, stopped
+        return replace(sums, **dict(zip(EpochSums.SUMMED, totals.tolist())))
 
-    def _update(self, group, stop):
-        """One optimizer update (``self.update``) and the schedule's step after it.
-
-        Returns:
-            UpdateResult: whether the step was skipped, whether to stop, this process's loss sum and images.
-        """
-        result = self.update(group, epoch=self.epoch, stop_requested=stop.signum is not None)
-        with warnings.catch_warnings():  # a skipped step still moves the schedule, which torch warns about
-            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
-            self.scheduler.step()
-        return result
+    def _end_epoch(self, run_log):
+        """Validate when it is time; write last.pth (and best.pth when validation improved, or every epoch without
+        validation); log the epoch and say how it went."""
+        sums, state = self._epoch_sums_over_processes(), self.state
+        state.epoch += 1
+        record = {"epoch": state.epoch, "step": state.step, "lr": lr_at(state.step, **self.schedule),
+                  "train_loss": sums.loss_sum / sums.images if sums.images else None,
+                  "images_per_s": sums.seen / sums.time_s if sums.time_s else None,
+                  "skipped_steps": sums.skipped, "time_s": sums.time_s}
+        if self.val_loader is not None and (state.epoch % self.args.val_interval == 0
+                                            or state.epoch == self.args.epochs):
+            record.update(self.validate())
+        record.setdefault("val_loss", None)
+        record.setdefault("val_psnr", None)
+        improved = record["val_psnr"] is not None and record["val_psnr"] > state.best_psnr
+        if improved:
+            state.best_psnr = record["val_psnr"]
+        self._save({"last.pth"} | ({"best.pth"} if improved or self.val_loader is None else set()))
+        if run_log is not None:
+            run_log.append(record)
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float) and k != "time_s")
+        log.info(f"epoch {state.epoch}/{self.args.epochs}: {shown}" + (" (best)" if improved else ""))
 
     # ----------------------------------------------------------------------------------------- validation
-    def _maybe_validate(self):
-        """Validate after every --val_interval epochs and after the last one; empty when it is not time."""
-        if self.val_loader is None or (self.epoch % self.args.val_interval and self.epoch != self.args.epochs):
-            return {}
-        return self.validate()
-
     @torch.no_grad()
     def validate(self):
         """Validation loss and the grader's PSNR (clamped, uint8-rounded), per degradation type and overall, with
         the EMA weights when they are kept. Each process scores its share; the sums are combined."""
-        net = self.ema.module if self.ema else self.raw
-        net.eval()
+        network = self.ema.module if self.ema else self.model
+        network.eval()
         sums = defaultdict(lambda: [0.0, 0])  # kind -> [PSNR sum, images]; "" holds the validation loss
         for batch in tqdm(self.val_loader, desc="validation", unit="batch", leave=False, dynamic_ncols=True,
-                          disable=not self.main):
+                          disable=not self.is_primary):
             lq, gt = batch["lq"].to(self.device), batch["gt"].to(self.device)
-            pred = net(lq).float()
-            sums[""][0] += float(self.loss(pred, gt, self.epoch - 1)) * lq.shape[0]
+            pred = network(lq).float()
+            sums[""][0] += float(self.loss_fn(pred, gt, self.state.epoch - 1)) * lq.shape[0]
             sums[""][1] += lq.shape[0]
             for kind, value in zip(batch["kind"], scoring.psnr_per_image(pred.clamp(0, 1), gt)):
                 sums[kind][0] += value
                 sums[kind][1] += 1
-        self.raw.train()
-        if self.distributed:
-            gathered = [None] * self.world
+        self.model.train()
+        if self.processes.distributed:
+            gathered = [None] * self.processes.world
             dist.all_gather_object(gathered, dict(sums))
             sums = defaultdict(lambda: [0.0, 0])
             for part in gathered:
@@ -791,54 +931,33 @@ class Trainer:
         record.update({f"val_psnr_{kind}": total / count for kind, (total, count) in sorted(sums.items())})
         return record
 
-    def _end_epoch(self, record, log):
-        """Write last.pth (and best.pth when validation improved, or every epoch without validation), log the
-        epoch and say how it went."""
-        improved = "val_psnr" in record and record["val_psnr"] > self.best_psnr
-        if improved:
-            self.best_psnr = record["val_psnr"]
-        self._save({"last.pth"} | ({"best.pth"} if improved or self.val_loader is None else set()))
-        record = {"epoch": self.epoch, "step": self.step, "lr": self.scheduler.get_last_lr()[0], **record}
-        record.setdefault("val_loss", None)
-        record.setdefault("val_psnr", None)
-        if log is not None:
-            log.append(record)
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float) and k != "time_s")
-        self._say(f"epoch {self.epoch}/{self.args.epochs}: {shown}" + (" (best)" if improved else ""))
-
-    def _rng_states(self):
-        """Every process's random state, indexed by rank (a collective: every process must call it)."""
-        state = utils.get_rng_state()
-        if not self.distributed:
-            return [state]
-        gathered = [None] * self.world
-        dist.all_gather_object(gathered, state)
-        return gathered
-
     def _save(self, names):
-        """Write the current state under each name in the run folder (rank 0 writes; every process must call it,
-        since it gathers their random states, and all wait for the file)."""
-        rng = self._rng_states()
-        if self.main:
-            state = self.checkpoint(rng=rng)
+        """Write the state under each name in the run folder (the primary process writes; every process must call
+        it, since it gathers their random states, and all wait for the file)."""
+        rng = [utils.get_rng_state()]
+        if self.processes.distributed:
+            rng = [None] * self.processes.world
+            dist.all_gather_object(rng, utils.get_rng_state())
+        if self.is_primary:
+            checkpoint = self.state.state_dict(rng=rng)
             for name in sorted(names):
-                utils.save_checkpoint(self.run_dir / name, state)
-        if self.distributed:
+                utils.save_checkpoint(self.run_dir / name, checkpoint)
+        if self.processes.distributed:
             dist.barrier()
 
 
 def train(args, *, until_epoch=None):
-    """Run the training the options describe (see ``Trainer``) and return its ``Result``."""
-    return Trainer(args).fit(until_epoch=until_epoch)
+    """Run the training the options describe (see ``Trainer``) in the processes torchrun started, or in this one
+    alone, and return its ``Result``."""
+    with process_group(args.device) as processes:
+        return Trainer(args, processes).fit(until_epoch=until_epoch)
 
 
 def main(argv=None, *, parser=None):
     """Command-line entry point; the fine-tuning scripts pass their own ``parser`` (see ``build_parser``)."""
+    utils.setup_logging()
     parser = parser or build_parser()
-    try:
-        result = train(parse_args(parser, argv))
-    except (ConfigError, DataError, utils.CheckpointError, TrainingError) as err:
-        parser.exit(2 if isinstance(err, ConfigError) else 1, f"{parser.prog}: error: {err}\n")
+    result = utils.run_cli(parser.prog, lambda: train(parse_args(parser, argv)), expected=(DataError,))
     if result.signal is not None:
         sys.exit(128 + result.signal)
 

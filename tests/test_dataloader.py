@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from augment import NUM_VIEWS, SHAPE_PRESERVING_VIEWS, dihedral
-from dataloader import (DataError, Pair, PairedDataset, SeededSampler, build_loaders, check_pairs, find_pairs,
-                        list_images, read_image, stratified_split)
+from dataloader import (PAIRED_FOLDERS, DataError, Pair, PairedDataset, SeededSampler, build_loaders, check_pairs,
+                        degradation_type, find_pairs, list_images, make_train_loader, read_image, stratified_split)
 
 
 def _save(path, array):
@@ -127,6 +127,79 @@ def test_wrong_roots_say_which_layouts_were_expected(tmp_path):
     (tmp_path / "set" / "clean").mkdir()
     with pytest.raises(DataError, match=r"set/degraded holds no images"):
         find_pairs(tmp_path / "set")
+
+
+def _alias_set(folder, halves, count, homework=False):
+    """A set with the folder names ``halves``: identical names 1..count, or homework names rain-N / rain_clean-N."""
+    degraded, clean = halves
+    for n in range(1, count + 1):
+        image = _pattern(n, 16, 16)
+        _save(folder / clean / (f"rain_clean-{n}.png" if homework else f"{n}.png"), image)
+        _save(folder / degraded / (f"rain-{n}.png" if homework else f"{n}.png"), 255 - image)
+    return folder
+
+
+@pytest.mark.parametrize("halves", PAIRED_FOLDERS, ids="/".join)
+def test_every_public_folder_name_pair_is_found_in_every_layout(tmp_path, halves):
+    """Each (degraded, clean) name pair of PAIRED_FOLDERS (Rain13K's input/target, BasicSR's lq/gt and LQ/GT,
+    rain/norain, Snow100K's synthetic/gt, CSD's Snow/Gt) is a set as shipped: as the root itself, as root/train
+    (homework names), in a folder of sets beside a degraded/clean set, and in a folder of sets under root/train
+    (Restormer's Datasets/train/Rain13K); a degraded image's type is the folder above its degraded folder."""
+    degraded, clean = halves
+    plain = _alias_set(tmp_path / "Rain13K", halves, 3)
+    pairs = find_pairs(plain)
+    assert [(p.kind, p.name) for p in pairs] == [("Rain13K", f"{n}.png") for n in (1, 2, 3)]
+    assert all(p.degraded.parent.name == degraded and p.clean == plain / clean / p.name for p in pairs)
+    assert check_pairs(pairs) == [(16, 16)] * 3
+    assert degradation_type(plain / degraded / "1.png") == "Rain13K"
+
+    homework = _alias_set(tmp_path / "hw" / "train", halves, 2, homework=True).parent
+    pairs = find_pairs(homework)
+    assert [(p.kind, p.name, p.clean.name) for p in pairs] == [("rain", f"rain-{n}.png", f"rain_clean-{n}.png")
+                                                                for n in (1, 2)]
+
+    sets = tmp_path / "sets"
+    _alias_set(sets / "public", halves, 2)
+    _plain_set(sets / "own", 1)
+    pairs = find_pairs(sets)
+    assert [(p.kind, p.name) for p in pairs] == [("own", "own/1.png"), ("public", "public/1.png"),
+                                                 ("public", "public/2.png")]
+
+    datasets = tmp_path / "Datasets"
+    _alias_set(datasets / "train" / "Rain13K", halves, 2)
+    _alias_set(datasets / "test" / "Rain100H", halves, 1)
+    assert [(p.kind, p.name) for p in find_pairs(datasets)] == [("Rain13K", "Rain13K/1.png"),
+                                                                ("Rain13K", "Rain13K/2.png")]
+
+
+def test_train_may_be_spelt_train_and_test_sets_stay_out(tmp_path):
+    """CSD ships Train/Snow + Train/Gt beside Test/Snow + Test/Gt: the root gives the training pairs only."""
+    _alias_set(tmp_path / "CSD" / "Train", ("Snow", "Gt"), 3)
+    _alias_set(tmp_path / "CSD" / "Test", ("Snow", "Gt"), 2)
+    pairs = find_pairs(tmp_path / "CSD")
+    assert [p.degraded.parent.parent.name for p in pairs] == ["Train"] * 3 and {p.kind for p in pairs} == {"Train"}
+
+
+def test_wrong_roots_list_the_accepted_folder_names(tmp_path, caplog):
+    """A root without pairs lists every accepted degraded/clean name pair and, when it holds one half, names the
+    missing other; two name pairs in one folder are refused; a set with one half is skipped with a warning naming
+    the partner folder it lacks."""
+    (tmp_path / "only" / "input").mkdir(parents=True)
+    with pytest.raises(DataError) as err:
+        find_pairs(tmp_path / "only")
+    message = str(err.value)
+    assert "it has input/ but no target/ beside it" in message
+    assert all(f"{d}/ + {c}/" in message for d, c in PAIRED_FOLDERS)
+    both = _alias_set(_plain_set(tmp_path / "both", 1), ("input", "target"), 1)
+    with pytest.raises(DataError, match=r"several pairs of degraded/clean folders \(degraded/ \+ clean/, input/ \+ "
+                                        r"target/\)"):
+        find_pairs(both)
+    sets = tmp_path / "sets"
+    _plain_set(sets / "good", 1)
+    (sets / "half" / "gt").mkdir(parents=True)
+    with caplog.at_level(logging.WARNING, logger="dataloader"):
+        assert [p.kind for p in find_pairs(sets)] == ["good"]
+    assert any("half: it has gt/ but no lq/ or synthetic/ beside it" in m for m in caplog.messages), caplog.text
 
 
 def test_check_pairs_reports_every_problem_at_once(tmp_path):
@@ -382,6 +455,29 @@ def test_jpeg_sets_of_mixed_large_sizes_give_patches(shared):
     assert batch["lq"].shape == batch["gt"].shape == (3, 3, 64, 64)
     assert 0 <= batch["lq"].min() and batch["gt"].max() <= 1 and set(batch["kind"]) == {"rain13k_sample"}
     assert len(set(val.dataset.sizes)) > 1 and val.batch_size == 1 and len(val.dataset) == 8
+
+
+def test_make_train_loader_and_with_patch_size_give_the_batches_of_build_loaders(hw_root):
+    """make_train_loader over PairedDataset.with_patch_size(8) of a 12-pixel dataset gives build_loaders'
+    patch_size=8 batches, epoch after epoch; the copy shares pairs, sizes and cache and checks its patch size."""
+    train, _ = build_loaders(hw_root, batch_size=4, num_workers=0, patch_size=8, val_per_type=0, seed=5)
+    dataset = PairedDataset(find_pairs(hw_root), train=True, patch_size=12, cache=True)
+    smaller = dataset.with_patch_size(8)
+    assert smaller.pairs is dataset.pairs and smaller.cache is dataset.cache and smaller.sizes is dataset.sizes
+    assert dataset.patch_size == 12 and smaller.patch_size == 8
+    loader = make_train_loader(smaller, batch_size=4, num_workers=0, seed=5)
+    assert isinstance(loader.sampler, SeededSampler) and len(loader) == len(train) == 4
+    for _ in range(2):
+        for ours, theirs in zip(loader, train, strict=True):
+            assert ours["name"] == theirs["name"] and torch.equal(ours["lq"], theirs["lq"])
+            assert torch.equal(ours["gt"], theirs["gt"])
+    with pytest.raises(DataError, match=r"rain-1\.png is 16x16 \(WxH\): training image smaller than --patch_size 17"):
+        dataset.with_patch_size(17)
+    with pytest.raises(ValueError, match="positive"):
+        dataset.with_patch_size(0)
+    assert dataset.with_patch_size(None)[(0, 1)]["gt"].shape == (3, 16, 16)
+    with pytest.raises(DataError, match="fewer than --batch_size 17"):
+        make_train_loader(dataset, batch_size=17, num_workers=0, seed=5)
 
 
 def test_clean_partner_stem_rule():

@@ -38,8 +38,9 @@ def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path):
                            "--batch_size", "1", "--accum_steps", "2", "--save_dir", str(tmp_path / "two")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "= 4 per update" in proc.stdout and "2 process(es)" in proc.stdout
-    assert "Grad strides do not match" not in proc.stdout + proc.stderr
+    output = proc.stdout + proc.stderr  # progress is logged to stderr
+    assert "= 4 per update" in output and "2 process(es)" in output
+    assert "Grad strides do not match" not in output
     a = utils.load_checkpoint(tmp_path / "one" / "last.pth")
     b = utils.load_checkpoint(tmp_path / "two" / "last.pth")
     assert one.step == a["step"] == b["step"] == 6

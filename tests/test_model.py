@@ -1,4 +1,5 @@
-"""model.py: the official PromptIR number for number, any image size, presets, the weight loader and freezing."""
+"""model.py: the official PromptIR number for number, any image size, presets, the weight loader, the checkpoint
+resolvers and freezing."""
 import argparse
 import math
 import zlib
@@ -8,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (DEAD_MODULES, MIN_SIZE, PRESETS, STAGE2_MODULES, PromptIR, build_model, extract_state_dict,
-                   freeze_except, load_weights, trainable_summary)
-from utils import CheckpointError
+from model import (DEAD_MODULES, MIN_SIZE, PRESETS, STAGE2_MODULES, PromptIR, build_model, checkpoint_weights,
+                   extract_state_dict, freeze_except, load_weights, model_config, model_from_checkpoint,
+                   trainable_summary)
+from utils import CheckpointError, ConfigError
 
 OFFICIAL_PARAMS = 35_376_967  # the released network's 35,592,263 minus its six dead modules
 # Shapes of the dead modules in the released weights (checked against keys.tsv below).
@@ -61,11 +63,14 @@ def tiny(seed):
     return build_model("tiny")
 
 
-def assert_same_weights(model, state):
-    own = model.state_dict()
+def assert_same_state(own, state):
     assert own.keys() == state.keys()
     for key, value in state.items():
         assert torch.equal(own[key], value), key
+
+
+def assert_same_weights(model, state):
+    assert_same_state(model.state_dict(), state)
 
 
 # ------------------------------------------------------------------------------------------------ official network
@@ -258,6 +263,78 @@ def test_pickle_needing_file_needs_trusted(tmp_path):
     with pytest.raises(CheckpointError, match="trusted=True"):
         load_weights(tiny(2), path)
     assert_same_weights(load_weights(tiny(2), path, trusted=True), source)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint rules
+def _shifted(state, amount):
+    return {k: v + amount for k, v in state.items()}
+
+
+def test_checkpoint_weights_prefers_ema_unless_told(caplog):
+    """Our trainer's "ema" and BasicSR's "params_ema" win over the plain weights beside them, use_ema=False takes the
+    plain ones, and the choice is logged once naming the source; without an EMA copy nothing is said."""
+    plain = tiny(1).state_dict()
+    ema = _shifted(plain, 1)
+    for ours in ({"model": plain, "ema": ema, "epoch": 3}, {"params": plain, "params_ema": ema}):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="model"):
+            assert_same_state(checkpoint_weights(ours, source="run/best.pth"), ema)
+        assert [r.getMessage() for r in caplog.records] == [
+            "run/best.pth holds EMA weights: using them (--no_ema for the plain ones)"]
+        caplog.clear()
+        with caplog.at_level("INFO", logger="model"):
+            assert_same_state(checkpoint_weights(ours, use_ema=False), plain)
+        assert caplog.records[-1].getMessage() == ("the given weights holds EMA weights: using its plain weights "
+                                                   "instead (--no_ema)")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="model"):
+        state = checkpoint_weights({"model": plain, "ema": None, "optimizer": {"state": {}}})
+    assert not caplog.records and state.keys() == plain.keys()
+
+
+def test_checkpoint_weights_of_foreign_layouts():
+    """A layout other than ours goes through extract_state_dict: prefixes stripped, dead modules dropped; a dict
+    without weights fails naming the source."""
+    plain = tiny(1).state_dict()
+    lightning = {"epoch": 1, "state_dict": _prefixed({**plain, **_dead_tiny()}, "net.")}
+    assert_same_weights(load_weights(tiny(2), checkpoint_weights(lightning)), plain)
+    assert_same_weights(load_weights(tiny(2), checkpoint_weights(_prefixed(plain, "module."))), plain)
+    with pytest.raises(CheckpointError, match="^x.pth: found no weights"):
+        checkpoint_weights({"epoch": 1}, source="x.pth")
+
+
+def test_model_config_from_the_checkpoint_or_the_preset():
+    """The checkpoint's own model_config wins and an agreeing --preset is fine; a conflicting one is refused with
+    the message the scripts show; without a model_config the preset (official by default) is built."""
+    saved = {"model": {}, "model_config": {"preset": "tiny", "heads": (1, 2, 2, 4)}}
+    assert model_config(saved, source="a.pth") == model_config(saved, "tiny", source="a.pth") == saved["model_config"]
+    with pytest.raises(ConfigError) as err:
+        model_config(saved, "small", source="run/last.pth")
+    assert str(err.value) == ("run/last.pth holds a model of preset 'tiny', not --preset small: drop --preset (the "
+                              "checkpoint's is used) or start a new run")
+    bare = tiny(0).state_dict()
+    assert model_config(bare, source="b.pth") == {"preset": "official"}
+    assert model_config(bare, "tiny", source="b.pth") == {"preset": "tiny"}
+    assert model_config({"params": bare}, "small", source="b.pth") == {"preset": "small"}
+
+
+def test_model_from_checkpoint():
+    """Our checkpoint gives a model of its saved size holding its EMA weights (plain ones with use_ema=False); a
+    BasicSR file without a config is built from the preset; a conflict or a misfit names the source."""
+    torch.manual_seed(3)
+    net = build_model("tiny", heads=(1, 2, 2, 4))
+    ema = _shifted(net.state_dict(), 0.5)
+    ours = {"model": net.state_dict(), "ema": ema, "model_config": {"preset": "tiny", "heads": (1, 2, 2, 4)}}
+    model = model_from_checkpoint(ours)
+    assert type(model) is PromptIR and model.encoder_level2[0].attn.num_heads == 2
+    assert_same_weights(model, ema)
+    assert_same_weights(model_from_checkpoint(ours, use_ema=False, preset="tiny"), net.state_dict())
+    with pytest.raises(ConfigError, match="^ours.pth holds a model of preset 'tiny', not --preset official"):
+        model_from_checkpoint(ours, preset="official", source="ours.pth")
+    basicsr = {"params": _shifted(tiny(1).state_dict(), 1), "params_ema": tiny(1).state_dict()}
+    assert_same_weights(model_from_checkpoint(basicsr, preset="tiny"), tiny(1).state_dict())
+    with pytest.raises(CheckpointError, match=r"(?s)^basicsr.pth does not fit this model:.*patch_embed\.proj"):
+        model_from_checkpoint(basicsr, source="basicsr.pth")  # built at the official size
 
 
 # ------------------------------------------------------------------------------------------------ freezing

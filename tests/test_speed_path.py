@@ -1,12 +1,16 @@
-"""model.py's fast path: the same function as the plain (official) path, the same parameters, checkpoints shared."""
+"""fast_path.py: the same function as the plain (official) path of model.py, the same parameters, checkpoints
+shared."""
 import copy
+import functools
+import pickle
 
 import numpy as np
 import pytest
 import torch
 
-import model as model_module
-from model import PromptIR, TransformerBlock, _compile_blocks, build_model, enable_fast_path, load_weights
+import fast_path
+from fast_path import compile_blocks, disable_fast_path, enable_fast_path, is_fast, set_recomputation
+from model import Attention, PromptIR, TransformerBlock, build_model, load_weights
 from test_model import parity_value, rel_err
 
 # Tiny, but with several heads per level so the per-head algebra of the fast attention is exercised.
@@ -35,7 +39,7 @@ def tiny_pair(seed=0, dtype=torch.float64):
 def test_fast_path_matches_official_fixture_float64(shared, parity_state, monkeypatch, channels_last, bands):
     """In float64 the fast path reproduces the official output on the fixture to 1e-10, in either memory layout,
     with the CPU path's blocks in one band or in bands of 8 rows (several per image at every level but the last)."""
-    monkeypatch.setattr(model_module, "BAND_BYTES", 2**40 if bands == "one" else 1)
+    monkeypatch.setattr(fast_path, "BAND_BYTES", 2**40 if bands == "one" else 1)
     model = enable_fast_path(PromptIR().double().eval(), channels_last=channels_last)
     model.load_state_dict(parity_state)
     x, ref = fixture_io(shared)
@@ -88,7 +92,7 @@ def test_gradients_match_plain_path(size):
 def test_no_grad_path_equals_grad_path(monkeypatch):
     """Without autograd the fast path runs in bands of rows and adds residuals in place; the result equals the
     autograd-enabled fast path (batch 2, several bands per image)."""
-    monkeypatch.setattr(model_module, "BAND_BYTES", 1)
+    monkeypatch.setattr(fast_path, "BAND_BYTES", 1)
     _, fast = tiny_pair(3)
     x = torch.rand(2, 3, 40, 24, dtype=torch.float64)
     with torch.no_grad():
@@ -100,8 +104,6 @@ def test_no_grad_path_equals_grad_path(monkeypatch):
 
 def _identity_attention(dim=48):
     """A one-head Attention whose q, k and v are its input: large, correlated q and k, as trained attention has."""
-    from model import Attention
-
     att = Attention(dim, 1)
     with torch.no_grad():
         att.qkv.weight.zero_()
@@ -124,7 +126,8 @@ def test_fast_attention_stays_finite_under_float16_autocast_at_256(batch):
         reference = att(x)  # plain path, float32
     outputs = {}
     for fast in (False, True):
-        att.fast = fast
+        if fast:
+            enable_fast_path(att)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
             outputs[fast] = att(x)
     assert torch.isfinite(outputs[True]).all()
@@ -142,7 +145,8 @@ def test_fast_block_bands_stay_finite_under_float16_autocast():
     x = torch.randn(1, 48, 256, 256)
     with torch.no_grad():
         reference = block(x)
-        block.fast = block.attn.fast = block.ffn.fast = True
+        enable_fast_path(block)
+        assert is_fast(block) and is_fast(block.attn) and is_fast(block.ffn)
         with torch.autocast("cpu", dtype=torch.float16):
             out = block(x.contiguous(memory_format=torch.channels_last))
     assert torch.isfinite(out).all() and rel_err(out.double(), reference.double()) <= 1e-2
@@ -180,24 +184,26 @@ def test_checkpoints_load_into_either_path(tmp_path):
         assert rel_err(back(x), other(x)) <= 1e-12
 
 
-def test_set_fast_false_restores_the_plain_path():
-    """Switching the fast path off gives back bit for bit the plain model's output."""
+def test_disable_fast_path_restores_the_plain_path():
+    """Switching the fast path off gives back the official classes and bit for bit the plain model's output."""
     plain, fast = tiny_pair(5)
-    fast.set_fast(False)
-    assert not fast.fast
+    assert is_fast(fast) and is_fast(fast.refinement[0].attn)
+    disable_fast_path(fast)
+    assert not any(is_fast(m) for m in fast.modules())
+    assert [type(m) for m in fast.modules()] == [type(m) for m in plain.modules()]
     x = torch.rand(1, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         assert torch.equal(fast(x), plain(x))
 
 
-def test_checkpointed_stages_same_gradients_less_saved():
-    """Checkpointing stages leaves outputs and gradients unchanged and saves fewer activations for backward;
-    unknown stage names are refused with the valid ones listed."""
+def test_recomputed_stages_same_gradients_less_saved():
+    """Recomputing stages leaves outputs and gradients unchanged and saves fewer activations for backward;
+    unknown stage names are refused with the valid ones listed, and so is a model off the fast path."""
     plain, fast = tiny_pair(7)
-    checkpointed = enable_fast_path(copy.deepcopy(plain), checkpoint=("decoder_level1", "refinement"))
+    recomputed = enable_fast_path(copy.deepcopy(plain), recompute=("decoder_level1", "refinement"))
     x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
     saved, grads = [], []
-    for model in (fast, checkpointed):
+    for model in (fast, recomputed):
         count = [0]
 
         def pack(t, count=count):
@@ -211,9 +217,12 @@ def test_checkpointed_stages_same_gradients_less_saved():
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert saved[1] < saved[0]
     assert rel_err(grads[1], grads[0]) <= 1e-12
-    with pytest.raises(ValueError, match="cannot checkpoint decoder_level9.*are encoder_level1"):
-        enable_fast_path(build_model("tiny"), checkpoint=["decoder_level9"])
-    assert not checkpointed.set_fast(False).refinement[0].recompute
+    with pytest.raises(ValueError, match="cannot recompute decoder_level9.*are encoder_level1"):
+        enable_fast_path(build_model("tiny"), recompute=["decoder_level9"])
+    with pytest.raises(ValueError, match="part of the fast path"):
+        set_recomputation(build_model("tiny"), ["refinement"])
+    assert not hasattr(disable_fast_path(recomputed).refinement[0], "recompute")
+    assert not enable_fast_path(recomputed).refinement[0].recompute
 
 
 def test_compile_refuses_a_cpu_model():
@@ -221,19 +230,56 @@ def test_compile_refuses_a_cpu_model():
     model = build_model("tiny")
     with pytest.raises(ValueError, match="move the model to the GPU"):
         enable_fast_path(model, compile=True)
-    assert not model.fast
+    assert not any(is_fast(m) for m in model.modules())
 
 
 def test_deepcopy_of_compiled_blocks_runs_its_own_weights():
     """A deep copy of a model with compiled blocks (an EMA copy, say) comes out uncompiled, so it runs its own
     weights, never the original's; names stay unprefixed. Nothing is compiled here: torch.compile is lazy."""
     model = build_model("tiny")
-    _compile_blocks(model, mode=None)
+    compile_blocks(model, mode=None)
     blocks = [m for m in model.modules() if isinstance(m, TransformerBlock)]
     assert blocks and all(m._compiled_call_impl is not None for m in blocks)
     copied = copy.deepcopy(model)
     assert all(m._compiled_call_impl is None for m in copied.modules() if isinstance(m, TransformerBlock))
     assert list(copied.state_dict()) == list(build_model("tiny").state_dict())
+
+
+def test_compiled_blocks_scope_their_recompile_limit(monkeypatch):
+    """compile_blocks lets the blocks' shared code keep one graph per block shape without touching the process-wide
+    recompile limit: with that limit at 1, three shapes still give three graphs (Dynamo's eager backend: no
+    Inductor code is generated), and the limit is 1 afterwards."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    monkeypatch.setattr(fast_path, "COMPILE_RECOMPILE_LIMIT", 3)
+    torch._dynamo.reset()
+    try:
+        block = TransformerBlock(8, 2, 2.66)
+        compile_blocks(block)
+        before = counters["stats"]["unique_graphs"]
+        for size in (8, 12, 16):
+            block(torch.rand(1, 8, size, size))
+        assert counters["stats"]["unique_graphs"] - before == 3
+        assert torch._dynamo.config.recompile_limit == 1
+    finally:
+        torch._dynamo.reset()
+
+
+def test_deepcopy_and_pickle_keep_the_fast_path():
+    """The trainer's EMA copy (copy.deepcopy) and a pickled model keep the fast classes and settings, their own
+    weights and the same function; switching settings again changes only the settings."""
+    _, fast = tiny_pair(8)
+    enable_fast_path(fast, channels_last=False, recompute=["refinement"])
+    x = torch.rand(1, 3, 16, 16, dtype=torch.float64)
+    for other in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
+        assert [type(m) for m in other.modules()] == [type(m) for m in fast.modules()]
+        assert is_fast(other) and not other.channels_last and other.refinement[0].recompute
+        assert other.output.weight is not fast.output.weight
+        with torch.no_grad():
+            assert torch.equal(other(x), fast(x))
+    assert enable_fast_path(fast).channels_last and not fast.refinement[0].recompute
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.compile of the blocks is for GPUs)")
@@ -266,12 +312,12 @@ def test_trainer_uses_the_fast_path_and_plain_trains_the_same_weights(tmp_path):
 
     data = make_homework_set(tmp_path / "data", per_kind=4, size=16)
     fast = trainer.Trainer(tiny(data, tmp_path / "fast"))
-    assert all(m.fast for m in fast.raw.modules() if isinstance(m, TransformerBlock))
+    assert all(is_fast(m) for m in fast.model.modules() if isinstance(m, TransformerBlock))
     fast.fit()
     plain = trainer.Trainer(tiny(data, tmp_path / "plain", "--plain"))
-    assert not any(m.fast for m in plain.raw.modules() if isinstance(m, TransformerBlock))
+    assert not any(is_fast(m) for m in plain.model.modules() if isinstance(m, TransformerBlock))
     plain.fit()
-    a, b = fast.raw.state_dict(), plain.raw.state_dict()
+    a, b = fast.model.state_dict(), plain.model.state_dict()
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
@@ -290,8 +336,8 @@ def test_inference_uses_the_fast_path_and_plain_restores_the_same_images(tmp_pat
     torch.save({"model": net.state_dict(), "model_config": {"preset": "tiny", **TINY_HEADS}}, tmp_path / "w.pth")
     fast = inference.load_model(tmp_path / "w.pth")
     plain = inference.load_model(tmp_path / "w.pth", plain=True)
-    assert all(m.fast for m in fast.modules() if isinstance(m, TransformerBlock))
-    assert not any(m.fast for m in plain.modules() if isinstance(m, TransformerBlock))
+    assert all(is_fast(m) for m in fast.modules() if isinstance(m, TransformerBlock))
+    assert not any(is_fast(m) for m in plain.modules() if isinstance(m, TransformerBlock))
     x = torch.rand(3, 40, 56)
     with torch.no_grad():
         assert torch.allclose(inference.restore(fast, x), inference.restore(plain, x), atol=1e-5)

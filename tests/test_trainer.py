@@ -166,14 +166,13 @@ def test_main_reports_errors_without_a_traceback(data, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------------ loop
 def test_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor():
-    """lr_factor: (s+1)/warmup during warm-up, 1 at its end, half-way down the cosine at mid-decay, min at the end."""
-    f = lambda s: trainer.lr_factor(s, warmup_steps=4, total_steps=14, min_factor=0.01)  # noqa: E731
+    """lr_at: (s+1)/warmup during warm-up, 1 at its end, half-way down the cosine at mid-decay, min at the end."""
+    f = lambda s: trainer.lr_at(s, peak_lr=1.0, warmup_steps=4, total_steps=14, min_lr=0.01)  # noqa: E731
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(4) == 1.0 and f(9) == pytest.approx(0.505) and f(14) == pytest.approx(0.01)
     assert f(100) == pytest.approx(0.01)
 
 
-@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 def test_accumulation_equals_one_big_batch_even_for_an_uneven_group(data, tmp_path):
     """The gradient an update hands the optimizer (accumulated, clipped) from micro-batches of 2 and 1 images equals
     the one from the 3 images in one batch (relative 1e-4, absolute 1e-7)."""
@@ -205,7 +204,7 @@ def test_two_epochs_then_resume_equals_four_straight(data, tmp_path):
     assert_same_state(a["ema"], b["ema"])
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == straight.step
+    assert a["step"] == b["step"] == straight.step
     untimed = lambda run: [{k: v for k, v in r.items() if k not in ("time_s", "images_per_s")}  # noqa: E731
                            for r in utils.read_log(run)]
     assert untimed(tmp_path / "a") == untimed(tmp_path / "b")
@@ -244,15 +243,15 @@ def test_the_readme_resume_command_continues_the_run_as_it_was_started(data, tmp
     made = []
 
     class Recording(trainer.Trainer):
-        def __init__(self, args):
-            super().__init__(args)
+        def __init__(self, args, processes=None):
+            super().__init__(args, processes)
             made.append(self)
 
     monkeypatch.setattr(trainer, "Trainer", Recording)
     trainer.main(["--data_dir", str(data), "--resume", str(tmp_path / "b")])
     (resumed,) = made
-    assert isinstance(resumed.loss, CharbonnierLoss) and resumed.ema is not None and resumed.ema.decay == 0.9
-    assert (resumed.epoch, resumed.args.epochs) == (3, 3)
+    assert isinstance(resumed.loss_fn, CharbonnierLoss) and resumed.ema is not None and resumed.ema.decay == 0.9
+    assert (resumed.state.epoch, resumed.args.epochs) == (3, 3)
     a, b = utils.load_checkpoint(tmp_path / "a" / "last.pth"), utils.load_checkpoint(tmp_path / "b" / "last.pth")
     assert_same_state(a["model"], b["model"])
     assert_same_state(a["ema"], b["ema"])
@@ -287,13 +286,13 @@ def test_only_a_failed_batch_fetch_counts_as_a_stop(data, tmp_path, monkeypatch)
         stop.signum = signal.SIGTERM
         raise RuntimeError("broken update")
 
-    monkeypatch.setattr(t, "_update", failing_update)
+    monkeypatch.setattr(t, "_take_step", failing_update)
     with pytest.raises(RuntimeError, match="broken update"):
         t.fit()
     assert not (tmp_path / "r" / "last.pth").exists()
 
     t = trainer.Trainer(tiny(data, tmp_path / "s", "--epochs", 2))
-    original, groups, pending = t._update, trainer._groups, []
+    original, groups, pending = t._take_step, trainer._micro_batch_groups, []
 
     def update_then_signal(group, stop):
         result = original(group, stop)
@@ -307,8 +306,8 @@ def test_only_a_failed_batch_fetch_counts_as_a_stop(data, tmp_path, monkeypatch)
                 raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated")
             yield group
 
-    monkeypatch.setattr(t, "_update", update_then_signal)
-    monkeypatch.setattr(trainer, "_groups", batches)
+    monkeypatch.setattr(t, "_take_step", update_then_signal)
+    monkeypatch.setattr(trainer, "_micro_batch_groups", batches)
     result = t.fit()
     assert (result.signal, result.step) == (signal.SIGTERM, 1)
     assert utils.load_checkpoint(tmp_path / "s" / "last.pth")["step"] == 1
@@ -343,17 +342,17 @@ SIGNAL_WRAPPER = """
 import sys, time
 sys.path.insert(0, {root!r})
 import trainer
-original = trainer.Trainer._update
+original = trainer.Trainer._take_step
 def update(self, group, stop):
     result = original(self, group, stop)
-    if self.step == 2:
-        if self.main:
+    if self.state.step == 2:
+        if self.is_primary:
             print("UPDATE 3", flush=True)
         deadline = time.monotonic() + 60
         while stop.signum is None and time.monotonic() < deadline:
             time.sleep(0.01)
     return result
-trainer.Trainer._update = update
+trainer.Trainer._take_step = update
 trainer.main(sys.argv[1:])
 """
 
@@ -440,12 +439,11 @@ def test_resume_with_a_new_learning_rate_and_weight_decay_uses_them(data, tmp_pa
             "--weight_decay", 0.5]
     resumed = trainer.Trainer(trainer.parse_args(trainer.build_parser(), [str(a) for a in argv]))
     decay, no_decay = resumed.optimizer.param_groups
-    assert (decay["initial_lr"], decay["weight_decay"], no_decay["initial_lr"], no_decay["weight_decay"]) == \
-        (1e-3, 0.5, 1e-3, 0.0)
-    step, total = resumed.step, 4 * resumed.updates_per_epoch
-    expected = trainer.lr_factor(step, warmup_steps=resumed.updates_per_epoch, total_steps=total,
-                                 min_factor=trainer.MIN_LR / 1e-3) * 1e-3
-    assert decay["lr"] == no_decay["lr"] == pytest.approx(expected) and resumed.scheduler.base_lrs == [1e-3] * 2
+    assert (resumed.schedule["peak_lr"], decay["weight_decay"], no_decay["weight_decay"]) == (1e-3, 0.5, 0.0)
+    step, total = resumed.state.step, 4 * resumed.updates_per_epoch
+    expected = trainer.lr_at(step, peak_lr=1e-3, warmup_steps=resumed.updates_per_epoch, total_steps=total,
+                             min_lr=trainer.MIN_LR)
+    assert decay["lr"] == no_decay["lr"] == pytest.approx(expected)
     resumed.fit()
     log = utils.read_log(tmp_path / "r")
     assert log[-1]["lr"] == pytest.approx(trainer.MIN_LR)  # the new cosine ends at the floor
@@ -465,9 +463,78 @@ def test_resume_from_weights_alone_says_to_fine_tune_instead(data, tmp_path):
             trainer.Trainer(tiny(data, tmp_path / f"run_{name}", "--resume", tmp_path / name))
 
 
+def as_format_1(checkpoint):
+    """``checkpoint`` as trainer.py wrote it in format 1: the LambdaLR schedule's state under "scheduler" (its
+    last_epoch the step), "initial_lr" in the parameter groups, and the precision as the --fp16/--bf16 flags alone."""
+    old, peak = dict(checkpoint), checkpoint["args"]["lr"]
+    groups = [{**group, "initial_lr": peak} for group in old["optimizer"]["param_groups"]]
+    old.update(format_version=1, optimizer={**old["optimizer"], "param_groups": groups},
+               args={k: v for k, v in old["args"].items() if k != "precision"},
+               scheduler={"base_lrs": [peak] * len(groups), "last_epoch": old["step"], "_step_count": old["step"] + 1,
+                          "_is_initial": False, "_get_lr_called_within_step": False,
+                          "_last_lr": [g["lr"] for g in groups], "lr_lambdas": [None] * len(groups)})
+    return old
+
+
+def test_a_format_1_checkpoint_resumes_to_the_uninterrupted_weights(data, tmp_path):
+    """A last.pth in the layout of format 1 (a "scheduler" entry, no "precision" option) resumes through the README
+    command and ends with exactly the weights and EMA of the run done straight; its --bf16 flag becomes the
+    precision of the resumed run."""
+    extra = ("--epochs", 3, "--ema", 0.9, "--loss", "charbonnier")
+    trainer.train(tiny(data, tmp_path / "a", *extra))
+    trainer.Trainer(tiny(data, tmp_path / "b", *extra)).fit(until_epoch=2)
+    last = tmp_path / "b" / "last.pth"
+    utils.save_checkpoint(last, as_format_1(utils.load_checkpoint(last)))
+    argv = ["--data_dir", str(data), "--resume", str(tmp_path / "b"), "--num_workers", "0", "--device", "cpu"]
+    result = trainer.train(trainer.parse_args(trainer.build_parser(), argv))
+    assert (result.epoch, result.step) == (3, 9)
+    a, b = utils.load_checkpoint(tmp_path / "a" / "last.pth"), utils.load_checkpoint(last)
+    assert_same_state(a["model"], b["model"])
+    assert_same_state(a["ema"], b["ema"])
+    assert b["format_version"] == trainer.FORMAT_VERSION and "scheduler" not in b
+
+    old = as_format_1(utils.load_checkpoint(tmp_path / "a" / "last.pth"))
+    old["args"].update(bf16=True, epochs=5)
+    utils.save_checkpoint(tmp_path / "bf16" / "last.pth", old)
+    args = trainer.parse_args(trainer.build_parser(), ["--data_dir", str(data), "--resume", str(tmp_path / "bf16")])
+    trainer.check_args(args)
+    assert (args.precision, args.bf16, args.fp16) == ("bf16", True, False)
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused(data, tmp_path, trained):
+    """A training state whose format_version is above FORMAT_VERSION is refused with a message naming both."""
+    newer = utils.load_checkpoint(trained / "last.pth")
+    newer.update(format_version=trainer.FORMAT_VERSION + 1, epoch=0, step=0)
+    utils.save_checkpoint(tmp_path / "newer.pth", newer)
+    with pytest.raises(utils.CheckpointError, match=f"format {trainer.FORMAT_VERSION + 1}; this trainer.py reads "
+                                                    f"formats up to {trainer.FORMAT_VERSION}"):
+        trainer.Trainer(tiny(data, tmp_path / "run", "--resume", tmp_path / "newer.pth"))
+
+
+def test_an_optimizer_state_from_another_device_takes_this_devices_implementation():
+    """An AdamW state saved on the CPU (fused None in its groups) loaded into the optimizer built for CUDA keeps
+    that optimizer's fused implementation (optimizer.load_state_dict alone would bring the CPU's choice back); the
+    moments and step counts are the saved ones, and it steps."""
+    params = [torch.nn.Parameter(torch.randn(3, 3)), torch.nn.Parameter(torch.randn(3))]
+    saved_on_cpu = trainer.build_optimizer(params, lr=1e-3, weight_decay=0.1, device="cpu")
+    sum((p ** 2).sum() for p in params).backward()
+    saved_on_cpu.step()
+    saved = saved_on_cpu.state_dict()
+    assert not any(group["fused"] for group in saved["param_groups"])
+    built_for_cuda = trainer.build_optimizer(params, lr=1e-3, weight_decay=0.1, device="cuda")
+    assert all(group["fused"] for group in built_for_cuda.param_groups)
+    trainer.load_optimizer_state(built_for_cuda, saved)
+    assert all(group["fused"] for group in built_for_cuda.param_groups)
+    state = built_for_cuda.state[params[0]]
+    assert float(state["step"]) == 1 and torch.equal(state["exp_avg"], saved_on_cpu.state[params[0]]["exp_avg"])
+    built_for_cuda.step()
+    assert float(state["step"]) == 2
+
+
 def test_accumulation_longer_than_an_epoch_is_reported_as_it_runs(data, tmp_path, capsys):
     """--accum_steps above the batches of an epoch: each update takes the epoch's 5 batches, and the printed
     effective batch says 10 images, not 2 x 16."""
+    utils.setup_logging()  # the console set-up of the command line (trainer.main)
     trainer.train(tiny(data, tmp_path / "r", "--accum_steps", 16, "--epochs", 2))
     out = capsys.readouterr()
     text = out.out + out.err
@@ -517,10 +584,10 @@ def test_first_stage_starts_from_the_checkpoint_with_a_fresh_schedule(data, tmp_
     t = trainer.Trainer(parse("--data_dir", data, "--save_dir", tmp_path / "ft1", "--checkpoint", trained / "best.pth",
                               "--device", "cpu", "--num_workers", 0, "--epochs", 1, "--warmup", 0, "--patch_size", 16,
                               "--val_per_type", 0, script=first_stage_ft))
-    assert t.model_config == {"preset": "tiny"} and not t.policy.strong and t.step == 0
-    assert_same_state(t.raw.state_dict(), start)
+    assert t.model_config == {"preset": "tiny"} and not t.policy.strong and t.state.step == 0
+    assert_same_state(t.model.state_dict(), start)
     assert sum(p.numel() for g in t.optimizer.param_groups for p in g["params"]) == \
-        sum(p.numel() for p in t.raw.parameters())
+        sum(p.numel() for p in t.model.parameters())
     result = t.fit()
     assert result.step == 2 and utils.load_checkpoint(tmp_path / "ft1" / "last.pth")["model_config"]["preset"] == "tiny"
 
@@ -528,14 +595,15 @@ def test_first_stage_starts_from_the_checkpoint_with_a_fresh_schedule(data, tmp_
 def test_second_stage_trains_only_its_modules_and_runs_again_from_its_own_output(data, tmp_path, trained, capsys):
     """Stage 2 changes only STAGE2_MODULES (the optimizer holds only their parameters), prints the trainable table,
     and a second stage-2 run from its own best.pth works ("FT again")."""
+    utils.setup_logging()  # the console set-up of the command line (trainer.main)
     start = weights(trained / "best.pth")
     second = lambda src, dst: tiny(data, dst, "--checkpoint", src, "--epochs", 1,  # noqa: E731
                                    "--warmup_epochs", 0, script=second_stage_ft)
     t = trainer.Trainer(second(trained / "best.pth", tmp_path / "ft2"))
-    trainable = {id(p) for p in t.raw.parameters() if p.requires_grad}
+    trainable = {id(p) for p in t.model.parameters() if p.requires_grad}
     assert {id(p) for g in t.optimizer.param_groups for p in g["params"]} == trainable
     t.fit()
-    assert "reduce_noise_level1" in capsys.readouterr().out
+    assert "reduce_noise_level1" in capsys.readouterr().err
     after = weights(tmp_path / "ft2" / "last.pth")
     for name, value in after.items():
         moved = not torch.equal(value, start[name])
