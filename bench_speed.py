@@ -403,6 +403,7 @@ class Bench:
             return self.add(Row(case, variant, **result))
         for row in result:
             self.add(row)
+        self.add(Row(case, variant, notes="measured together: " + ", ".join(row.variant for row in result)))
         return result[0] if result else None
 
     def add(self, row: Row) -> Row:

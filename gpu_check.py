@@ -32,6 +32,7 @@ import importlib.util
 import os
 import platform
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -122,28 +123,61 @@ def environment(device: str) -> tuple[dict[str, str], str]:
 
 
 # ------------------------------------------------------------------------------------------------ sub-processes
+_children: set[subprocess.Popen] = set()  # the child processes running now, each the leader of its process group
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End ``proc``'s process group (torchrun's workers, pytest's children too): SIGTERM, then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=10)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class Terminated(BaseException):
+    """The check was told to stop (a BaseException, so that no variant's failure handling takes it for a result)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _on_termination(signum, frame) -> None:
+    """gpu_check.sh's time limit (SIGTERM from timeout) or Ctrl-C: kill the children at once, whose process groups
+    the signal does not reach (a trainer would finish its update first), and stop."""
+    for proc in list(_children):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    raise Terminated(signum)
+
+
 def run_logged(command: list[str], log: Path, *, timeout: float, env: dict | None = None,
                cwd: Path = ROOT) -> tuple[int | None, float, str]:
-    """Run ``command``, its output appended to ``log`` as it comes; stop its whole process group after ``timeout``
-    seconds. Returns (exit code, or None when it was stopped; seconds; its output)."""
+    """Run ``command`` in a process group of its own, its output appended to ``log`` as it comes; end the group
+    after ``timeout`` seconds. Returns (exit code, or None when it was stopped; seconds; its output)."""
     with open(log, "a") as f:
-        f.write(f"\n$ {' '.join(command)}\n")
+        f.write(f"\n$ {shlex.join(command)}\n")
         f.flush()
         begin = log.stat().st_size
         start = time.perf_counter()
         proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+                                process_group=0)
+        _children.add(proc)
         try:
             code = proc.wait(timeout=max(timeout, 1.0))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            _stop(proc)
             code = None
             f.write(f"\n[stopped after {timeout:.0f} s: the step's share of the budget]\n")
+        finally:
+            _children.discard(proc)
         seconds = time.perf_counter() - start
     with open(log) as f:
         f.seek(begin)
@@ -351,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_termination)
     lines, fatal = check_packages()
     print("packages: " + "; ".join(lines), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -373,7 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     device = "cpu" if args.smoke else "cuda"
     if args.smoke:
         torch.set_num_threads(1)  # a smoke run checks code, often on a machine shared with other jobs
-    return utils.run_cli("gpu_check.py", lambda: _check(args, device, bench_speed))
+    try:
+        return utils.run_cli("gpu_check.py", lambda: _check(args, device, bench_speed))
+    except Terminated as stop:
+        print(f"gpu_check: stopped by {stop}; every row measured so far is in {args.out}", file=sys.stderr)
+        return 128 + stop.signum
 
 
 def _check(args: argparse.Namespace, device: str, bench_speed) -> int:
