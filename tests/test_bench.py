@@ -27,8 +27,8 @@ def test_bench_speed_smoke_table(tmp_path):
     against float64 are within the bounds (1e-5 float32, 1e-2 bf16); CUDA-only variants say they were skipped; the
     profile rows name the largest operators and the profiler's table is written beside the output."""
     out = tmp_path / "bench.md"
-    text = bench_speed.main(["--smoke", "--quick", "--cases",
-                             "gpu-accuracy,gpu-train-b8,gpu-compiled-train,gpu-profile,gpu-infer-tta", "--out", str(out)])
+    cases = "gpu-accuracy,gpu-train-b8,gpu-compiled-train,gpu-profile,gpu-infer-tta"
+    text = bench_speed.main(["--smoke", "--quick", "--cases", cases, "--out", str(out)])
     assert out.read_text().strip() == text
     rows = table_rows(text)
     errors = {(r[0].lstrip("| "), r[1]): float(r[5]) for r in rows if r[5] != "-"}
@@ -156,7 +156,8 @@ def test_rest_keeps_finished_rows_and_runs_the_others(tmp_path):
     assert rows[(case, "fast fp16")].status == OK and rows[(case, "fast fp16")].error <= 1e-2
     assert {variant for _, variant in rows} == {name for name, _, _ in bench_speed.ACCURACY}
     # the kept row is judged like any other: 0.5 is outside the bf16 bound
-    assert "| accuracy b2 16x16 | fast bf16 | - | - | - | 5.0e-01 | from the earlier run | within bound: not met |" in text
+    assert ("| accuracy b2 16x16 | fast bf16 | - | - | - | 5.0e-01 | from the earlier run | within bound: not met |"
+            in text)
     assert re.search(r"\| target \| accuracy .*\| not met \|", text)
 
 
