@@ -901,7 +901,8 @@ COMPILED_INFER_VARIANTS = [("fast bf16 compiled", True, BF16), ("fast fp32 (tf32
 def infer_case(bench: Bench, variants: Sequence[tuple[str, bool, torch.dtype | None]], *, compiled: bool) -> None:
     """``inference.py`` end to end (``inference.main``: checkpoint load, decoding, 8 TTA views per image, pred.npz)
     on 100 random 256x256 images, after a warm-up of a model loaded the same way (``inference.load_model``) on the
-    8 views of one image, which also gives the error against float64."""
+    8 views of one image, which also gives the error against float64. cuDNN autotuning and TF32 are on in this
+    process, as for every row; inference.py run on its own leaves PyTorch's defaults."""
     import inference
 
     device, size = bench.device, bench.size(256)
