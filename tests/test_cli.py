@@ -19,6 +19,7 @@ SCRIPTS = {
     "demo.py": ["--out", "--epochs"],
     "bench_loader.py": [],
     "bench_speed.py": ["--gpu", "--cases", "--out"],
+    "gpu_check.py": ["--out", "--smoke", "--rest", "--budget"],
 }
 
 
