@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import trainer
 import vis
 from dataloader import list_images, read_image
 from scoring import psnr
-from utils import positive_int
+from utils import ConfigError, positive_int, run_cli, setup_logging
 
 PRESET = "tiny"
 MARKER = "demo.json"  # written first into the output folder: marks it as a demo's, finished or not
@@ -79,14 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging()
+    return run_cli(parser.prog, lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """The whole pipeline of the demo, as ``main`` describes it."""
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     try:
         if synthetic.replaceable_output(out, MARKER, what="an earlier demo's output"):
             shutil.rmtree(out)
     except FileExistsError as err:
-        sys.exit(f"demo: {err}")
+        raise ConfigError(str(err)) from None
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text(json.dumps({"status": "running"}))
     start = time.time()

@@ -1,29 +1,37 @@
-"""Restore degraded images with a trained PromptIR, write the submission file ``pred.npz`` and score it.
+"""Restore degraded images with a trained PromptIR (or an ensemble of them), write the submission file ``pred.npz``
+and score it.
 
 ::
 
     python inference.py --checkpoint best.pth --input_folder datasets/test/degraded            # writes pred.npz
     python inference.py --checkpoint best.pth --input_folder val/degraded --gt_folder val/clean   # and a score table
+    python inference.py --checkpoint a.pth b.pth --input_folder datasets/test/degraded         # an ensemble
 
 ``pred.npz`` holds one ``uint8`` array of shape (3, H, W) per input image, keyed by its file name with the extension
 (``"0.png"``). Every image is restored with test-time augmentation (the 8 dihedral views of ``augment.py``, each
-output mapped back by its exact inverse and averaged in float32) unless ``--tta`` says otherwise; images too large
-for the accelerator can be restored in overlapping tiles blended with a smooth window, and an out-of-memory error
-retries the image one view at a time, then in tiles, saying so.
+output mapped back by its exact inverse and averaged in float32) unless ``--tta`` says otherwise; several checkpoints
+average their models' outputs over all of those views. Images too large for the accelerator can be restored in
+overlapping tiles blended with a smooth window, and an out-of-memory error retries the image one view at a time,
+then in tiles, saying so.
+
+The input images are found, decoded and checked once (:func:`scan_inputs`, an :class:`InputSet`), before any work;
+restoring, writing the file and scoring (``scoring.py``) all use that one set.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import io
+import errno
+import functools
+import gc
 import logging
 import math
 import os
-import sys
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,14 +40,15 @@ from torch import nn
 from tqdm import tqdm
 
 from augment import VIEW_NAMES, dihedral, dihedral_inverse
-from dataloader import (DataError, Pair, check_pairs, clean_partner_stem, degradation_type, list_images, read_image,
-                        read_image_uint8)
+from dataloader import DataError, degradation_type, list_images, read_image_uint8
 from fast_path import enable_fast_path
-from model import MIN_SIZE, PRESETS, build_model, load_weights
-from scoring import psnr, ssim
-from utils import CheckpointError, atomic_write, load_checkpoint, positive_int, to_uint8
+from model import MIN_SIZE, PRESETS, model_config, model_from_checkpoint
+from scoring import evaluate, find_clean, format_table, write_csv
+from utils import (CheckpointError, ConfigError, ToolkitError, add_precision_args, atomic_write, listing,
+                   load_checkpoint, positive_int, remove_stale_temporaries, resolve_device, resolve_precision, run_cli,
+                   setup_logging, to_uint8)
 
-log = logging.getLogger("inference")
+log = logging.getLogger(__name__)
 
 # The views each --tta setting averages, by name in augment.VIEW_NAMES. 2 and 4 use flips only, so every view keeps
 # the image's shape and they always run as one batch.
@@ -51,8 +60,129 @@ TTA_VIEWS = {
 }
 DEFAULT_OVERLAP = 32
 MIN_RETRY_TILE = 16  # out-of-memory retries halve the tile down to this size, then give up
-SSIM_MIN_SIZE = 11  # the side of utils.ssim's window: smaller images are scored without SSIM (NaN)
-AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# How an allocation failure reads: PyTorch's own error, and the plain RuntimeErrors of cuBLAS, cuDNN and the CPU
+# allocator when they cannot get memory.
+OUT_OF_MEMORY_TEXTS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                       "can't allocate memory")
+# An ensemble keeps all its models on the device when the weights of the models beyond the first take at most this
+# share of the free memory (the rest is left for activations); otherwise it loads one model at a time.
+ENSEMBLE_MEMORY_SHARE = 0.25
+ENSEMBLE_MEMORY = ("auto", "together", "one_at_a_time")
+
+
+# ------------------------------------------------------------------------------------------------- errors a user sees
+class InputError(ToolkitError):
+    """Input images, a checkpoint or a prediction file that cannot be used: exit code 2, as for a wrong option."""
+
+    exit_code = 2
+
+
+class PredictionFileError(InputError, ValueError):
+    """A prediction file is missing, unreadable or does not match its images."""
+
+
+class NonFiniteOutputError(ToolkitError, RuntimeError):
+    """The network produced NaN or infinite values for an image (exit code 1)."""
+
+
+class RestoreOutOfMemoryError(ToolkitError, torch.cuda.OutOfMemoryError):
+    """An image could not be restored even in the smallest tiles, one view at a time (exit code 1)."""
+
+
+def run_command(prog: str, work: Callable[[], Any]) -> Any:
+    """``utils.run_cli`` for this script and vis.py: data and checkpoint problems (``dataloader.DataError``,
+    ``utils.CheckpointError``) exit with code 2, as a wrong option does."""
+    def guarded() -> Any:
+        try:
+            return work()
+        except (DataError, CheckpointError) as err:
+            if isinstance(err, InputError):
+                raise
+            raise InputError(str(err)) from err
+    return run_cli(prog, guarded)
+
+
+@contextlib.contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Give a file-system error raised while writing ``path`` that path, when it names none (a full disk during
+    ``write`` does not), so that the message a user sees says which file failed."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno or errno.EIO, err.strerror or str(err), str(path)) from err
+
+
+# ----------------------------------------------------------------------------------------------------- output paths
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_writable_folder(folder: Path, option: str, target: Path) -> None:
+    """``folder`` (the nearest existing folder on the way to ``target``) accepts new files."""
+    if not folder.is_dir():
+        raise ConfigError(f"{option} {target}: {folder} is a file, where a folder is expected; choose another path")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{option} {target}: cannot write in {folder} ({err.strerror or err}); choose a folder "
+                          "you can write to") from None
+
+
+def check_output_file(path: str | os.PathLike, option: str) -> Path:
+    """Refuse, before any work, an output file that could not be written: a folder where the file goes, or a place
+    where no file can be created. Missing folders on the way are fine (they are created on writing).
+
+    Args:
+        path: the file to be written.
+        option: the command-line option that named it, for the message.
+
+    Raises:
+        ConfigError: saying what is wrong and what to do.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder, where a file is expected: give a file name (such as "
+                          f"{path / 'pred.npz'})")
+    _check_writable_folder(_existing_ancestor(path.parent), option, path)
+    return path
+
+
+def check_output_folder(path: str | os.PathLike, option: str) -> Path:
+    """Refuse, before any work, an output folder that could not be filled: an existing file of that name, or a place
+    where no file can be created.
+
+    Args:
+        path: the folder to be written into (created when missing).
+        option: the command-line option that named it, for the message.
+
+    Raises:
+        ConfigError: saying what is wrong and what to do.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path} is a file, where a folder is expected: give a folder (it is created "
+                          "when missing)")
+    _check_writable_folder(_existing_ancestor(path), option, path)
+    return path
+
+
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).absolute() == Path(b).absolute()
+
+
+def save_png(path: Path, image: np.ndarray) -> None:
+    """Write a uint8 image (3, H, W) as PNG, atomically: an interrupted write leaves no broken file."""
+    with naming(path):
+        atomic_write(path, lambda f: Image.fromarray(image.transpose(1, 2, 0)).save(f, format="PNG"))
 
 
 # ------------------------------------------------------------------------------------------------------------- model
@@ -69,13 +199,27 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
     if not best.is_file():
         held = sorted(p.name for p in path.glob("*.pth"))
         raise CheckpointError(f"checkpoint {path} is a folder without best.pth (it holds "
-                              f"{', '.join(held) if held else 'no .pth files'}); give a checkpoint file, such as "
+                              f"{listing(held) if held else 'no .pth files'}); give a checkpoint file, such as "
                               f"{path / 'best.pth'} or {path / 'last.pth'} of a trainer.py run")
     log.info("checkpoint %s is a folder: using its best.pth", path)
     return best
 
 
-def load_model(checkpoint: str | os.PathLike, *, preset: str = "official", use_ema: bool = True,
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is a failure to allocate memory: PyTorch's out-of-memory error, or the plain RuntimeError of
+    cuBLAS, cuDNN or the CPU allocator (``OUT_OF_MEMORY_TEXTS``)."""
+    if isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and any(text in str(err) for text in OUT_OF_MEMORY_TEXTS)
+
+
+def _free_device_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def load_model(checkpoint: str | os.PathLike, *, preset: str | None = None, use_ema: bool = True,
                trusted: bool = False, device: str | torch.device = "cpu", plain: bool = False,
                compile: bool = False) -> nn.Module:
     """The network of a checkpoint, in eval mode on ``device``.
@@ -83,28 +227,112 @@ def load_model(checkpoint: str | os.PathLike, *, preset: str = "official", use_e
     Args:
         checkpoint: a file written by ``trainer.py`` or any layout ``model.load_weights`` accepts, or a run folder
             of ``trainer.py``, whose ``best.pth`` is used (:func:`checkpoint_file`).
-        preset: model size used when the checkpoint has no ``"model_config"`` (foreign checkpoints).
+        preset: model size used when the checkpoint has no ``"model_config"`` (foreign checkpoints; None: official);
+            one that contradicts the checkpoint's own is refused (``model.model_config``).
         use_ema: take the ``"ema"`` weights of our checkpoints when they hold some (the weights trainer.py validated
             and chose ``best.pth`` by); False takes the plain ``"model"`` weights.
         trusted: allow full unpickling (only for files you trust).
         device: where the model runs.
-        plain: keep the official formulation instead of the fast path (``model.enable_fast_path``: same weights,
+        plain: keep the official formulation instead of the fast path (``fast_path.enable_fast_path``: same weights,
             same function within float rounding, about 2.5x faster on a CPU).
         compile: also compile the blocks with ``torch.compile`` (CUDA only; ignored on other devices).
+
+    Raises:
+        CheckpointError: the file is missing, unreadable or does not fit the model.
+        ConfigError: ``preset`` contradicts the checkpoint's own.
+        ToolkitError: the model does not fit in the device's memory.
     """
     checkpoint = checkpoint_file(checkpoint)
-    state = load_checkpoint(checkpoint, trusted=trusted)
-    config = state.get("model_config") if isinstance(state, Mapping) else None
-    model = build_model(**config) if config else build_model(preset)
-    if isinstance(state, Mapping) and state.get("ema") is not None:
-        log.info("%s holds EMA weights: using %s", checkpoint,
-                 "them (--no_ema for the plain ones)" if use_ema else "its plain weights instead (--no_ema)")
-        state = state["ema"] if use_ema else state["model"]
-    load_weights(model, state)
-    model = model.to(device).eval()
+    model = model_from_checkpoint(load_checkpoint(checkpoint, trusted=trusted), preset=preset, use_ema=use_ema,
+                                  source=str(checkpoint))
+    try:
+        model = model.to(device).eval()
+    except (RuntimeError, MemoryError) as err:
+        if not is_out_of_memory(err):
+            raise
+        raise ToolkitError(f"the model of {checkpoint} does not fit in the memory of {device}: free it of other "
+                           "work, or run with --device cpu") from None
     if not plain:
         enable_fast_path(model, compile=compile and torch.device(device).type == "cuda")
     return model
+
+
+def model_bytes(model: nn.Module) -> int:
+    """The memory a model's parameters and buffers take."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device`` (for the CPU: the system's available memory); None when
+    unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+class Ensemble:
+    """Several checkpoints whose models' outputs are averaged, over every test-time view of every model, in
+    float32 (all models weigh the same).
+
+    Args:
+        checkpoints: the checkpoint files, in order.
+        load: builds the model of a checkpoint on the device (for example ``functools.partial(load_model, ...)``).
+        together: hold every model at once and restore each image with all of them; False loads one model at a
+            time, restores every image with it and keeps each image's float32 sum in main memory.
+        first: the model of ``checkpoints[0]`` when it is already loaded.
+    """
+
+    def __init__(self, checkpoints: Sequence[str | os.PathLike], load: Callable[[Path], nn.Module], *,
+                 together: bool, first: nn.Module | None = None):
+        if not checkpoints:
+            raise ValueError("an ensemble needs at least one checkpoint")
+        self.checkpoints = [Path(c) for c in checkpoints]
+        self.load = load
+        self.together = together
+        self._first = first
+        self._held: list[nn.Module] | None = None
+
+    def __len__(self) -> int:
+        return len(self.checkpoints)
+
+    def held(self) -> list[nn.Module]:
+        """Every model, loaded once and kept (``together``)."""
+        if self._held is None:
+            self._held = [self.model(i) for i in range(len(self))]
+        return self._held
+
+    def model(self, index: int) -> nn.Module:
+        """The model of ``checkpoints[index]``, loaded now (or the ``first`` model given, which is then let go)."""
+        if index == 0 and self._first is not None:
+            model, self._first = self._first, None
+            return model
+        return self.load(self.checkpoints[index])
+
+
+def ensemble_fits(first: nn.Module, count: int, device: torch.device) -> tuple[bool, str]:
+    """Whether ``count`` models of the size of ``first`` (already on ``device``) can all stay there: the others'
+    weights take at most ``ENSEMBLE_MEMORY_SHARE`` of the free memory. Returns the answer and the reason in words."""
+    more = (count - 1) * model_bytes(first)
+    free = free_memory(device)
+    if free is None:
+        return True, f"the free memory of {device} is unknown"
+    verb = "take at most" if more <= ENSEMBLE_MEMORY_SHARE * free else "would take more than"
+    return more <= ENSEMBLE_MEMORY_SHARE * free, (f"the other {count - 1} models' weights ({_size(more)}) {verb} a "
+                                                  f"quarter of the {_size(free)} free on {device}")
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
 
 
 def _run_model(model: nn.Module, batch: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
@@ -188,7 +416,8 @@ def restore(model: nn.Module, image: torch.Tensor, *, tta: int = 8, tile: int | 
     """Restore one image (3, H, W) in [0, 1]; returns the float32 result (3, H, W) on the image's device, not clamped.
 
     Args:
-        model: the network, in eval mode; the image is moved to its device.
+        model: the network, in eval mode; the image is moved to its device (:func:`restore_folder` averages
+            several).
         image: the degraded image.
         tta: number of test-time views averaged (``TTA_VIEWS``): 8 (all dihedral views), 4 (flips), 2 (horizontal
             flip), 1 (none).
@@ -197,8 +426,12 @@ def restore(model: nn.Module, image: torch.Tensor, *, tta: int = 8, tile: int | 
         autocast_dtype: ``torch.float16`` or ``torch.bfloat16`` to run the network under autocast; None for fp32.
         batch_views: run at most this many views per network call (None: all views of one shape together).
 
-    A CUDA out-of-memory error first retries the image one view at a time, then in tiles of half the size each
-    time, and logs a warning saying so.
+    Running out of memory (:func:`is_out_of_memory`: PyTorch's error, or cuBLAS's and cuDNN's failed allocations)
+    first retries the image one view at a time, then in tiles of half the size each time, and logs a warning saying
+    so.
+
+    Raises:
+        RestoreOutOfMemoryError: still out of memory in ``MIN_RETRY_TILE``-pixel tiles, one view at a time.
     """
     if tta not in TTA_VIEWS:
         raise ValueError(f"tta must be one of {sorted(TTA_VIEWS)}, got {tta}")
@@ -212,82 +445,217 @@ def restore(model: nn.Module, image: torch.Tensor, *, tta: int = 8, tile: int | 
         try:
             with torch.inference_mode():
                 return _restore_once(model, x, views, tile, overlap, autocast_dtype, batch_views).to(image.device)
-        except torch.cuda.OutOfMemoryError:
-            pass  # retried below, outside the handler, so the failed attempt's tensors are freed first
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        except (RuntimeError, MemoryError) as err:
+            if not is_out_of_memory(err):
+                raise
+            failure = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        # retried here, outside the handler, so that the failed attempt's tensors are freed first
+        _free_device_memory()
         if len(views) > 1 and batch_views != 1 and tile is None:
             batch_views = 1
-            log.warning("out of memory on a %dx%d image: retrying one view at a time", h, w)
+            log.warning("out of memory on a %dx%d (WxH) image: retrying one view at a time", w, h)
             continue
         smaller = _smaller_tile(tile, h, w)
         if smaller is None:
-            tried = f"in {tile}-pixel tiles" if tile else "one view at a time"
-            raise torch.cuda.OutOfMemoryError(f"out of memory on a {h}x{w} image even {tried}; try --device cpu")
+            tried = f"in {tile}-pixel tiles, one view at a time" if tile else "one view at a time"
+            fix = (f"free {device} of other work, or run on the CPU (--device cpu)" if device.type != "cpu" else
+                   "free main memory of other work, or restore smaller images")
+            raise RestoreOutOfMemoryError(
+                f"out of memory on a {w}x{h} (WxH) image even {tried} ({failure}); the automatic retries already went "
+                f"as low as smaller tiles (--tile) and one view per call (--batch_views 1) can: {fix}")
         tile = smaller
         overlap, batch_views = min(overlap, tile // 4), 1
-        log.warning("out of memory on a %dx%d image: retrying in %d-pixel tiles (overlap %d), one view at a time",
-                    h, w, tile, overlap)
+        log.warning("out of memory on a %dx%d (WxH) image: retrying in %d-pixel tiles (overlap %d), one view at a "
+                    "time", w, h, tile, overlap)
 
 
-def scan_inputs(folder: str | os.PathLike,
-                gt_folder: str | os.PathLike | None = None) -> dict[str, tuple[int, int]]:
-    """Decode every image of ``folder`` (and with ``gt_folder`` its clean partner) once, before any work, and
-    return ``{file name: (H, W)}``.
+# ------------------------------------------------------------------------------------------------------ the inputs
+class InputSet(Mapping):
+    """The degraded images of one run, found, decoded and checked once: a mapping from file name (with extension,
+    natural order) to (H, W), which is what ``pred.npz`` must hold, with each image's path, degradation type
+    (``dataloader.degradation_type``), clean partner and pixels. Build it with :func:`scan_inputs`.
+
+    The decoded uint8 pixels of every image (and clean partner) are kept, as much memory as ``pred.npz`` itself per
+    folder, so that nothing is read twice and a file changed or removed after the scan does not change the run.
+
+    Args:
+        folder: the folder of degraded images.
+        paths: ``{name: path}`` of the degraded images, in order.
+        pixels: ``{path: uint8 tensor (3, H, W)}`` of every degraded and clean image.
+        partners: ``{name: clean image path}``; empty without clean images.
+        gt_folder: the folder of clean images, or None.
+    """
+
+    def __init__(self, folder: Path, paths: Mapping[str, Path], pixels: Mapping[Path, torch.Tensor], *,
+                 partners: Mapping[str, Path] | None = None, gt_folder: Path | None = None):
+        self.folder, self.gt_folder = Path(folder), gt_folder
+        self.paths = dict(paths)
+        self.partners = dict(partners or {})
+        self._pixels = dict(pixels)
+        self.kinds = {name: degradation_type(path) for name, path in self.paths.items()}
+
+    def __getitem__(self, name: str) -> tuple[int, int]:
+        return tuple(self._pixels[self.paths[name]].shape[-2:])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def kind(self, name: str) -> str:
+        """The degradation type of an image."""
+        return self.kinds[name]
+
+    def degraded(self, name: str) -> torch.Tensor:
+        """The degraded image as decoded by the scan, uint8 (3, H, W)."""
+        return self._pixels[self.paths[name]]
+
+    def image(self, name: str) -> torch.Tensor:
+        """The degraded image as the network takes it: float32 (3, H, W) in [0, 1]."""
+        return self.degraded(name).float().div_(255)
+
+    def clean(self, name: str) -> torch.Tensor:
+        """The clean partner, uint8 (3, H, W); KeyError when the set has no clean images."""
+        return self._pixels[self.partners[name]]
+
+    def files(self) -> list[Path]:
+        """Every file the set was read from (degraded and clean)."""
+        return [*self.paths.values(), *self.partners.values()]
+
+
+def _decode_all(paths: Sequence[Path]) -> list[torch.Tensor | DataError]:
+    """``read_image_uint8`` of every path on a few threads (Pillow decodes without the GIL); failures returned."""
+    def decode(path: Path) -> torch.Tensor | DataError:
+        try:
+            return read_image_uint8(path)
+        except DataError as err:
+            return err
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(decode, paths))
+
+
+def scan_inputs(folder: str | os.PathLike, gt_folder: str | os.PathLike | None = None) -> InputSet:
+    """Find, decode and check every image of ``folder`` (and with ``gt_folder`` its clean partner) once, before any
+    work.
 
     Raises:
-        DataError: the folder is missing or holds no images, or some images cannot be read, have no clean partner,
-            differ in size from it, or are smaller than the network's ``MIN_SIZE`` (all named at once).
+        DataError: the folder is missing or holds no images; ``gt_folder`` is ``folder`` itself (the images would be
+            scored against themselves); or some images cannot be read, have no clean partner, differ in size from
+            it, or are smaller than the network's ``MIN_SIZE`` (all named at once).
     """
-    paths = list_images(folder)
+    folder = Path(folder)
+    paths = {path.name: path for path in list_images(folder)}
+    partners: dict[str, Path] = {}
     if gt_folder is not None:
-        partners = find_clean([path.name for path in paths], gt_folder)
-        pairs = [Pair(path, partners[path.name], degradation_type(path), path.name) for path in paths]
-        sizes = {path.name: size for path, size in zip(paths, check_pairs(pairs))}
-    else:
-        sizes, problems = {}, []
-        for path in paths:
-            try:
-                sizes[path.name] = tuple(read_image_uint8(path).shape[-2:])
-            except DataError as err:
-                problems.append(f"  {err}")
-        if problems:
-            raise DataError(f"{len(problems)} of {len(paths)} input images cannot be read; fix or remove them:\n" +
-                            "\n".join(problems))
-    small = [f"  {path}: {sizes[path.name][1]}x{sizes[path.name][0]} (WxH)" for path in paths
-             if min(sizes[path.name]) < MIN_SIZE]
+        gt_folder = Path(gt_folder)
+        if gt_folder.is_dir() and _same_file(folder, gt_folder):
+            raise DataError(f"the clean folder {gt_folder} is the input folder {folder}: every image would be scored "
+                            "against itself. Give the folder of the clean images (for example .../clean beside "
+                            ".../degraded)")
+        partners = find_clean(list(paths), gt_folder)
+    files = [*paths.values(), *partners.values()]
+    decoded = dict(zip(files, _decode_all(files)))
+    problems = [f"  {result}" for result in decoded.values() if isinstance(result, DataError)]
+    for name, clean in partners.items():
+        lq, gt = decoded[paths[name]], decoded[clean]
+        if isinstance(lq, torch.Tensor) and isinstance(gt, torch.Tensor) and lq.shape != gt.shape:
+            problems.append(f"  sizes differ: {paths[name]} is {lq.shape[2]}x{lq.shape[1]} (WxH) but {clean} is "
+                            f"{gt.shape[2]}x{gt.shape[1]}")
+    if problems:
+        raise DataError(f"{len(problems)} problem(s) with the {len(paths)} input images; fix or remove them:\n" +
+                        listing(problems, limit=50, sep="\n"))
+    small = [f"  {path}: {decoded[path].shape[2]}x{decoded[path].shape[1]} (WxH)" for path in paths.values()
+             if min(decoded[path].shape[-2:]) < MIN_SIZE]
     if small:
         raise DataError(f"{len(small)} of {len(paths)} input images are smaller than {MIN_SIZE}x{MIN_SIZE} pixels, "
-                        "the network's smallest input; enlarge or remove them:\n" + "\n".join(small))
-    return sizes
+                        "the network's smallest input; enlarge or remove them:\n" + listing(small, limit=50, sep="\n"))
+    return InputSet(folder, paths, decoded, partners=partners, gt_folder=gt_folder)
 
 
-def predict_folder(model: nn.Module, input_folder: str | os.PathLike, *, tta: int = 8, tile: int | None = None,
-                   overlap: int = DEFAULT_OVERLAP, autocast_dtype: torch.dtype | None = None,
-                   batch_views: int | None = None, save_dir: str | os.PathLike | None = None,
-                   progress: bool = True) -> dict[str, np.ndarray]:
-    """Restore every image of ``input_folder`` (natural order); returns ``{file name: uint8 array (3, H, W)}``.
+# ------------------------------------------------------------------------------------------------------ prediction
+def _checked(out: torch.Tensor, inputs: InputSet, name: str, autocast_dtype: torch.dtype | None,
+             source: Path | None) -> torch.Tensor:
+    if not torch.isfinite(out).all():
+        hint = " (fp16 overflow? try --bf16 or fp32)" if autocast_dtype == torch.float16 else ""
+        by = f" of {source}" if source is not None else ""
+        raise NonFiniteOutputError(f"the network{by} gave non-finite values for {inputs.paths[name]}{hint}")
+    return out
 
-    The options are those of :func:`restore`. With ``save_dir`` each result is also written there as
-    ``<stem>.png``. Call :func:`scan_inputs` first to learn about unreadable images before any work.
+
+def restore_folder(models: nn.Module | Sequence[nn.Module] | Ensemble, inputs: InputSet, *, progress: bool = True,
+                   **options: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """Restore every image of ``inputs``, in order; yields ``(name, float32 result (3, H, W))`` on the CPU, not
+    clamped. Several models (a sequence, or an :class:`Ensemble`) give the mean of their results, summed in float32
+    in the order given.
+
+    Args:
+        models: the network(s). An ``Ensemble`` that is not ``together`` loads one model at a time and yields the
+            images only once the last model has restored them all.
+        inputs: the images (:func:`scan_inputs`).
+        progress: show a progress bar.
+        options: passed to :func:`restore` (``tta``, ``tile``, ``overlap``, ``autocast_dtype``, ``batch_views``).
+
+    Raises:
+        NonFiniteOutputError: a network gave non-finite values for an image (named); fp16 overflow is the usual cause.
+        RestoreOutOfMemoryError: an image could not be restored in the memory there is (named).
+    """
+    amp = options.get("autocast_dtype")
+    names = list(inputs)
+
+    def restored(model: nn.Module, name: str, source: Path | None) -> torch.Tensor:
+        try:
+            out = restore(model, inputs.image(name), **options)
+        except RestoreOutOfMemoryError as err:
+            raise RestoreOutOfMemoryError(f"{inputs.paths[name]}: {err}") from None
+        return _checked(out, inputs, name, amp, source)
+
+    if isinstance(models, Ensemble) and not models.together:
+        sums: dict[str, torch.Tensor] = {}
+        for index, source in enumerate(models.checkpoints):
+            model = models.model(index)
+            for name in tqdm(names, desc=f"model {index + 1}/{len(models)}", unit="img", disable=not progress):
+                out = restored(model, name, source)
+                sums[name] = out if index == 0 else sums[name] + out
+            del model
+            _free_device_memory()
+        for name in names:
+            yield name, sums.pop(name) / len(models)
+        return
+    if isinstance(models, Ensemble):
+        held, sources = models.held(), models.checkpoints
+    else:
+        held = [models] if isinstance(models, nn.Module) else list(models)
+        sources = [None] * len(held)
+    for name in tqdm(names, desc="restoring", unit="img", disable=not progress):
+        total = restored(held[0], name, sources[0] if len(held) > 1 else None)
+        for model, source in zip(held[1:], sources[1:]):
+            total = total + restored(model, name, source)
+        yield name, total / len(held)
+
+
+def predict_folder(models: nn.Module | Sequence[nn.Module] | Ensemble, inputs: InputSet | str | os.PathLike, *,
+                   tta: int = 8, tile: int | None = None, overlap: int = DEFAULT_OVERLAP,
+                   autocast_dtype: torch.dtype | None = None, batch_views: int | None = None,
+                   save_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, np.ndarray]:
+    """Restore every image of ``inputs`` (natural order); returns ``{file name: uint8 array (3, H, W)}``.
+
+    ``inputs`` is the :class:`InputSet` of :func:`scan_inputs`, or a folder, scanned here. The other options are
+    those of :func:`restore`. With ``save_dir`` each result is also written there as ``<stem>.png``.
 
     Raises:
         NonFiniteOutputError: the network gave non-finite values for an image (named); fp16 overflow is the usual
             cause.
+        RestoreOutOfMemoryError: an image could not be restored in the memory there is (named).
     """
-    paths = list_images(input_folder)
-    if save_dir is not None:
-        Path(save_dir).mkdir(parents=True, exist_ok=True)
+    if not isinstance(inputs, InputSet):
+        inputs = scan_inputs(inputs)
     preds = {}
-    for path in tqdm(paths, desc="restoring", unit="img", disable=not progress):
-        out = restore(model, read_image(path), tta=tta, tile=tile, overlap=overlap, autocast_dtype=autocast_dtype,
-                      batch_views=batch_views)
-        if not torch.isfinite(out).all():
-            hint = " (fp16 overflow? try --bf16 or fp32)" if autocast_dtype == torch.float16 else ""
-            raise NonFiniteOutputError(f"the network gave non-finite values for {path}{hint}")
-        preds[path.name] = to_uint8(out).cpu().numpy()
+    for name, out in restore_folder(models, inputs, progress=progress, tta=tta, tile=tile, overlap=overlap,
+                                    autocast_dtype=autocast_dtype, batch_views=batch_views):
+        preds[name] = to_uint8(out).numpy()
         if save_dir is not None:
-            Image.fromarray(preds[path.name].transpose(1, 2, 0)).save(Path(save_dir) / f"{path.stem}.png")
+            save_png(Path(save_dir) / f"{Path(name).stem}.png", preds[name])
     return preds
 
 
@@ -298,43 +666,43 @@ def npz_path(path: str | os.PathLike) -> Path:
     return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
 
 
-def _names(names: Sequence[str], limit: int = 20) -> str:
-    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
-
-
-class NonFiniteOutputError(RuntimeError):
-    """The network produced NaN or infinite values for an image."""
-
-
-class PredictionFileError(ValueError):
-    """A prediction file is missing or does not match its images."""
-
-
 def check_npz(path: str | os.PathLike, expected: Mapping[str, tuple[int, int]]) -> None:
     """Check that the prediction file holds exactly the keys of ``expected`` (file names with extension), each a
     ``uint8`` array of shape (3, H, W) with the expected (H, W).
 
     Raises:
-        PredictionFileError: the file does not exist, or listing every problem (missing and extra keys, wrong
-            dtypes and shapes).
+        PredictionFileError: the file does not exist or cannot be read as an ``.npz`` of arrays, or listing every
+            problem (missing and extra keys, wrong dtypes and shapes).
     """
     path = Path(path)
     if not path.is_file():
-        raise PredictionFileError(f"prediction file {path} does not exist; write it with inference.py")
+        raise PredictionFileError(f"prediction file {path} does not exist" + (" (it is a folder)" if path.is_dir()
+                                  else "") + "; write it with inference.py")
     problems = []
-    with np.load(path, allow_pickle=False) as data:
-        keys = set(data.files)
-        missing = sorted(set(expected) - keys)
-        extra = sorted(keys - set(expected))
-        if missing:
-            problems.append(f"  missing ({len(missing)}): {_names(missing)}")
-        if extra:
-            problems.append(f"  not expected ({len(extra)}): {_names(extra)}")
-        for name in sorted(keys & set(expected)):
-            array = data[name]
-            want = (3, *expected[name])
-            if array.dtype != np.uint8 or array.shape != want:
-                problems.append(f"  {name}: {array.dtype} {array.shape}, expected uint8 {want}")
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("it holds a single array, not one per image")
+        with data:
+            keys = set(data.files)
+            missing = sorted(set(expected) - keys)
+            extra = sorted(keys - set(expected))
+            if missing:
+                problems.append(f"  missing ({len(missing)}): {listing(missing)}")
+            if extra:
+                problems.append(f"  not expected ({len(extra)}): {listing(extra)}")
+            for name in sorted(keys & set(expected)):
+                array = data[name]
+                want = (3, *expected[name])
+                if array.dtype != np.uint8 or array.shape != want:
+                    problems.append(f"  {name}: {array.dtype} {array.shape}, expected uint8 {want}")
+    except OSError:
+        raise  # the file system's own failure: run_cli names the file
+    except Exception as err:  # numpy raises ValueError, zipfile.BadZipFile, EOFError ... by the kind of damage
+        detail = (str(err).strip().splitlines() or [""])[0]
+        raise PredictionFileError(f"{path} is not a readable prediction file (an .npz of one uint8 array per image): "
+                                  f"it is damaged or another kind of file ({type(err).__name__}: {detail}); write it "
+                                  "again with inference.py") from None
     if problems:
         raise PredictionFileError(f"{path} does not match its images:\n" + "\n".join(problems))
 
@@ -345,130 +713,29 @@ def write_npz(path: str | os.PathLike, preds: Mapping[str, np.ndarray],
     missing, as ``numpy.savez`` would).
 
     The file is written under a temporary name in the same folder, checked with :func:`check_npz` against
-    ``expected`` (default: the shapes of ``preds``), and only then renamed, so a finished-looking file is always a
-    complete and valid one.
+    ``expected`` (default: the shapes of ``preds``; an :class:`InputSet` is such a mapping), and only then renamed,
+    so a finished-looking file is always a complete and valid one, and a failure (a full disk, an interrupt) leaves
+    the previous file as it was.
     """
     if expected is None:
         expected = {name: tuple(array.shape[-2:]) for name, array in preds.items()}
-    # np.savez gets a file object, so it appends no suffix of its own
-    return atomic_write(npz_path(path), lambda f: np.savez(f, **preds), check=lambda tmp: check_npz(tmp, expected))
-
-
-# ---------------------------------------------------------------------------------------------------------- scoring
-@dataclass(frozen=True)
-class Score:
-    """Scores of one restored image against its clean image; ``ssim`` is NaN for images under ``SSIM_MIN_SIZE``
-    pixels on a side."""
-
-    name: str
-    kind: str
-    psnr: float
-    ssim: float
-
-
-def find_clean(names: Sequence[str], gt_folder: str | os.PathLike) -> dict[str, Path]:
-    """``{name: clean image}`` for every degraded file name, paired as ``dataloader.find_pairs`` pairs: the homework
-    partner (``rain-12.png`` -> ``rain_clean-12.*``) or the same stem.
-
-    Raises:
-        DataError: the folder is missing, or naming every image without a clean partner.
-    """
-    clean_by_stem = {path.stem: path for path in list_images(gt_folder)}
-    partners, missing = {}, []
-    for name in names:
-        found = clean_by_stem.get(clean_partner_stem(Path(name).stem, clean_by_stem))
-        if found is None:
-            missing.append(name)
-        partners[name] = found
-    if missing:
-        raise DataError(f"{len(missing)} images have no clean partner in {gt_folder} (same stem, or <type>_clean-<N> "
-                        f"for <type>-<N>): {_names(missing)}")
-    return partners
-
-
-def evaluate(preds: Mapping[str, np.ndarray], gt_folder: str | os.PathLike, *,
-             input_folder: str | os.PathLike) -> list[Score]:
-    """PSNR and SSIM (``utils.psnr``/``utils.ssim``, on uint8 RGB, whole image) of each prediction against its clean
-    image in ``gt_folder``; SSIM is NaN for images under ``SSIM_MIN_SIZE`` pixels on a side (its window's size).
-
-    Raises:
-        DataError: some predictions have no clean image, or a clean image's size differs (all named).
-    """
-    partners = find_clean(list(preds), gt_folder)
-    scores, problems = [], []
-    for name, pred in preds.items():
-        clean = read_image_uint8(partners[name])
-        pred = torch.as_tensor(pred)
-        if clean.shape != pred.shape:
-            problems.append(f"  {name}: restored {tuple(pred.shape)}, clean {partners[name]} {tuple(clean.shape)}")
-            continue
-        similarity = ssim(pred, clean) if min(pred.shape[-2:]) >= SSIM_MIN_SIZE else math.nan
-        scores.append(Score(name, degradation_type(Path(input_folder) / name), psnr(pred, clean), similarity))
-    if problems:
-        raise DataError("restored and clean images differ in size:\n" + "\n".join(problems))
-    return scores
-
-
-def _mean(values: Sequence[float]) -> float:
-    """The mean of the values that are not NaN; NaN when there are none."""
-    values = [v for v in values if not math.isnan(v)]
-    return sum(values) / len(values) if values else math.nan
-
-
-def summarize(scores: Sequence[Score]) -> dict[str, tuple[int, float, float]]:
-    """``{type: (images, mean PSNR, mean SSIM)}`` for each type, then ``"overall"`` (the mean over all images).
-    The SSIM means leave out the images without one (NaN); a group with none has NaN."""
-    groups: dict[str, list[Score]] = {}
-    for score in scores:
-        groups.setdefault(score.kind, []).append(score)
-    groups = dict(sorted(groups.items()))
-    groups["overall"] = list(scores)
-    return {kind: (len(group), _mean([s.psnr for s in group]), _mean([s.ssim for s in group]))
-            for kind, group in groups.items()}
-
-
-def format_table(scores: Sequence[Score]) -> str:
-    """Per-image rows, then one row per type (when there are several) and the overall mean; an SSIM left out
-    (NaN: images under ``SSIM_MIN_SIZE`` pixels) shows as n/a, and a note says so."""
-    summary = {kind: (f"mean of {n}", p, q) for kind, (n, p, q) in summarize(scores).items()}
-    if len(summary) == 2:  # a single type: its row would repeat the overall one
-        summary = {"overall": summary["overall"]}
-    width = max(len(name) for name in ["image", *(s.name for s in scores), *(row[0] for row in summary.values())])
-    kwidth = max(len(kind) for kind in ["type", *summary])
-    row = lambda name, kind, p, q: (f"{name:<{width}}  {kind:<{kwidth}}  {p:>9.3f}  "  # noqa: E731
-                                    f"{'n/a' if math.isnan(q) else f'{q:.4f}':>6}")
-    lines = [f"{'image':<{width}}  {'type':<{kwidth}}  {'PSNR (dB)':>9}  {'SSIM':>6}"]
-    lines += [row(s.name, s.kind, s.psnr, s.ssim) for s in scores]
-    lines.append("-" * len(lines[0]))
-    lines += [row(name, kind, p, q) for kind, (name, p, q) in summary.items()]
-    no_ssim = sum(math.isnan(s.ssim) for s in scores)
-    if no_ssim:
-        lines.append(f"SSIM n/a: {no_ssim} images under {SSIM_MIN_SIZE}x{SSIM_MIN_SIZE} pixels (its window); the "
-                     "SSIM means leave them out")
-    return "\n".join(lines)
-
-
-def write_csv(path: str | os.PathLike, scores: Sequence[Score]) -> Path:
-    """Write the scores as CSV, atomically (``utils.atomic_write``): columns level (image, type, overall), name,
-    type, images, psnr, ssim (``nan`` where an image has none; the means leave those out)."""
-    text = io.StringIO(newline="")
-    writer = csv.writer(text)
-    writer.writerow(["level", "name", "type", "images", "psnr", "ssim"])
-    writer.writerows(["image", s.name, s.kind, 1, repr(s.psnr), repr(s.ssim)] for s in scores)
-    for kind, (n, p, q) in summarize(scores).items():
-        writer.writerow(["overall" if kind == "overall" else "type", "", kind if kind != "overall" else "", n,
-                         repr(p), repr(q)])
-    return atomic_write(path, lambda f: f.write(text.getvalue().encode("utf-8")))
+    path = npz_path(path)
+    with naming(path):
+        # np.savez gets a file object, so it appends no suffix of its own
+        return atomic_write(path, lambda f: np.savez(f, **preds), check=lambda tmp: check_npz(tmp, expected))
 
 
 # ------------------------------------------------------------------------------------------------ command line
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Restore degraded images with a trained PromptIR and write pred.npz (uint8, (3, H, W), keyed by "
-                    "file name with extension); with --gt_folder also score PSNR and SSIM.")
-    parser.add_argument("--checkpoint", required=True, help="weights: best.pth / last.pth of trainer.py (a run "
-                        "folder stands for its best.pth), or any layout model.load_weights accepts (official "
-                        "Lightning, BasicSR, DDP, torch.compile)")
+        prog="inference.py",
+        description="Restore degraded images with a trained PromptIR (or the mean of several) and write pred.npz "
+                    "(uint8, (3, H, W), keyed by file name with extension); with --gt_folder also score PSNR and "
+                    "SSIM, on RGB (the grader's) and on Y (the deraining literature's).")
+    parser.add_argument("--checkpoint", required=True, nargs="+", metavar="CHECKPOINT",
+                        help="weights: best.pth / last.pth of trainer.py (a run folder stands for its best.pth), or "
+                        "any layout model.load_weights accepts (official Lightning, BasicSR, DDP, torch.compile). "
+                        "Several: an ensemble, the mean of their outputs over all test-time views")
     inputs = parser.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--input_folder", help="folder of degraded images (e.g. datasets/test/degraded)")
     inputs.add_argument("--data_dir", help="a plain paired set: restores DATA_DIR/degraded and, when it exists, "
@@ -477,12 +744,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gt_folder", help="clean images: same file names, or <type>_clean-<N> for <type>-<N>")
     parser.add_argument("--csv", help="score table as CSV (default: beside the npz, <npz name>_scores.csv)")
     parser.add_argument("--save_images", metavar="DIR", help="also write the restored images as PNG here")
-    parser.add_argument("--preset", default="official", choices=sorted(PRESETS),
-                        help="model size when the checkpoint has no model_config (default: %(default)s)")
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help="model size of a checkpoint without model_config (foreign checkpoints; default: "
+                        "official); a checkpoint's own size wins")
     parser.add_argument("--no_ema", action="store_true", help="use the plain weights of a checkpoint that also holds "
                         "EMA weights (by default the EMA weights, which trainer.py validated, are used)")
     parser.add_argument("--trust_checkpoint", action="store_true",
                         help="allow a checkpoint that needs pickle to load (it can run code: only files you trust)")
+    parser.add_argument("--ensemble_memory", default="auto", choices=ENSEMBLE_MEMORY,
+                        help="with several checkpoints: together = all models on the device at once, one_at_a_time "
+                        "= load each in turn and keep every image's float32 sum in main memory; auto (default) "
+                        "holds them together when the extra weights take at most a quarter of the free memory")
     parser.add_argument("--tta", type=int, default=8, choices=sorted(TTA_VIEWS),
                         help="test-time views averaged: 8 = all dihedral views (default), 4 = identity and the "
                              "horizontal, vertical and double flips, 2 = identity and horizontal flip, 1 = off")
@@ -492,9 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "for memory; costs a little PSNR). Default: whole images")
     parser.add_argument("--tile_overlap", type=int, help="pixels neighbouring tiles share, blended smoothly "
                         f"(default: {DEFAULT_OVERLAP}, at most a quarter of the tile)")
-    precision = parser.add_mutually_exclusive_group()
-    precision.add_argument("--fp16", action="store_true", help="run the network under float16 autocast")
-    precision.add_argument("--bf16", action="store_true", help="run the network under bfloat16 autocast")
+    add_precision_args(parser, training=False)
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--plain", action="store_true", help="run the official formulation of the network instead "
                         "of the fast path (same weights, same results within float rounding; for comparison)")
@@ -504,97 +774,137 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    """Fill derived options and reject inconsistent ones before any work."""
+def _resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill derived options and reject inconsistent ones, and output paths that could not be written, before any
+    work; sets ``args.device`` (a torch.device) and ``args.autocast_dtype``.
+
+    Raises:
+        ConfigError: naming the option and what to do.
+    """
     if args.data_dir:
         root = Path(args.data_dir)
         if not (root / "degraded").is_dir():
-            parser.error(f"--data_dir {root} has no degraded/ folder; give a plain paired set (degraded/ + clean/) "
-                         "or use --input_folder")
+            raise ConfigError(f"--data_dir {root} has no degraded/ folder; give a plain paired set (degraded/ + "
+                              "clean/) or use --input_folder")
         args.input_folder = str(root / "degraded")
         if args.gt_folder is None and (root / "clean").is_dir():
             args.gt_folder = str(root / "clean")
     if args.tile is None and args.tile_overlap is not None:
-        parser.error("--tile_overlap needs --tile")
+        raise ConfigError("--tile_overlap needs --tile")
     if args.tile_overlap is None:  # without --tile, restore() fits it to the tiles of an out-of-memory retry
         args.tile_overlap = DEFAULT_OVERLAP if args.tile is None else min(DEFAULT_OVERLAP, args.tile // 4)
     if args.tile is not None and not 0 <= args.tile_overlap < args.tile:
-        parser.error(f"--tile_overlap must be at least 0 and smaller than --tile ({args.tile})")
+        raise ConfigError(f"--tile_overlap must be at least 0 and smaller than --tile ({args.tile})")
     if args.csv and not args.gt_folder:
-        parser.error("--csv needs --gt_folder (or --data_dir with a clean/ folder): there is nothing to score")
-    args.output_npz = npz_path(args.output_npz)
-    if args.csv is None and args.gt_folder:
-        args.csv = args.output_npz.with_name(args.output_npz.stem + "_scores.csv")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as err:
-        parser.error(f"--device {args.device}: {err}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available here; use --device cpu (or leave --device auto)")
+        raise ConfigError("--csv needs --gt_folder (or --data_dir with a clean/ folder): there is nothing to score")
+    args.device = resolve_device(args.device)
     if args.tile is not None and args.tile < MIN_SIZE:
-        parser.error(f"--tile must be at least {MIN_SIZE} pixels (the network's smallest input), got {args.tile}")
-    if args.compile and device.type != "cuda":
-        parser.error("--compile needs a CUDA device: on the CPU the fast path without it is the quicker one")
+        raise ConfigError(f"--tile must be at least {MIN_SIZE} pixels (the network's smallest input), got {args.tile}")
+    if args.compile and args.device.type != "cuda":
+        raise ConfigError("--compile needs a CUDA device: on the CPU the fast path without it is the quicker one")
     if args.compile and args.plain:
-        parser.error("--compile works on the fast path: drop --plain or --compile")
+        raise ConfigError("--compile works on the fast path: drop --plain or --compile")
+    args.autocast_dtype = resolve_precision(args, args.device, training=False)
+    _resolve_outputs(args)
     return args
 
 
-@contextlib.contextmanager
-def _console_logging() -> Iterator[None]:
-    """Log records of this script and model.py to stderr, printed above the progress bar."""
-    from tqdm.contrib.logging import logging_redirect_tqdm
+def _resolve_outputs(args: argparse.Namespace) -> None:
+    """Every output path checked before the work that fills it: writable, a file where a file goes and a folder
+    where a folder goes, no two the same, and none of them a checkpoint or an input folder."""
+    if Path(args.output_npz).is_dir():
+        raise ConfigError(f"--output_npz {args.output_npz} is a folder: give a file name, such as "
+                          f"{Path(args.output_npz) / 'pred.npz'}")
+    args.output_npz = check_output_file(npz_path(args.output_npz), "--output_npz")
+    if args.csv is None and args.gt_folder:
+        args.csv = args.output_npz.with_name(args.output_npz.stem + "_scores.csv")
+    outputs = {"--output_npz": args.output_npz}
+    if args.csv:
+        args.csv = outputs["--csv"] = check_output_file(args.csv, "--csv")
+        if _same_file(args.csv, args.output_npz):
+            raise ConfigError(f"--csv {args.csv} is the prediction file itself: give the scores another name")
+    for option, path in outputs.items():
+        clash = next((c for c in args.checkpoint if Path(c).is_file() and _same_file(c, path)), None)
+        if clash is not None:
+            raise ConfigError(f"{option} {path} is the checkpoint {clash}: writing it would destroy the weights; "
+                              "give another file name")
+    if args.save_images:
+        args.save_images = check_output_folder(args.save_images, "--save_images")
+        for option, folder in (("--input_folder", args.input_folder), ("--gt_folder", args.gt_folder)):
+            if folder and Path(folder).is_dir() and args.save_images.is_dir() and _same_file(folder, args.save_images):
+                raise ConfigError(f"--save_images {args.save_images} is the {option} itself: the restored PNGs would "
+                                  "overwrite or join the images read from it; give another folder")
 
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    loggers = [log, logging.getLogger("model")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-    try:
-        with logging_redirect_tqdm(loggers):
-            yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.removeHandler(handler)
-            logger.setLevel(level)
+
+def _check_against_inputs(args: argparse.Namespace, inputs: InputSet) -> None:
+    """Refuse outputs that would overwrite an input image, and --save_images names that collide."""
+    files = inputs.files()
+    for option, path in (("--output_npz", args.output_npz), ("--csv", args.csv)):
+        if path is not None and path.exists():
+            clash = next((f for f in files if _same_file(f, path)), None)
+            if clash is not None:
+                raise ConfigError(f"{option} {path} is the input image {clash}: give another file name")
+    if args.save_images:
+        stems = [Path(name).stem for name in inputs]
+        clashes = sorted({s for s in stems if stems.count(s) > 1})
+        if clashes:
+            raise ConfigError(f"--save_images writes <stem>.png, but several inputs share the stem(s) "
+                              f"{listing(clashes)}; restore them into separate runs")
 
 
-def main(argv: Sequence[str] | None = None) -> list[Score] | None:
+def load_models(args: argparse.Namespace) -> nn.Module | Ensemble:
+    """The model of ``--checkpoint``, or for several the :class:`Ensemble`, holding its models together or one at a
+    time (``--ensemble_memory``), which it says."""
+    load = functools.partial(load_model, preset=args.preset, use_ema=not args.no_ema, trusted=args.trust_checkpoint,
+                             device=args.device, plain=args.plain, compile=args.compile)
+    if len(args.checkpoint) == 1:
+        return load(args.checkpoint[0])
+    files = [checkpoint_file(c) for c in args.checkpoint]
+    twice = sorted({str(f) for f in files if files.count(f) > 1})
+    if twice:
+        log.warning("checkpoint(s) given more than once, and weighted as often: %s", listing(twice))
+    for path in files[1:]:  # every file readable, of a size --preset agrees with, before any work
+        model_config(load_checkpoint(path, trusted=args.trust_checkpoint, mmap=True), args.preset, source=str(path))
+    first = load(files[0])
+    if args.ensemble_memory == "auto":
+        together, reason = ensemble_fits(first, len(files), args.device)
+    else:
+        together, reason = args.ensemble_memory == "together", f"--ensemble_memory {args.ensemble_memory}"
+    how = (f"all {len(files)} models held on {args.device} at once" if together else
+           "one model at a time, each image's float32 sum kept in main memory until the last model has run")
+    log.info("ensemble of %d checkpoints (%s): the mean of their outputs over %d test-time view(s) each, in float32; "
+             "%s (%s)", len(files), listing([str(f) for f in files], limit=5), args.tta, how, reason)
+    return Ensemble(files, load, together=together, first=first)
+
+
+def main(argv: Sequence[str] | None = None) -> list | None:
+    setup_logging()
     parser = build_parser()
-    args = _resolve_args(parser, parser.parse_args(argv))
-    try:
-        return _run(parser, args)
-    except (DataError, CheckpointError, PredictionFileError, NonFiniteOutputError) as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    args = parser.parse_args(argv)
+    return run_command(parser.prog, lambda: _run(args))
 
 
-def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Score] | None:
-    with _console_logging():
-        sizes = scan_inputs(args.input_folder, args.gt_folder)
-        if args.save_images:
-            stems = [Path(name).stem for name in sizes]
-            clashes = sorted({s for s in stems if stems.count(s) > 1})
-            if clashes:
-                parser.error(f"--save_images writes <stem>.png, but several inputs share the stem(s) {clashes}")
-        model = load_model(args.checkpoint, preset=args.preset, use_ema=not args.no_ema, trusted=args.trust_checkpoint,
-                           device=args.device, plain=args.plain, compile=args.compile)
-        autocast_dtype = AUTOCAST["fp16"] if args.fp16 else AUTOCAST["bf16"] if args.bf16 else None
-        preds = predict_folder(model, args.input_folder, tta=args.tta, tile=args.tile, overlap=args.tile_overlap,
-                               autocast_dtype=autocast_dtype, batch_views=args.batch_views,
-                               save_dir=args.save_images, progress=not args.no_progress)
-        path = write_npz(args.output_npz, preds, expected=sizes)
-        print(f"wrote {path}: {len(preds)} images; reopened it and checked every key, dtype (uint8) and shape "
-              "(3, H, W) against the inputs")
-        if not args.gt_folder:
-            return None
-        scores = evaluate(preds, args.gt_folder, input_folder=args.input_folder)
-        print(format_table(scores))
+def _run(args: argparse.Namespace) -> list | None:
+    args = _resolve_args(args)
+    inputs = scan_inputs(args.input_folder, args.gt_folder)
+    _check_against_inputs(args, inputs)
+    for path in (args.output_npz, args.csv):
+        if path is not None:
+            remove_stale_temporaries(path.parent, [path.name])
+    models = load_models(args)
+    preds = predict_folder(models, inputs, tta=args.tta, tile=args.tile, overlap=args.tile_overlap,
+                           autocast_dtype=args.autocast_dtype, batch_views=args.batch_views,
+                           save_dir=args.save_images, progress=not args.no_progress)
+    path = write_npz(args.output_npz, preds, expected=inputs)
+    print(f"wrote {path}: {len(preds)} images; reopened it and checked every key, dtype (uint8) and shape "
+          "(3, H, W) against the inputs")
+    if not args.gt_folder:
+        return None
+    scores = evaluate(preds, inputs)
+    print(format_table(scores))
+    with naming(args.csv):
         print(f"wrote {write_csv(args.csv, scores)}")
-        return scores
+    return scores
 
 
 if __name__ == "__main__":

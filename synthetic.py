@@ -36,7 +36,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from utils import positive_int, to_uint8
+from utils import ConfigError, positive_int, run_cli, setup_logging, to_uint8
 
 KINDS = ("rain", "snow")
 SPLITS = ("train", "test")
@@ -496,12 +496,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out if it holds an earlier dataset of this script (nothing else is replaced)")
     args = parser.parse_args(argv)
-    try:
-        out = make_dataset(args.out, train_per_type=args.train_per_type, test_per_type=args.test_per_type,
-                           size=args.size, seed=args.seed, clean_dir=args.clean_dir, overwrite=args.overwrite)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
-        parser.error(str(err))
-    print(out)
+    setup_logging()
+
+    def work() -> Path:
+        try:
+            return make_dataset(args.out, train_per_type=args.train_per_type, test_per_type=args.test_per_type,
+                                size=args.size, seed=args.seed, clean_dir=args.clean_dir, overwrite=args.overwrite)
+        except (ValueError, FileExistsError, FileNotFoundError) as err:  # what the options point at: usage errors
+            raise ConfigError(str(err)) from None
+
+    print(run_cli(parser.prog, work))
 
 
 if __name__ == "__main__":

@@ -6,14 +6,18 @@
 
 ``first_stage_ft.py`` and ``second_stage_ft.py`` run the same loop with their own defaults. The run folder
 (``--save_dir``) holds args.json, log.jsonl (one record per epoch), last.pth (after every epoch, and on Ctrl-C or
-SIGTERM), best.pth (best validation PSNR) and the curves drawn at the end. One run at a time writes into a folder
-(it holds ``.lock`` while it runs); a folder holding files of a run takes no other run, only ``--resume``.
+SIGTERM), best.pth (best validation PSNR), the curves drawn at the end, and with ``--keep_last K`` the weights of the
+newest K epochs (snapshots/epoch_N.pth, for ``avg_checkpoints.py``). One run at a time writes into a folder (it holds
+``.lock`` while it runs); a folder holding files of a run takes no other run, only ``--resume``.
+
+    python trainer.py --data_dir datasets --epochs 250 --progressive 128:8:100 192:4:100 whole:2:50
 """
 from __future__ import annotations
 
 import argparse
-import copy
+import bisect
 import errno
+import itertools
 import json
 import logging
 import math
@@ -43,7 +47,9 @@ except ImportError:  # Windows: no lock on the run folder
 import scoring
 import utils
 from augment import DEFAULT_ALPHAS, DEFAULT_RATES, STRONG_AUGMENTATIONS, AugmentPolicy
-from dataloader import DataError, build_loaders
+from avg_checkpoints import SNAPSHOT_DIR, SNAPSHOT_NAME, run_snapshots
+from dataloader import DataError, build_loaders, make_train_loader
+from ema import ModelEma
 from fast_path import enable_fast_path
 from GFL_Loss import LOSSES, build_loss
 from model import PRESETS, build_model, freeze_except, model_config, model_from_checkpoint, trainable_summary
@@ -61,7 +67,7 @@ TRAIN_DEFAULTS = {"lr": 2e-4, "epochs": 250, "warmup_epochs": 10, "loss": "gfl",
 # What a run writes into its folder (a folder holding any of them holds a run); the files written whole, through
 # utils.atomic_write, whose temporaries a killed write leaves behind, come first.
 WRITTEN_WHOLE = ("args.json", "last.pth", "best.pth")
-RUN_FILES = (*WRITTEN_WHOLE, utils.LOG_NAME, "snapshots")
+RUN_FILES = (*WRITTEN_WHOLE, utils.LOG_NAME, SNAPSHOT_DIR)
 LOCK_NAME = ".lock"
 
 
@@ -87,6 +93,11 @@ def build_parser(defaults=None, *, fine_tune=False, description=None):
     data.add_argument("--num_workers", type=int, default=4, help="data loader processes (default 4)")
     data.add_argument("--patch_size", type=int, default=None,
                       help="train on random square crops of this size (default: whole images)")
+    data.add_argument("--progressive", nargs="+", type=_phase_option, default=None, metavar="PATCH:BATCH:EPOCHS",
+                      help="progressive training (Restormer's): phases of growing crops, e.g. 128:8:100 192:4:100 "
+                           "whole:2:50 (PATCH pixels or 'whole' images, BATCH images per micro-batch per GPU, "
+                           "EPOCHS of the phase; they sum to --epochs). The phases set the crop and micro-batch "
+                           "sizes, so --patch_size and --batch_size are not used; --accum_steps applies to each")
     data.add_argument("--val_per_type", type=int, default=320,
                       help="validation images per degradation type (default 320; 0: no validation)")
     data.add_argument("--cache", action="store_true", help="decode all images once and keep them in memory")
@@ -114,6 +125,9 @@ def build_parser(defaults=None, *, fine_tune=False, description=None):
     opt.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm (default 1.0; 0: off)")
     opt.add_argument("--ema", type=float, default=None, metavar="DECAY",
                      help="keep an exponential moving average of the weights (e.g. 0.999), used for validation")
+    opt.add_argument("--ema_no_warmup", action="store_true",
+                     help="with --ema: the constant decay from the first update (default: the decay warms up from "
+                          "0 as in timm's ModelEmaV3, so a short run's average does not hold its random start)")
     opt.add_argument("--max_bad_steps", type=int, default=20,
                      help="stop after this many steps in a row with a non-finite loss or gradient (default 20)")
     utils.add_precision_args(opt, training=True)
@@ -128,6 +142,9 @@ def build_parser(defaults=None, *, fine_tune=False, description=None):
                           "config is used, and a --preset given must match it)")
     run.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     run.add_argument("--val_interval", type=int, default=1, help="validate every this many epochs (default 1)")
+    run.add_argument("--keep_last", type=int, default=0, metavar="K",
+                     help="after every epoch write the weights (and EMA) to snapshots/epoch_N.pth and keep the "
+                          "newest K, for avg_checkpoints.py (default 0: none)")
     run.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     run.add_argument("--trust_checkpoint", action="store_true",
                      help="allow checkpoints that need pickle to load (only for files you trust)")
@@ -221,8 +238,9 @@ def check_args(args):
                       alphas=dict(zip(STRONG_AUGMENTATIONS, args.aug_alphas)))
     except ValueError as err:
         raise ConfigError(f"--aug_rates / --aug_alphas: {err}") from None
-    if args.patch_size is not None and args.patch_size < 8:
-        raise ConfigError(f"--patch_size must be at least 8 pixels, got {args.patch_size}")
+    if args.patch_size is not None and args.patch_size < MIN_PATCH:
+        raise ConfigError(f"--patch_size must be at least {MIN_PATCH} pixels, got {args.patch_size}")
+    check_schedule_args(args)
     if not Path(args.data_dir).is_dir():
         raise ConfigError(f"--data_dir {args.data_dir} is not a folder: point it at the dataset root")
     if args.resume:
@@ -299,6 +317,201 @@ def check_run_folder(args):
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"--save_dir {folder}: {existing} cannot be written (permission denied): choose another "
                           "--save_dir, or change the folder's permissions")
+
+
+# ----------------------------------------------------------------------------------------- phases and snapshots
+MIN_PATCH = 8  # the smallest crop side --patch_size and --progressive accept
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of the run trained on one crop size and one micro-batch size: a phase of ``--progressive``, or
+    the whole run without it.
+
+    Args:
+        patch_size (int | None): side of the square training crops; None for whole images.
+        batch_size (int): images per micro-batch and process.
+        epochs (int): how many epochs the phase lasts.
+    """
+    patch_size: int | None
+    batch_size: int
+    epochs: int
+
+    @classmethod
+    def parse(cls, text):
+        """The phase ``PATCH:BATCH:EPOCHS`` names (PATCH a number of pixels or "whole").
+
+        Raises:
+            ConfigError: a malformed or out-of-range phase, with the expected form.
+        """
+        parts = str(text).split(":")
+        try:
+            if len(parts) != 3:
+                raise ValueError
+            patch = None if parts[0].strip().lower() == "whole" else int(parts[0])
+            batch, epochs = int(parts[1]), int(parts[2])
+        except ValueError:
+            raise ConfigError(f"--progressive {text}: a phase is PATCH:BATCH:EPOCHS, e.g. 128:8:100 or whole:2:50")
+        if patch is not None and patch < MIN_PATCH:
+            raise ConfigError(f"--progressive {text}: the patch must be at least {MIN_PATCH} pixels, or 'whole'")
+        if batch < 1 or epochs < 1:
+            raise ConfigError(f"--progressive {text}: the batch size and the epochs must be at least 1")
+        return cls(patch, batch, epochs)
+
+    @property
+    def crops(self):
+        """The crops in words: "128 px crops" or "whole images"."""
+        return "whole images" if self.patch_size is None else f"{self.patch_size} px crops"
+
+
+def _phase_option(text):
+    """argparse type of --progressive's words: the text itself, once ``Phase.parse`` accepts it."""
+    try:
+        Phase.parse(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix(f"--progressive {text}: ")) from None
+    return text
+
+
+def training_phases(args):
+    """The phases of the run: those of --progressive, or one of --patch_size and --batch_size for all --epochs.
+
+    Raises:
+        ConfigError: a malformed phase, or phases whose epochs do not sum to --epochs.
+    """
+    if not args.progressive:
+        return [Phase(args.patch_size, args.batch_size, args.epochs)]
+    phases = [Phase.parse(text) for text in args.progressive]
+    total = sum(phase.epochs for phase in phases)
+    if total != args.epochs:
+        raise ConfigError(f"the --progressive phases last {' + '.join(str(p.epochs) for p in phases)} = {total} "
+                          f"epochs, but --epochs is {args.epochs}: make the phases' epochs sum to --epochs")
+    return phases
+
+
+def check_schedule_args(args):
+    """Refuse a malformed --progressive schedule or a negative --keep_last (part of ``check_args``).
+
+    Raises:
+        ConfigError: with what to do.
+    """
+    if args.keep_last < 0:
+        raise ConfigError(f"--keep_last is a number of snapshots, 0 for none; got {args.keep_last}")
+    training_phases(args)
+
+
+def snapshot_name(epoch):
+    return f"epoch_{epoch:04d}.pth"
+
+
+def write_snapshot(run_dir, state, *, keep):
+    """Write the weights of the epoch ``state`` has just finished to ``run_dir/snapshots/epoch_N.pth`` (atomically;
+    ``avg_checkpoints.py`` averages them) and delete the snapshots beyond the newest ``keep``, and those of later
+    epochs (left by a run that continued from an earlier checkpoint). Only files named as snapshots are touched.
+
+    Args:
+        run_dir (Path): the run folder.
+        state (TrainingState): the run's state at the end of an epoch.
+        keep (int): how many snapshots to keep, at least 1.
+
+    Returns:
+        Path: the snapshot written.
+    """
+    path = Path(run_dir) / SNAPSHOT_DIR / snapshot_name(state.epoch)
+    try:
+        utils.save_checkpoint(path, {"format_version": FORMAT_VERSION, "model": state.model.state_dict(),
+                                     "ema": state.ema.module.state_dict() if state.ema else None,
+                                     "model_config": state.model_config, "epoch": state.epoch})
+    except OSError as err:
+        raise TrainingError(_unwritten(path, err, run_dir)) from err
+    snapshots = run_snapshots(run_dir)  # oldest first
+    current = [p for p in snapshots if int(SNAPSHOT_NAME.match(p.name)["epoch"]) <= state.epoch]
+    for old in set(snapshots) - set(current[-keep:]):
+        old.unlink(missing_ok=True)
+    return path
+
+
+class PhasePlan:
+    """The phases of a run with their training loaders, and the optimizer updates of every epoch: what the schedule
+    and a resume count in.
+
+    Args:
+        phases (list[Phase]): the run's phases (``training_phases``).
+        first (DataLoader): build_loaders' training loader, of the first phase's sizes; it serves every phase of
+            its sizes, and the others get loaders of their own, each checked now (crops larger than an image, a
+            micro-batch larger than a process's share of the data).
+        args (argparse.Namespace): the run's options (--accum_steps, --progressive, --num_workers, --seed).
+        processes (Processes): the processes training together.
+    """
+
+    def __init__(self, phases, first, *, args, processes):
+        self.phases, self.progressive, self.accum_steps = phases, bool(args.progressive), args.accum_steps
+        self.world, self.train_pairs = processes.world, len(first.dataset)
+        self.loaders = []
+        for i, phase in enumerate(phases):
+            if (phase.patch_size, phase.batch_size) == (first.dataset.patch_size, first.batch_size):
+                self.loaders.append(first)
+                continue
+            try:
+                self.loaders.append(make_train_loader(
+                    first.dataset.with_patch_size(phase.patch_size), batch_size=phase.batch_size,
+                    num_workers=args.num_workers, seed=args.seed, world=processes.world, rank=processes.rank))
+            except DataError as err:
+                raise DataError(f"--progressive phase {i + 1} ({phase.crops}, micro-batch {phase.batch_size}): "
+                                f"{err}") from None
+        self.batches = [len(loader) for loader in self.loaders]  # micro-batches per epoch, kept past a phase's end
+        self.epoch_updates = [math.ceil(batches / args.accum_steps)
+                              for batches, phase in zip(self.batches, phases) for _ in range(phase.epochs)]
+        self.epoch_starts = list(itertools.accumulate(self.epoch_updates, initial=0))
+
+    def phase_of(self, epoch):
+        """The index of the phase that epoch ``epoch`` (0-based) belongs to (the last one past the end)."""
+        ends = list(itertools.accumulate(phase.epochs for phase in self.phases))
+        return min(bisect.bisect_right(ends, epoch), len(self.phases) - 1)
+
+    def start_of(self, epoch):
+        """The update epoch ``epoch`` (0-based) starts at; past the last epoch, the run's total."""
+        return self.epoch_starts[min(epoch, len(self.epoch_updates))]
+
+    def updates_of(self, epoch):
+        """The updates of epoch ``epoch`` (0-based; past the end, those of the last)."""
+        return self.epoch_updates[min(epoch, len(self.epoch_updates) - 1)]
+
+    def layout(self, epoch):
+        """How epoch ``epoch`` is cut into updates (``EPOCH_LAYOUT``)."""
+        return {"batch_size": self.phases[self.phase_of(epoch)].batch_size, "accum_steps": self.accum_steps,
+                "processes": self.world, "train_pairs": self.train_pairs, "epoch_start": self.start_of(epoch)}
+
+    def release(self, index):
+        """Let go of phase ``index``'s loader (its worker processes end with it) unless a later phase shares it."""
+        loader = self.loaders[index]
+        if all(other is not loader for other in self.loaders[index + 1:]):
+            self.loaders = [None if other is loader else other for other in self.loaders]
+
+    def describe(self):
+        """The run's batches and updates in words."""
+        total = self.epoch_starts[-1]
+        if not self.progressive:
+            return f"effective batch: {self.effective_batch(0)}, {total} in all"
+        phases = ", ".join(f"{p.crops} x {p.batch_size} for {p.epochs} epoch(s)" for p in self.phases)
+        return f"progressive training in {len(self.phases)} phases ({phases}): {total} updates in all"
+
+    def describe_phase(self, index):
+        """Phase ``index``'s epochs, crops and effective batch in words."""
+        phase, first = self.phases[index], sum(p.epochs for p in self.phases[:index]) + 1
+        return (f"phase {index + 1}/{len(self.phases)}, epochs {first}-{first + phase.epochs - 1}: {phase.crops}; "
+                f"effective batch: {self.effective_batch(index)}")
+
+    def effective_batch(self, index):
+        """The effective batch of phase ``index`` in words (saying so when --accum_steps exceeds its epoch)."""
+        phase, batches = self.phases[index], self.batches[index]
+        accum = min(self.accum_steps, batches)
+        if accum < self.accum_steps:
+            log.info(f"--accum_steps {self.accum_steps} is more than the {batches} batches of an epoch: each update "
+                     f"takes the whole epoch, {accum} batches")
+        return (f"{phase.batch_size} images x {accum} accumulation steps x {self.world} process(es) = "
+                f"{phase.batch_size * accum * self.world} per update; {math.ceil(batches / self.accum_steps)} updates "
+                "per epoch")
 
 
 # ---------------------------------------------------------------------------------------------------- processes
@@ -390,24 +603,6 @@ class StopRequest:
 
 
 # -------------------------------------------------------------------------------------------- the update
-class EMA:
-    """Exponential moving average of a network's weights and buffers, updated after every optimizer step.
-
-    Args:
-        model (nn.Module): the network to follow; a frozen copy in eval mode is kept as ``self.module``.
-        decay (float): weight of the old average at each update, e.g. 0.999.
-    """
-
-    def __init__(self, model, *, decay):
-        self.decay = decay
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model):
-        torch._foreach_lerp_(list(self.module.state_dict().values()), list(model.state_dict().values()),
-                             1 - self.decay)
-
-
 def lr_at(step, *, peak_lr, warmup_steps, total_steps, min_lr):
     """The learning rate of update ``step`` (0-based): a linear warm-up to ``peak_lr`` over ``warmup_steps``
     updates, then a cosine decay that reaches ``min_lr`` at ``total_steps`` and stays there."""
@@ -482,7 +677,7 @@ class Update:
         autocast_dtype (torch.dtype | None): torch.float16 or torch.bfloat16 for mixed precision, None for float32.
         grad_clip (float): largest gradient norm (0: no clipping).
         scaler (torch.amp.GradScaler | None): loss scaling (float16).
-        ema (EMA | None): updated after every step taken.
+        ema (ModelEma | None): updated after every step taken, with the decay of that update's number.
         policy (Callable | None): ``policy(lq, gt) -> (lq, gt, name)``, the augmentation applied to each
             micro-batch on the device (None: none).
         ddp_model (DistributedDataParallel | None): the model's DDP wrapper when several processes train: forward
@@ -498,17 +693,21 @@ class Update:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.device = next(model.parameters()).device
 
-    def __call__(self, group, *, epoch, stop_requested=False):
+    def __call__(self, group, *, epoch, step=None, stop_requested=False):
         """Run the update.
 
         Args:
             group (list[dict]): micro-batches with "lq" and "gt" image tensors (moved to the model's device here).
             epoch (int): the 0-based epoch, for losses that change with it.
+            step (int | None): the 0-based number of this update in the run (skipped ones included), which sets the
+                EMA's decay; required with an EMA.
             stop_requested (bool): this process was asked to stop.
 
         Returns:
             UpdateResult
         """
+        if self.ema is not None and step is None:
+            raise ValueError("an update with an EMA needs its step (the EMA's decay follows it)")
         images = sum(batch["lq"].shape[0] for batch in group)
         network = self.model if self.ddp_model is None else self.ddp_model
         loss_sum = torch.zeros((), device=self.device)
@@ -525,9 +724,9 @@ class Update:
                 share = loss * (lq.shape[0] / images)
                 (self.scaler.scale(share) if self.scaler else share).backward()
             loss_sum += loss.detach() * lq.shape[0]
-        return self._step(loss_sum, images, stop_requested)
+        return self._step(loss_sum, images, stop_requested, step)
 
-    def _step(self, loss_sum, images, stop_requested):
+    def _step(self, loss_sum, images, stop_requested, step):
         """Clip, then step unless the loss or the gradient norm is not finite on some process."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
@@ -543,7 +742,7 @@ class Update:
             else:
                 self.optimizer.step()
             if self.ema:
-                self.ema.update(self.model)
+                self.ema.update(self.model, update=step + 1)
         if self.scaler:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -596,9 +795,7 @@ class TrainingState:
         optimizer (torch.optim.Optimizer): its optimizer.
         args (dict): the run's options (saved; on resume ``parse_args`` reads them before this object exists).
         model_config (dict): ``build_model`` keyword arguments (saved; read before the model is built).
-        epoch_layout (dict): how an epoch is cut into updates (``EPOCH_LAYOUT``; saved, checked by
-            ``check_resume``).
-        ema (EMA | None): the weights' moving average.
+        ema (ModelEma | None): the weights' moving average.
         scaler (torch.amp.GradScaler | None): the float16 loss scaler.
         loader_generator (torch.Generator | None): the training loader's generator.
         epoch (int): epochs finished.
@@ -612,8 +809,7 @@ class TrainingState:
     optimizer: torch.optim.Optimizer
     args: dict
     model_config: dict
-    epoch_layout: dict
-    ema: EMA | None = None
+    ema: ModelEma | None = None
     scaler: torch.amp.GradScaler | None = None
     loader_generator: torch.Generator | None = None
     epoch: int = 0
@@ -622,19 +818,21 @@ class TrainingState:
     bad_steps_in_a_row: int = 0
     epoch_sums: EpochSums = field(default_factory=EpochSums)
 
-    def state_dict(self, *, rng=None):
+    def state_dict(self, *, rng=None, epoch_layout=None):
         """The checkpoint: a plain dict of tensors and primitives (``torch.load(weights_only=True)`` reads it).
 
         Args:
             rng (list[dict] | None): every process's ``utils.get_rng_state()``, indexed by rank (default: this
                 process's alone, which is all there is with one process).
+            epoch_layout (dict | None): how the epoch in progress is cut into updates (``EPOCH_LAYOUT``), which a
+                resume must find again.
         """
         return {"format_version": FORMAT_VERSION, "model": self.model.state_dict(),
                 "ema": self.ema.module.state_dict() if self.ema else None, "model_config": self.model_config,
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
                 "epoch": self.epoch, "step": self.step, "best_psnr": self.best_psnr,
                 "bad_run": self.bad_steps_in_a_row, "partial": asdict(self.epoch_sums), "args": dict(self.args),
-                "epoch_layout": self.epoch_layout,
+                "epoch_layout": epoch_layout,
                 "rng": rng if rng is not None else [utils.get_rng_state()],
                 "loader_generator": self.loader_generator.get_state() if self.loader_generator is not None else None}
 
@@ -795,6 +993,7 @@ def open_run_folder(args, *, epoch):
     with run_folder_lock(folder):
         check_run_folder(args)
         utils.remove_stale_temporaries(folder, WRITTEN_WHOLE)
+        utils.remove_stale_temporaries(folder / SNAPSHOT_DIR, [snapshot_name(e) for e in range(1, args.epochs + 1)])
         utils.atomic_write(folder / "args.json", lambda f: f.write((json.dumps(vars(args), indent=2) + "\n").encode()))
         run_log = utils.RunLog(folder)
         if args.resume and run_log.path.is_file():
@@ -802,15 +1001,15 @@ def open_run_folder(args, *, epoch):
         yield run_log
 
 
-# How an epoch is cut into updates: resuming needs the same, or the rest of an epoch would skip or repeat images and
-# the schedule, counted in updates, would stretch.
+# How the epoch in progress is cut into updates. A resume inside an epoch needs all of it again, or the rest of the
+# epoch would skip or repeat images; at an epoch's end, the update the next epoch starts at (the schedule's count).
 EPOCH_LAYOUT = {"batch_size": "--batch_size", "accum_steps": "--accum_steps", "processes": "processes",
-                "train_pairs": "training pairs"}
+                "train_pairs": "training pairs", "epoch_start": "the epoch starting at update"}
 
 
 def saved_epoch_layout(checkpoint):
-    """The ``EPOCH_LAYOUT`` values a checkpoint was trained with; for format 1 files, from its options and its
-    random states (one per process), without the number of training pairs."""
+    """The ``EPOCH_LAYOUT`` of a checkpoint; for format 1 files, from its options and its random states (one per
+    process), without the number of training pairs and the epoch's start."""
     if checkpoint.get("epoch_layout"):
         return checkpoint["epoch_layout"]
     args, rng = checkpoint.get("args") or {}, checkpoint.get("rng")
@@ -818,19 +1017,30 @@ def saved_epoch_layout(checkpoint):
             "processes": len(rng) if isinstance(rng, list) else 1}
 
 
-def check_resume(checkpoint, state, args, *, updates_per_epoch):
-    """Refuse a resume with nothing left to do, or whose epochs are cut into updates otherwise than they were."""
+def check_resume(checkpoint, state, args, *, layout, done, updates):
+    """Refuse a resume with nothing left to do, or whose epoch in progress is cut into updates otherwise than when
+    it was saved.
+
+    Args:
+        checkpoint (dict): the --resume checkpoint, restored into ``state``.
+        state (TrainingState): the restored state.
+        args (argparse.Namespace): this run's options.
+        layout (dict): this run's ``EPOCH_LAYOUT`` of the epoch in progress.
+        done (int): the updates of that epoch done, by this run's counts.
+        updates (int): the updates of that epoch, by this run's counts.
+    """
     if state.epoch >= args.epochs:
         raise ConfigError(f"--resume {args.resume} has already completed {state.epoch} of --epochs {args.epochs}: "
                           "pass a larger --epochs to train longer")
-    saved, now = saved_epoch_layout(checkpoint), state.epoch_layout
-    changed = [f"{name} {saved[key]} (this run: {now[key]})" for key, name in EPOCH_LAYOUT.items()
-               if saved.get(key) is not None and saved[key] != now[key]]
-    if changed or not 0 <= state.step - state.epoch * updates_per_epoch < updates_per_epoch:
-        raise ConfigError(f"--resume {args.resume} stopped at update {state.step} of a run with "
-                          f"{', '.join(changed) or 'another number of updates per epoch'}: resume with the same data, "
-                          "--batch_size, --accum_steps and number of processes (other batches would skip or repeat "
-                          "images and stretch the schedule)")
+    saved = saved_epoch_layout(checkpoint)
+    inside = state.step != saved["epoch_start"] if "epoch_start" in saved else done != 0
+    changed = [f"{EPOCH_LAYOUT[key]} {saved[key]}, not {layout[key]}" for key in EPOCH_LAYOUT
+               if (inside or key == "epoch_start") and saved.get(key) is not None and saved[key] != layout[key]]
+    if changed or not 0 <= done < updates:
+        raise ConfigError(f"--resume {args.resume} stopped at update {state.step} of epoch {state.epoch + 1}, which "
+                          f"has {updates} updates here{', with ' if changed else ''}{', '.join(changed)}: resume "
+                          "with the same data, --batch_size (or --progressive), --accum_steps and number of processes "
+                          "(other batches would skip or repeat images of the epoch and stretch the schedule)")
 
 
 def sum_over_processes(sums, processes):
@@ -842,11 +1052,55 @@ def sum_over_processes(sums, processes):
     return replace(sums, **dict(zip(EpochSums.SUMMED, totals.tolist())))
 
 
-def _unwritten(path, err):
+def _unwritten(path, err, run_dir):
     """The message for a checkpoint that could not be written (``utils.atomic_write`` left the old one in place)."""
     reason = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else err.strerror or str(err)
     return (f"{path} could not be written ({reason}); the {path.name} that was there, if any, is unchanged: make "
-            f"room, then continue with --resume {path.parent}")
+            f"room, then continue with --resume {run_dir}")
+
+
+@torch.no_grad()
+def validate(network, loader, loss_fn, *, epoch, processes):
+    """Validation loss and the grader's PSNR (clamped, uint8-rounded), per degradation type and overall. Each process
+    scores its share of ``loader``; the sums are combined. Outputs that are not finite give no PSNR: they would
+    score as black images.
+
+    Args:
+        network (nn.Module): the network to validate (put in eval mode).
+        loader (DataLoader): validation batches with "lq", "gt" and "kind".
+        loss_fn (Callable): the training loss, ``loss_fn(pred, gt, epoch)``.
+        epoch (int): epochs finished (the loss is that of the last one).
+        processes (Processes): the processes validating together.
+
+    Returns:
+        dict: val_loss, and unless the outputs were not finite val_psnr and val_psnr_<kind> per type.
+    """
+    network.eval()
+    sums = defaultdict(lambda: [0.0, 0])  # kind -> [PSNR sum, images]; "" holds the validation loss
+    for batch in tqdm(loader, desc="validation", unit="batch", leave=False, dynamic_ncols=True,
+                      disable=processes.rank != 0):
+        lq, gt = batch["lq"].to(processes.device), batch["gt"].to(processes.device)
+        pred = network(lq).float()
+        sums[""][0] += float(loss_fn(pred, gt, epoch - 1)) * lq.shape[0]
+        sums[""][1] += lq.shape[0]
+        for kind, value in zip(batch["kind"], scoring.psnr_per_image(pred.clamp(0, 1), gt)):
+            sums[kind][0] += value
+            sums[kind][1] += 1
+    if processes.distributed:
+        gathered = [None] * processes.world
+        dist.all_gather_object(gathered, dict(sums))
+        sums = defaultdict(lambda: [0.0, 0])
+        for part in gathered:
+            for kind, (total, n) in part.items():
+                sums[kind][0] += total
+                sums[kind][1] += n
+    loss_total, n = sums.pop("", (0.0, 0))
+    if not math.isfinite(loss_total):
+        log.warning(f"epoch {epoch}: the validation outputs are not finite; no PSNR, not a best epoch")
+        return {"val_loss": loss_total / n}
+    record = {"val_loss": loss_total / n, "val_psnr": sum(s for s, _ in sums.values()) / n}
+    record.update({f"val_psnr_{kind}": total / count for kind, (total, count) in sorted(sums.items())})
+    return record
 
 
 # ---------------------------------------------------------------------------------------------------- trainer
@@ -868,18 +1122,23 @@ class Trainer:
             torch.set_float32_matmul_precision("high")
             torch.backends.cudnn.benchmark = True  # training shapes are fixed (whole images or --patch_size crops)
         utils.seed_everything(args.seed + self.processes.rank)
-        # The data are checked (every pair, every file) before anything big is loaded or built.
-        self.train_loader, self.val_loader = build_loaders(
-            args.data_dir, batch_size=args.batch_size, num_workers=args.num_workers, patch_size=args.patch_size,
-            val_per_type=args.val_per_type, seed=args.seed, cache=args.cache, distributed=self.processes.distributed)
-        self.updates_per_epoch = math.ceil(len(self.train_loader) / args.accum_steps)
+        phases = training_phases(args)
+        # The data are checked (every pair, every file) before anything big is loaded or built. Validation runs on
+        # whole images in batches of the smallest micro-batch of the run (--batch_size without --progressive).
+        first_loader, self.val_loader = build_loaders(
+            args.data_dir, batch_size=min(p.batch_size for p in phases), num_workers=args.num_workers,
+            patch_size=phases[0].patch_size, val_per_type=args.val_per_type, seed=args.seed, cache=args.cache,
+            distributed=self.processes.distributed)
+        self.plan = PhasePlan(phases, first_loader, args=args, processes=self.processes)
         resumed = read_resume(args)
+        self._phase = self.plan.phase_of(resumed["epoch"] if resumed is not None else 0)
+        self.train_loader = self.plan.loaders[self._phase]
         start = (utils.load_checkpoint(args.checkpoint, trusted=args.trust_checkpoint)
                  if args.fine_tune and resumed is None else None)
         self.model_config = model_config(resumed or start, args.preset, source=args.resume or args.checkpoint)
         self.model = build_network(args, self.model_config, start, self.device)
         self.ddp_model = wrap_ddp(self.model, self.device) if self.processes.distributed else None
-        self.ema = EMA(self.model, decay=args.ema) if args.ema else None
+        self.ema = ModelEma(self.model, decay=args.ema, warmup=not args.ema_no_warmup) if args.ema else None
         self.policy = AugmentPolicy(  # draws from the global RNG (checkpointed)
             strong=args.augment == "strong", rates=dict(zip(STRONG_AUGMENTATIONS, args.aug_rates)),
             alphas=dict(zip(STRONG_AUGMENTATIONS, args.aug_alphas)))
@@ -890,18 +1149,29 @@ class Trainer:
         self.update = Update(self.model, self.optimizer, loss_fn=self.loss_fn,
                              autocast_dtype=utils.PRECISIONS[args.precision], grad_clip=args.grad_clip, scaler=scaler,
                              ema=self.ema, policy=self.policy, ddp_model=self.ddp_model)
-        self.schedule = {"peak_lr": args.lr, "warmup_steps": args.warmup_epochs * self.updates_per_epoch,
-                         "total_steps": args.epochs * self.updates_per_epoch, "min_lr": MIN_LR}
-        layout = {"batch_size": args.batch_size, "accum_steps": args.accum_steps, "processes": self.processes.world,
-                  "train_pairs": len(self.train_loader.dataset)}
-        self.state = TrainingState(self.model, self.optimizer, vars(args), self.model_config, layout, ema=self.ema,
+        self.schedule = {"peak_lr": args.lr, "warmup_steps": self.plan.start_of(args.warmup_epochs),
+                         "total_steps": self.plan.start_of(args.epochs), "min_lr": MIN_LR}
+        self.state = TrainingState(self.model, self.optimizer, vars(args), self.model_config, ema=self.ema,
                                    scaler=scaler, loader_generator=self.train_loader.generator)
         if resumed is not None:
             self.state.load_state_dict(resumed, rank=self.processes.rank, source=args.resume)
-            check_resume(resumed, self.state, args, updates_per_epoch=self.updates_per_epoch)
+            check_resume(resumed, self.state, args, layout=self.plan.layout(self.state.epoch),
+                         done=self._updates_done_in_epoch(), updates=self.updates_per_epoch)
             for group, decay in zip(self.optimizer.param_groups, (args.weight_decay, 0.0)):
                 group["weight_decay"] = decay  # a --weight_decay given now holds (unchanged, it is the saved one)
         self._set_lr(self.state.step)
+
+    @property
+    def updates_per_epoch(self):
+        """The optimizer updates of the epoch in progress (they differ between --progressive phases)."""
+        return self.plan.updates_of(self.state.epoch)
+
+    def _enter_phase(self, index):
+        """Train the phase ``index`` from now on (the last phase's loader and its worker processes are let go)."""
+        self.plan.release(self._phase)
+        self._phase, self.train_loader = index, self.plan.loaders[index]
+        self.state.loader_generator = self.train_loader.generator
+        log.info(self.plan.describe_phase(index))
 
     # ---------------------------------------------------------------------------------------------- loop
     def fit(self, *, until_epoch=None):
@@ -929,19 +1199,15 @@ class Trainer:
                       (stop.signum or signal.SIGTERM) if stopped else None)
 
     def _describe_run(self):
-        args, batches, world = self.args, len(self.train_loader), self.processes.world
-        if args.trainable or args.fine_tune:
+        if self.args.trainable or self.args.fine_tune:
             log.info(trainable_summary(self.model))
-        accum = min(args.accum_steps, batches)
-        if accum < args.accum_steps:
-            log.info(f"--accum_steps {args.accum_steps} is more than the {batches} batches of an epoch: each update "
-                     f"takes the whole epoch, {accum} batches")
-        log.info(f"effective batch: {args.batch_size} images x {accum} accumulation steps x {world} process(es) = "
-                 f"{args.batch_size * accum * world} per update; {self.updates_per_epoch} updates per epoch, "
-                 f"{self.updates_per_epoch * args.epochs} in all; device {self.device}; run folder {self.run_dir}")
+        log.info(f"{self.plan.describe()}; device {self.device}; run folder {self.run_dir}")
+        if self.plan.progressive:
+            log.info(self.plan.describe_phase(self._phase))
 
     def _updates_done_in_epoch(self):
-        return self.state.step - self.state.epoch * self.updates_per_epoch
+        """The updates done in the epoch in progress: the step less the updates of the epochs before it."""
+        return self.state.step - self.plan.start_of(self.state.epoch)
 
     def _train_epoch(self, stop):
         """Train the epoch in progress to its end (its rest, after a resume inside it), or until a stop.
@@ -949,6 +1215,8 @@ class Trainer:
         Returns:
             bool: whether the run was stopped.
         """
+        if self.plan.phase_of(self.state.epoch) != self._phase:
+            self._enter_phase(self.plan.phase_of(self.state.epoch))
         loader, done = self.train_loader, self._updates_done_in_epoch()
         loader.sampler.set_epoch(self.state.epoch)
         groups = _micro_batch_groups(iter(loader), self.args.accum_steps)
@@ -991,7 +1259,7 @@ class Trainer:
     def _take_step(self, group, stop):
         """One optimizer update (``self.update``) at the learning rate of its step."""
         self._set_lr(self.state.step)
-        return self.update(group, epoch=self.state.epoch, stop_requested=stop.signum is not None)
+        return self.update(group, epoch=self.state.epoch, step=self.state.step, stop_requested=stop.signum is not None)
 
     def _set_lr(self, step):
         """Give every parameter group the learning rate of update ``step``."""
@@ -1029,7 +1297,9 @@ class Trainer:
                                 f"{state.epoch + 1}); nothing of this epoch is saved (last.pth, if any, keeps epoch "
                                 f"{state.epoch}). Try a lower --lr, or --bf16 instead of --fp16")
         state.epoch += 1
+        phase = self.plan.phases[self.plan.phase_of(state.epoch - 1)]
         record = {"epoch": state.epoch, "step": state.step, "lr": lr_at(state.step, **self.schedule),
+                  "patch_size": phase.patch_size, "batch_size": phase.batch_size,
                   "train_loss": sums.loss_sum / sums.images if sums.images else None,
                   "images_per_s": sums.seen / sums.time_s if sums.time_s else None,
                   "skipped_steps": sums.skipped, "time_s": sums.time_s, "val_loss": None, "val_psnr": None}
@@ -1040,44 +1310,19 @@ class Trainer:
         if improved:
             state.best_psnr = record["val_psnr"]
         self._save({"last.pth"} | ({"best.pth"} if improved or self.val_loader is None else set()))
+        if self.args.keep_last and self.is_primary:
+            write_snapshot(self.run_dir, state, keep=self.args.keep_last)
         if run_log is not None:
             run_log.append(record)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float) and k != "time_s")
         log.info(f"epoch {state.epoch}/{self.args.epochs}: {shown}" + (" (best)" if improved else ""))
 
     # ----------------------------------------------------------------------------------------- validation
-    @torch.no_grad()
     def validate(self):
-        """Validation loss and the grader's PSNR (clamped, uint8-rounded), per degradation type and overall, with
-        the EMA weights when they are kept. Each process scores its share; the sums are combined. Outputs that are
-        not finite give no PSNR (None): they would score as black images."""
-        network = self.ema.module if self.ema else self.model
-        network.eval()
-        sums = defaultdict(lambda: [0.0, 0])  # kind -> [PSNR sum, images]; "" holds the validation loss
-        for batch in tqdm(self.val_loader, desc="validation", unit="batch", leave=False, dynamic_ncols=True,
-                          disable=not self.is_primary):
-            lq, gt = batch["lq"].to(self.device), batch["gt"].to(self.device)
-            pred = network(lq).float()
-            sums[""][0] += float(self.loss_fn(pred, gt, self.state.epoch - 1)) * lq.shape[0]
-            sums[""][1] += lq.shape[0]
-            for kind, value in zip(batch["kind"], scoring.psnr_per_image(pred.clamp(0, 1), gt)):
-                sums[kind][0] += value
-                sums[kind][1] += 1
+        """Validate the EMA weights when they are kept, else the model's (see ``validate``)."""
+        record = validate(self.ema.module if self.ema else self.model, self.val_loader, self.loss_fn,
+                          epoch=self.state.epoch, processes=self.processes)
         self.model.train()
-        if self.processes.distributed:
-            gathered = [None] * self.processes.world
-            dist.all_gather_object(gathered, dict(sums))
-            sums = defaultdict(lambda: [0.0, 0])
-            for part in gathered:
-                for kind, (total, n) in part.items():
-                    sums[kind][0] += total
-                    sums[kind][1] += n
-        loss_total, n = sums.pop("", (0.0, 0))
-        if not math.isfinite(loss_total):
-            log.warning(f"epoch {self.state.epoch}: the validation outputs are not finite; no PSNR, not a best epoch")
-            return {"val_loss": loss_total / n}
-        record = {"val_loss": loss_total / n, "val_psnr": sum(s for s, _ in sums.values()) / n}
-        record.update({f"val_psnr_{kind}": total / count for kind, (total, count) in sorted(sums.items())})
         return record
 
     def _save(self, names):
@@ -1088,12 +1333,12 @@ class Trainer:
             rng = [None] * self.processes.world
             dist.all_gather_object(rng, utils.get_rng_state())
         if self.is_primary:
-            checkpoint = self.state.state_dict(rng=rng)
+            checkpoint = self.state.state_dict(rng=rng, epoch_layout=self.plan.layout(self.state.epoch))
             for path in sorted(self.run_dir / name for name in names):
                 try:
                     utils.save_checkpoint(path, checkpoint)
                 except OSError as err:
-                    raise TrainingError(_unwritten(path, err)) from err
+                    raise TrainingError(_unwritten(path, err, self.run_dir)) from err
         if self.processes.distributed:
             dist.barrier()
 

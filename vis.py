@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataloader import DataError, read_image_uint8
-from inference import PredictionFileError, check_npz, find_clean, npz_path, scan_inputs
+from dataloader import DataError
+from inference import check_npz, check_output_folder, naming, npz_path, run_command, scan_inputs
 from scoring import psnr
-from utils import positive_int
+from utils import atomic_write, listing, positive_int, setup_logging
 
 ERROR_SCALE = 64  # 8-bit levels drawn as white in the error maps
 PANEL_INCHES = 3.2
@@ -47,8 +47,8 @@ def choose_names(available: Sequence[str], *, names: Sequence[str] | None = None
     if names:
         unknown = [name for name in names if name not in available]
         if unknown:
-            raise DataError(f"--names not in the input folder: {', '.join(unknown)} (it holds "
-                            f"{', '.join(available[:5])}{', ...' if len(available) > 5 else ''})")
+            raise DataError(f"--names not in the input folder: {listing(unknown)} (it holds "
+                            f"{listing(available, limit=5)})")
         chosen = set(names)
     else:
         chosen = set(random.Random(seed).sample(list(available), min(num, len(available))))
@@ -66,13 +66,12 @@ def load_examples(pred_npz: str | os.PathLike, input_folder: str | os.PathLike, 
         DataError: the folder, a chosen name or a clean image is missing, or an image is unreadable.
     """
     pred_npz = npz_path(pred_npz)
-    sizes = scan_inputs(input_folder, gt_folder)  # every image readable, with a clean partner of its size
-    check_npz(pred_npz, sizes)
-    chosen = choose_names(list(sizes), names=names, num=num, seed=seed)
-    partners = find_clean(chosen, gt_folder) if gt_folder else {}
+    inputs = scan_inputs(input_folder, gt_folder)  # every image read once, with a clean partner of its size
+    check_npz(pred_npz, inputs)
+    chosen = choose_names(list(inputs), names=names, num=num, seed=seed)
     with np.load(pred_npz, allow_pickle=False) as data:
-        return [Example(name, read_image_uint8(Path(input_folder) / name).numpy(), data[name],
-                        read_image_uint8(partners[name]).numpy() if gt_folder else None)
+        return [Example(name, inputs.degraded(name).numpy(), data[name],
+                        inputs.clean(name).numpy() if gt_folder else None)
                 for name in chosen]
 
 
@@ -109,16 +108,25 @@ def draw_grid(examples: Sequence[Example], path: str | os.PathLike) -> Path:
             ax.axis("off")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with naming(path):  # a grid is whole or absent, even when interrupted
+            atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
     return path
 
 
 def visualize(pred_npz: str | os.PathLike, input_folder: str | os.PathLike, out_dir: str | os.PathLike, *,
               gt_folder: str | os.PathLike | None = None, names: Sequence[str] | None = None, num: int = 8,
               seed: int = 0, per_grid: int = 4) -> list[Path]:
-    """Draw the chosen images into ``out_dir/grid_<i>.png``, ``per_grid`` rows each; returns the files written."""
+    """Draw the chosen images into ``out_dir/grid_<i>.png``, ``per_grid`` rows each; returns the files written.
+
+    Raises:
+        ConfigError: ``out_dir`` is a file or cannot be written (checked before anything is read).
+        PredictionFileError: the prediction file is missing, unreadable or does not match the folder (named).
+        DataError: a folder, a chosen name or a clean image is missing, or an image is unreadable.
+    """
+    check_output_folder(out_dir, "--out_dir")
     examples = load_examples(pred_npz, input_folder, gt_folder=gt_folder, names=names, num=num, seed=seed)
     digits = len(str(math.ceil(len(examples) / per_grid)))
     return [draw_grid(examples[i:i + per_grid], Path(out_dir) / f"grid_{i // per_grid + 1:0{digits}d}.png")
@@ -126,8 +134,9 @@ def visualize(pred_npz: str | os.PathLike, input_folder: str | os.PathLike, out_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Draw degraded images beside their restorations from pred.npz "
-                                     "(and beside the clean images with an error map, given --gt_folder).")
+    parser = argparse.ArgumentParser(prog="vis.py", description="Draw degraded images beside their restorations "
+                                     "from pred.npz (and beside the clean images with an error map, given "
+                                     "--gt_folder).")
     parser.add_argument("--pred_npz", default="pred.npz", help="prediction file of inference.py, .npz appended "
                         "when missing (default: %(default)s)")
     parser.add_argument("--input_folder", default="datasets/test/degraded",
@@ -143,13 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
+    setup_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        paths = visualize(args.pred_npz, args.input_folder, args.out_dir, gt_folder=args.gt_folder, names=args.names,
-                          num=args.num, seed=args.seed, per_grid=args.per_grid)
-    except (DataError, PredictionFileError) as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    paths = run_command(parser.prog, lambda: visualize(
+        args.pred_npz, args.input_folder, args.out_dir, gt_folder=args.gt_folder, names=args.names, num=args.num,
+        seed=args.seed, per_grid=args.per_grid))
     for path in paths:
         print(path)
     return paths

@@ -8,17 +8,21 @@ from conftest import ROOT
 
 SCRIPTS = {
     "trainer.py": ["--data_dir", "--batch_size", "--accum_steps", "--warmup_epochs", "--fp16", "--bf16", "--resume",
-                   "--loss", "--save_dir", "--preset", "--plain", "--compile"],
+                   "--loss", "--save_dir", "--preset", "--plain", "--compile", "--precision", "--progressive",
+                   "--ema", "--ema_no_warmup", "--keep_last"],
     "first_stage_ft.py": ["--checkpoint", "--data_dir", "--lr"],
     "second_stage_ft.py": ["--checkpoint", "--trainable"],
     "inference.py": ["--checkpoint", "--input_folder", "--output_npz", "--tta", "--gt_folder", "--tile", "--bf16",
-                     "--plain", "--no_ema"],
+                     "--plain", "--no_ema", "--precision", "--ensemble_memory"],
     "vis.py": ["--pred_npz", "--input_folder", "--gt_folder", "--out_dir", "--names", "--num", "--seed"],
     "utils.py": ["run_dir"],
     "synthetic.py": ["--out", "--clean_dir", "--size"],
     "demo.py": ["--out", "--epochs"],
     "bench_loader.py": [],
     "bench_speed.py": ["--gpu", "--cases", "--out"],
+    "gpu_check.py": ["--out", "--smoke", "--rest", "--budget"],
+    "avg_checkpoints.py": ["--run", "--last", "--out", "--no_ema"],
+    "bench_recipe.py": ["--seeds", "--out", "--smoke"],
 }
 
 

@@ -40,7 +40,7 @@ def test_demo_runs_end_to_end_and_restores(tmp_path):
     assert "restored" in proc.stdout and "degraded" in proc.stdout
 
 
-def test_interrupted_demo_is_replaced_but_other_folders_are_not(tmp_path, monkeypatch):
+def test_interrupted_demo_is_replaced_but_other_folders_are_not(tmp_path, monkeypatch, capsys):
     """A demo that stops early leaves a folder the next run recognises and replaces (demo.json is written first),
     while a folder that is not a demo's is refused and left as it was."""
     out = tmp_path / "demo_output"
@@ -55,8 +55,9 @@ def test_interrupted_demo_is_replaced_but_other_folders_are_not(tmp_path, monkey
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    with pytest.raises(SystemExit, match="is not an earlier demo's output"):
+    with pytest.raises(SystemExit) as exit_info:
         demo.main(["--out", str(mine)])
+    assert exit_info.value.code == 2 and "is not an earlier demo's output" in capsys.readouterr().err
     assert (mine / "notes.txt").read_text() == "keep me"
 
 

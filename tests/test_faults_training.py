@@ -196,8 +196,8 @@ def test_resuming_inside_an_epoch_with_other_batches_is_refused_with_the_reason(
     monkeypatch.setattr(t, "_take_step", stop_after_the_first)
     assert t.fit().step == 2
     before = (run / "last.pth").read_bytes()
-    for extra, changed in ((("--batch_size", 1), "--batch_size 2 (this run: 1)"),
-                           (("--accum_steps", 1), "--accum_steps 2 (this run: 1)")):
+    for extra, changed in ((("--batch_size", 1), "--batch_size 2, not 1"),
+                           (("--accum_steps", 1), "--accum_steps 2, not 1")):
         code, errors, _ = run_main(resume_argv(data, run, *extra), capsys)
         assert code == 2 and len(errors) == 1 and changed in errors[0] and "skip or repeat images" in errors[0]
     assert (run / "last.pth").read_bytes() == before
@@ -264,16 +264,19 @@ def test_a_file_deleted_while_training_with_workers_saves_last_and_names_it(tmp_
 # ---------------------------------------------------------------- 7. temporaries of a killed checkpoint write
 def test_temporaries_of_a_killed_checkpoint_write_are_removed_at_the_next_start(data, tmp_path, capsys):
     """A SIGKILL during a checkpoint write leaves a hidden .NAME.XXXX.tmp beside it (hundreds of MB for the official
-    model) that nothing removed. The next run in the folder removes those of its own files and says so; other
-    files, temporaries of other names included, stay."""
+    model) that nothing removed. The next run in the folder removes those of its own files (snapshots included)
+    and says so; other files, temporaries of other names included, stay."""
     run = tmp_path / "run"
     trainer.Trainer(tiny(data, run)).fit(until_epoch=1)
-    stale = [run / ".last.pth.k2j3h4_x.tmp", run / ".best.pth.abcd1234.tmp", run / ".args.json.q9w8e7r6.tmp"]
-    kept = [run / ".notes.txt.abcd1234.tmp", run / ".last.pth.tmp", run / "mine.tmp"]
+    stale = [run / ".last.pth.k2j3h4_x.tmp", run / ".best.pth.abcd1234.tmp", run / ".args.json.q9w8e7r6.tmp",
+             run / "snapshots" / ".epoch_0002.pth.z1y2x3w4.tmp"]
+    kept = [run / ".notes.txt.abcd1234.tmp", run / ".last.pth.tmp", run / "mine.tmp", run / "snapshots" / "x.tmp"]
+    (run / "snapshots").mkdir()
     for path in stale + kept:
         path.write_bytes(b"\0" * 4096)
     code, _, err = run_main(resume_argv(data, run), capsys)
     assert code == 0 and "removed 3 unfinished temporary file(s) of an interrupted write" in err
+    assert "removed 1 unfinished temporary file(s) of an interrupted write: .epoch_0002.pth.z1y2x3w4.tmp" in err
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
 
 

@@ -1,6 +1,8 @@
 """inference.py: the submission file, test-time augmentation, tiling, the out-of-memory retry and scoring."""
 import csv
+import gc
 import logging
+import weakref
 
 import numpy as np
 import pytest
@@ -431,34 +433,6 @@ def test_images_under_the_ssim_window_are_scored_without_ssim(tmp_path, checkpoi
     assert "SSIM n/a: 1 images under 11x11 pixels" in printed
 
 
-def test_table_shows_type_rows_only_for_several_types(tmp_path):
-    """A set with one type ("all": no homework names) gets a single mean row, the overall one; several types get
-    one row each and the overall one. The CSV keeps the type row either way."""
-    one = [inference.Score("1.png", "all", 20.0, 0.5), inference.Score("2.png", "all", 22.0, 0.7)]
-    table = inference.format_table(one).splitlines()
-    assert [line.split()[3:] for line in table if line.startswith("mean of")] == [["overall", "21.000", "0.6000"]]
-    rows = _scores_from_csv(inference.write_csv(tmp_path / "scores.csv", one))
-    assert [(r["level"], r["type"]) for r in rows[2:]] == [("type", "all"), ("overall", "")]
-    two = [inference.Score("rain-1.png", "rain", 20.0, 0.5), inference.Score("snow-1.png", "snow", 22.0, 0.7)]
-    table = inference.format_table(two).splitlines()
-    assert [line.split()[3] for line in table if line.startswith("mean of")] == ["rain", "snow", "overall"]
-
-
-def test_write_csv_is_atomic(tmp_path, monkeypatch):
-    """An interrupt while the scores are being written leaves the previous CSV as it was and no other file."""
-    path = tmp_path / "scores.csv"
-    inference.write_csv(path, [inference.Score("1.png", "all", 20.0, 0.5)])
-    before = path.read_bytes()
-
-    def interrupted(scores):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(inference, "summarize", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        inference.write_csv(path, [inference.Score("2.png", "all", 30.0, 0.9)])
-    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["scores.csv"]
-
-
 def test_checkpoint_folder_stands_for_its_best_pth(tmp_path, checkpoint, inputs, tiny, caplog, capsys):
     """--checkpoint RUN_FOLDER loads RUN_FOLDER/best.pth and says so; a folder without best.pth stops with an error
     naming it and what it holds, and suggesting best.pth or last.pth."""
@@ -476,3 +450,90 @@ def test_checkpoint_folder_stands_for_its_best_pth(tmp_path, checkpoint, inputs,
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and f"checkpoint {run} is a folder without best.pth (it holds last.pth)" in err
     assert str(run / "last.pth") in err and "does not exist" not in err
+
+
+@pytest.fixture
+def two_checkpoints(tmp_path):
+    """Two tiny models of different weights, saved as trainer.py saves them."""
+    paths = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        path = tmp_path / f"model{seed}.pth"
+        save_checkpoint(path, {"model": build_model("tiny").state_dict(), "model_config": {"preset": "tiny"}})
+        paths.append(path)
+    return paths
+
+
+def test_ensemble_is_the_mean_of_its_models_outputs(tmp_path, two_checkpoints):
+    """Two checkpoints restore every image as the mean of their single float outputs (8 views each, before
+    rounding) to 1e-6, through restore_folder with both models, or with an Ensemble that holds both models or loads
+    one at a time."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    for i, name in enumerate(["0.png", "1.png"]):
+        _save_png(folder / name, _random_image(16 + 5 * i, 24, seed=50 + i))
+    singles = [inference.load_model(path) for path in two_checkpoints]
+    scanned = inference.scan_inputs(folder)
+    outputs = [{name: inference.restore(model, scanned.image(name)) for name in scanned} for model in singles]
+    assert (outputs[0]["0.png"] - outputs[1]["0.png"]).abs().max() > 1e-3, "the models must differ"
+    mean = {name: (outputs[0][name] + outputs[1][name]) / 2 for name in scanned}
+    for together in (None, True, False):
+        ensemble = singles if together is None else inference.Ensemble(two_checkpoints, inference.load_model,
+                                                                       together=together)
+        restored = dict(inference.restore_folder(ensemble, scanned, progress=False))
+        assert list(restored) == list(scanned)
+        for name, out in restored.items():
+            assert out.dtype == torch.float32 and torch.allclose(out, mean[name], rtol=0, atol=1e-6), (together, name)
+
+
+@pytest.mark.parametrize("memory", ["plenty", "short", "one_at_a_time"])
+def test_cli_ensemble_holds_its_models_as_memory_allows_and_says_so(tmp_path, two_checkpoints, inputs, monkeypatch,
+                                                                     capsys, caplog, memory):
+    """--checkpoint a.pth b.pth writes the rounded mean of the two models and says so. With memory to spare both
+    models stay loaded; when the second model's weights would take more than a quarter of the free memory (or with
+    --ensemble_memory one_at_a_time) one model at a time is loaded, the first let go before the second loads, and
+    the result is the same."""
+    singles = [inference.load_model(path) for path in two_checkpoints]
+    scanned = inference.scan_inputs(inputs)
+    expected = {name: to_uint8((inference.restore(singles[0], scanned.image(name), tta=2) +
+                                inference.restore(singles[1], scanned.image(name), tta=2)) / 2).numpy()
+                for name in scanned}
+    del singles
+    size = inference.model_bytes(build_model("tiny"))
+    monkeypatch.setattr(inference, "free_memory", lambda device: 100 * size if memory == "plenty" else 3 * size)
+    alive, loaded_while = weakref.WeakSet(), []
+    real = inference.load_model
+
+    def tracked(*args, **kwargs):
+        gc.collect()
+        loaded_while.append(len(alive))
+        model = real(*args, **kwargs)
+        alive.add(model)
+        return model
+
+    monkeypatch.setattr(inference, "load_model", tracked)
+    out = tmp_path / "pred.npz"
+    extra = ["--ensemble_memory", "one_at_a_time"] if memory == "one_at_a_time" else []
+    with caplog.at_level(logging.INFO, logger="inference"):
+        inference.main(["--checkpoint", *map(str, two_checkpoints), "--input_folder", str(inputs), "--output_npz",
+                        str(out), "--tta", "2", "--device", "cpu", "--no_progress", *extra])
+    said = caplog.text
+    assert "ensemble of 2 checkpoints" in said and "over 2 test-time view(s) each, in float32" in said
+    if memory == "plenty":
+        assert "all 2 models held on cpu at once" in said and "take at most a quarter" in said
+        assert loaded_while == [0, 1]
+    else:
+        assert "one model at a time" in said and loaded_while == [0, 0]
+        assert ("would take more than a quarter" if memory == "short" else "--ensemble_memory one_at_a_time") in said
+    with np.load(out) as data:
+        assert sorted(data.files) == sorted(expected)
+        for name, array in expected.items():
+            assert np.array_equal(data[name], array), name
+
+
+def test_one_checkpoint_is_no_ensemble(tmp_path, checkpoint, inputs, caplog):
+    """A single checkpoint runs as before: no ensemble, nothing said about one."""
+    with caplog.at_level(logging.INFO, logger="inference"):
+        inference.main(["--checkpoint", str(checkpoint), "--input_folder", str(inputs), "--output_npz",
+                        str(tmp_path / "pred.npz"), "--tta", "1", "--device", "cpu", "--no_progress"])
+    assert "ensemble" not in caplog.text and (tmp_path / "pred.npz").is_file()

@@ -3,13 +3,11 @@ shared."""
 import copy
 import functools
 import pickle
-import re
 
 import numpy as np
 import pytest
 import torch
 
-import bench_speed
 import fast_path
 from fast_path import compile_blocks, disable_fast_path, enable_fast_path, is_fast, set_recomputation
 from model import Attention, PromptIR, TransformerBlock, build_model, load_weights
@@ -303,52 +301,6 @@ def test_compiled_blocks_keep_names_and_values():
     assert rel_err(out1.double(), out0.detach().double()) <= 1e-4  # TF32 may be on for convolutions
     for (name, a), b in zip(plain.named_parameters(), fast.parameters()):
         assert rel_err(b.grad.double(), a.grad.double()) <= 1e-3, name
-
-
-def test_bench_speed_smoke_table(tmp_path):
-    """bench_speed.py's GPU-case code runs on the CPU in smoke mode and writes one table whose fast-path errors
-    against float64 are within the bounds (1e-5 float32, 1e-2 bf16); CUDA-only variants say they were skipped; the
-    profile rows name the largest operators and the profiler's table is written beside the output."""
-    out = tmp_path / "bench.md"
-    text = bench_speed.main(["--smoke", "--quick", "--cases", "gpu-accuracy,gpu-train-b8,gpu-profile,gpu-infer-tta",
-                             "--out", str(out)])
-    assert out.read_text().strip() == text
-    rows = [line.split(" | ") for line in text.splitlines()[2:]]
-    errors = {(r[0].lstrip("| "), r[1]): float(r[5]) for r in rows if r[5] != "-"}
-    assert errors[("accuracy b2 16x16", "fast fp32, TF32 off")] <= 1e-5
-    assert errors[("accuracy b2 16x16", "fast bf16")] <= 1e-2
-    assert errors[("train b8 16x16", "fast bf16")] <= 1e-2
-    assert errors[("inference.py 4 x 32x32, TTA 8", "fast fp32 (tf32)")] <= 1e-5  # inference.py's API, end to end
-    assert any("skipped: needs CUDA" in r[6] for r in rows if r[1] == "fast bf16 compiled")
-    profiled = [r for r in rows if r[0].lstrip("| ").startswith("profile")]
-    assert [r[1] for r in profiled] == ["plain fp32 (tf32)", "fast bf16"]
-    assert all(float(r[2]) > 0 and "largest (ms): aten::" in r[6] for r in profiled)
-    assert "aten::" in (tmp_path / "bench_profile_fast_bf16.txt").read_text()
-
-
-def test_bench_speed_trained_psnr_case_and_failed_variant(tmp_path, monkeypatch):
-    """The trained-PSNR case runs trainer.py once per path and precision and reports the fast path's best validation
-    PSNR against the plain one's; a variant that raises becomes a 'failed' row and the variants after it still run."""
-    real = bench_speed.enable_fast_path
-
-    def broken_nchw(model, *, channels_last=True, **kwargs):
-        if not channels_last:
-            raise RuntimeError("injected failure | for the test")
-        return real(model, channels_last=channels_last, **kwargs)
-
-    monkeypatch.setattr(bench_speed, "enable_fast_path", broken_nchw)
-    text = bench_speed.main(["--smoke", "--quick", "--cases", "gpu-train-b8,gpu-psnr"])
-    rows = {(r[0].lstrip("| "), r[1]): r for r in (line.split(" | ") for line in text.splitlines()[2:])}
-    failed = rows[("train b8 16x16", "fast bf16, NCHW")]
-    assert "failed: RuntimeError: injected failure / for the test" in failed[6] and failed[2] == "-"
-    assert float(rows[("train b8 16x16", "fast bf16")][2]) > 0  # the variant before it was measured
-    assert "skipped: needs CUDA" in rows[("train b8 16x16", "fast bf16 compiled")][6]  # and the one after it reached
-    psnr = {name: float(re.search(r"best val PSNR ([\d.]+) dB", row[6]).group(1))
-            for (case, name), row in rows.items() if case.startswith("trained PSNR")}
-    assert set(psnr) == {"plain fp32", "fast fp32", "plain bf16", "fast bf16"}
-    assert all(10 < v < 60 for v in psnr.values())
-    assert abs(psnr["fast fp32"] - psnr["plain fp32"]) <= 0.1 and abs(psnr["fast bf16"] - psnr["plain bf16"]) <= 0.1
-    assert "dB vs plain fp32 (bound 0.1)" in rows[("trained PSNR, tiny preset, 2 epochs", "fast fp32")][6]
 
 
 # ------------------------------------------------------------------------------ the scripts use the fast path

@@ -1,0 +1,447 @@
+"""The one prepared GPU check: on a CUDA machine, in at most 8 minutes, the figures that matter most first, each
+written to the output folder the moment it is measured. ``gpu_check.sh`` runs it; see there for the calls.
+
+In order (``PLAN``, each step with its share of ``--budget``; a step starts nothing new once its share, and
+whatever the steps before it left, is spent):
+
+1. the environment: card, driver, CUDA, cuDNN, NCCL, PyTorch, Triton, Python, and the packages the toolkit needs;
+2. the training step at batch 8 of 128x128, plain and fast, fp32 (TF32) and bf16 (bench_speed ``gpu-train-b8``);
+3. the original recipe's step, batch 2 of 256x256 with 4 accumulated micro-batches, fp16 with a GradScaler, plain
+   and fast, then bf16 (``gpu-train-recipe``);
+4. inference.py end to end on 100 images of 256x256 with 8-view TTA, plain and fast, fp32 and bf16
+   (``gpu-infer-tta``);
+5. accuracy against float64 at 256x256 for fp32, bf16 and fp16 (``gpu-accuracy``);
+6. the CUDA-only tests (``pytest -k "cuda or compile"``), and trainer.py under a one-process torchrun (NCCL):
+   training, resume and inference on a tiny random set;
+7. last, in a process of its own so that a device fault there costs none of the figures above: compiled blocks,
+   the CUDA-graphed step, compiled inference (``gpu-compiled-train``, ``gpu-graph``, ``gpu-compiled-infer``).
+
+Every GPU row runs with cuDNN autotuning and trainer.py's optimizer (fused AdamW). With ``--smoke`` the same steps
+run on the CPU with the tiny preset and small images (torchrun with gloo; rows that need CUDA say so), in about a
+minute: a check of this script, not a measurement.
+
+Files in ``--out`` (7): check.md (the table, targets first, rewritten after every row), check_rows.jsonl (every row
+as it is measured; what ``--rest`` reads), check_environment.txt, check_cuda_tests.log, check_torchrun.log,
+check_compiled.log (the separate process's console) and check_console.log (written by gpu_check.sh).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+START = time.perf_counter()  # the budget counts from the process's start, imports included
+ROOT = Path(__file__).resolve().parent
+
+# (module, package, what needs it, whether nothing runs without it)
+PACKAGES = [("torch", "torch", "everything", True),
+            ("numpy", "numpy", "everything", True),
+            ("PIL", "pillow", "reading and writing images", True),
+            ("tqdm", "tqdm", "trainer.py's and inference.py's progress bars", True),
+            ("einops", "einops", "model.py (imported at its top)", True),
+            ("matplotlib", "matplotlib", "the curves trainer.py draws at the end of a run (the torchrun step)", False),
+            ("pytest", "pytest", "the CUDA-only tests", False)]
+# (step, share in seconds of a 450-second budget)
+PLAN = [("environment", 5), ("gpu-train-b8", 55), ("gpu-train-recipe", 55), ("gpu-infer-tta", 65),
+        ("gpu-accuracy", 20), ("cuda-tests", 90), ("torchrun", 40), ("compiled", 120)]
+DEFAULT_BUDGET_S = 450.0
+KILL_GRACE_S = 15.0  # how long past the budget a child process may run before it is stopped
+PYTEST_SELECTION = "cuda or compile"
+
+
+def check_packages() -> tuple[list[str], list[str]]:
+    """Lines saying which of ``PACKAGES`` are there (with versions), and the required ones that are missing."""
+    lines, fatal = [], []
+    for module, package, needed_by, required in PACKAGES:
+        if importlib.util.find_spec(module) is None:
+            lines.append(f"MISSING {package}: needed by {needed_by}" + ("" if required else " (those rows fail)"))
+            if required:
+                fatal.append(package)
+            continue
+        try:
+            version = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            version = "version unknown"
+        lines.append(f"{package} {version}")
+    return lines, fatal
+
+
+def _command_output(command: list[str]) -> str | None:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=30).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: str) -> tuple[dict[str, str], str]:
+    """The environment rows (name: value) and the longer text for check_environment.txt."""
+    import torch
+
+    info: dict[str, str] = {}
+    smi = _command_output(["nvidia-smi"]) if device == "cuda" else None
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info["card"] = (f"{props.name}, {props.total_memory / 2**30:.1f} GiB, sm_{props.major}{props.minor}, "
+                        f"{props.multi_processor_count} multiprocessors, {torch.cuda.device_count()} visible")
+        driver = _command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+        if driver is None and Path("/proc/driver/nvidia/version").is_file():
+            driver = Path("/proc/driver/nvidia/version").read_text().splitlines()[0]
+        info["driver"] = driver or "unknown (no nvidia-smi)"
+        api = getattr(torch._C, "_cuda_getDriverVersion", lambda: 0)()
+        info["CUDA"] = f"{torch.version.cuda} (PyTorch's runtime)" + (
+            f"; the driver supports CUDA {api // 1000}.{api % 1000 // 10}" if api else "")
+        info["cuDNN"] = str(torch.backends.cudnn.version())
+        nccl = torch.cuda.nccl.version() if torch.distributed.is_nccl_available() else None
+        info["NCCL"] = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl or "not available")
+    else:
+        info["card"] = "none: a smoke run on the CPU"
+        info["driver"] = info["CUDA"] = info["cuDNN"] = info["NCCL"] = "-"
+    info["PyTorch"] = torch.__version__
+    try:
+        info["Triton"] = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        info["Triton"] = "not installed (torch.compile cannot build GPU kernels)"
+    info["Python"] = f"{platform.python_version()} ({sys.executable})"
+    info["CPU"] = f"{os.cpu_count()} cores, {platform.machine()}, {platform.platform()}"
+    text = "\n".join(f"{k}: {v}" for k, v in info.items())
+    text += "\n\npackages:\n" + "\n".join(check_packages()[0])
+    if smi:
+        text += "\n\nnvidia-smi:\n" + smi
+    text += "\n\ntorch.__config__.show():\n" + torch.__config__.show()
+    return info, text + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ sub-processes
+_children: set[subprocess.Popen] = set()  # the child processes running now, each the leader of its process group
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End ``proc``'s process group (torchrun's workers, pytest's children too): SIGTERM, then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=10)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class Terminated(BaseException):
+    """The check was told to stop (a BaseException, so that no variant's failure handling takes it for a result)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _on_termination(signum, frame) -> None:
+    """gpu_check.sh's time limit (SIGTERM from timeout) or Ctrl-C: kill the children at once, whose process groups
+    the signal does not reach (a trainer would finish its update first), and stop."""
+    for proc in list(_children):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    raise Terminated(signum)
+
+
+def run_logged(command: list[str], log: Path, *, timeout: float, env: dict | None = None,
+               cwd: Path = ROOT) -> tuple[int | None, float, str]:
+    """Run ``command`` in a process group of its own, its output appended to ``log`` as it comes; end the group
+    after ``timeout`` seconds. Returns (exit code, or None when it was stopped; seconds; its output)."""
+    with open(log, "a") as f:
+        f.write(f"\n$ {shlex.join(command)}\n")
+        f.flush()
+        begin = log.stat().st_size
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, text=True,
+                                process_group=0)
+        _children.add(proc)
+        try:
+            code = proc.wait(timeout=max(timeout, 1.0))
+        except subprocess.TimeoutExpired:
+            _stop(proc)
+            code = None
+            f.write(f"\n[stopped after {timeout:.0f} s: the step's share of the budget]\n")
+        finally:
+            _children.discard(proc)
+        seconds = time.perf_counter() - start
+    with open(log) as f:
+        f.seek(begin)
+        return code, seconds, f.read()
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:200] if lines else "(no output)"
+
+
+def case_cuda_tests(bench, log: Path) -> None:
+    """The tests that skip without CUDA, in a process of their own; on a smoke run only collected (they would all
+    skip), which checks the command and the selection."""
+    from bench_speed import FAILED, OK, PENDING, SKIPPED
+
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "tests", "-k", PYTEST_SELECTION]
+    command += ["--collect-only", "-q"] if bench.smoke else ["-v", "-rs"]
+
+    def measure() -> dict:
+        code, seconds, text = run_logged(command, log, timeout=bench.remaining())
+        summary = _last_line(text)
+        if code is None:
+            return {"status": PENDING, "notes": f"stopped at the budget after {seconds:.0f} s: "
+                    f"{len(re.findall(r' PASSED', text))} passed, {len(re.findall(r' FAILED', text))} failed so far; "
+                    "run it again with --rest"}
+        if bench.smoke:
+            selected = len([line for line in text.splitlines() if "::" in line])
+            status, notes = (SKIPPED, f"skipped: needs CUDA (the selection collects {selected} tests)") if code == 0 \
+                else (FAILED, f"failed: pytest could not collect the tests (exit code {code}): {summary}")
+            return {"status": status, "notes": notes}
+        return {"status": OK if code == 0 else FAILED, "ms": seconds * 1e3,
+                "notes": f"{summary} (exit code {code}; check_cuda_tests.log)"}
+
+    bench.run("CUDA-only tests", f'pytest tests -k "{PYTEST_SELECTION}"', measure, own_process=True)
+
+
+def write_pairs(root: Path, *, per_kind: int, size: int) -> Path:
+    """A tiny homework-layout set of random rain and snow pairs (degraded = clean + a brightening veil)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for side in ("degraded", "clean"):
+        (root / "train" / side).mkdir(parents=True, exist_ok=True)
+    for kind in ("rain", "snow"):
+        for i in range(1, per_kind + 1):
+            clean = rng.integers(0, 200, (size, size, 3))
+            degraded = np.clip(clean + rng.integers(0, 56, (size, size, 1)), 0, 255)
+            Image.fromarray(clean.astype(np.uint8)).save(root / "train" / "clean" / f"{kind}_clean-{i}.png")
+            Image.fromarray(degraded.astype(np.uint8)).save(root / "train" / "degraded" / f"{kind}-{i}.png")
+    return root
+
+
+def case_torchrun(bench, log: Path) -> None:
+    """trainer.py under a one-process torchrun (NCCL on CUDA, gloo on a smoke run) on a tiny random set: 2 epochs,
+    a resume to 3, then inference.py on the run folder. A step whose run is missing (kept from an earlier call)
+    trains first."""
+    import numpy as np
+
+    import utils
+    from bench_speed import FAILED, PENDING
+
+    device = bench.device
+    backend = "nccl" if device == "cuda" else "gloo"
+    case = f"torchrun, 1 process ({backend})"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} | ({"NCCL_DEBUG": "INFO"} if backend == "nccl" else {})
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "trainer.py"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data, run_dir = Path(tmp) / "data", Path(tmp) / "run"
+        common = ["--data_dir", str(data), "--preset", "tiny", "--device", device, "--num_workers", "0",
+                  "--batch_size", "2", "--accum_steps", "1", "--patch_size", "16", "--val_per_type", "1",
+                  "--warmup_epochs", "1", "--lr", "1e-3", "--epochs", "2", "--save_dir", str(run_dir)]
+
+        def step(command: list[str], what: str) -> tuple[str, float]:
+            code, seconds, text = run_logged(command, log, timeout=bench.remaining(), env=env)
+            if code is None:
+                raise TimeoutError(f"{what} stopped at the budget after {seconds:.0f} s")
+            if code != 0:
+                raise RuntimeError(f"{what} exited with code {code}: {_last_line(text)}")
+            return text, seconds
+
+        def nccl_note(text: str) -> str:
+            if backend != "nccl":
+                return "gloo (smoke run)"
+            return "NCCL initialised (NCCL INFO lines in check_torchrun.log)" if "NCCL INFO" in text else \
+                "no NCCL INFO line in the output although NCCL_DEBUG=INFO was set"
+
+        def trained() -> tuple[dict, str]:
+            if not (run_dir / "last.pth").is_file():
+                if not data.is_dir():
+                    write_pairs(data, per_kind=3, size=24)
+                text, seconds = step(torchrun + common, "training")
+                return utils.load_checkpoint(run_dir / "last.pth"), f"{nccl_note(text)}; {seconds:.1f} s"
+            return utils.load_checkpoint(run_dir / "last.pth"), ""
+
+        def guarded(fn):
+            def measure() -> dict:
+                try:
+                    return fn()
+                except TimeoutError as err:
+                    return {"status": PENDING, "notes": f"{err}; run it again with --rest"}
+                except (RuntimeError, OSError, utils.ToolkitError) as err:
+                    return {"status": FAILED, "notes": f"failed: {err}"}
+            return measure
+
+        def train() -> dict:
+            state, notes = trained()
+            if state["epoch"] != 2:
+                raise RuntimeError(f"last.pth holds epoch {state['epoch']}, not 2")
+            return {"notes": f"2 epochs, {state['step']} updates; {notes}"}
+
+        def resume() -> dict:
+            first, before = trained()
+            text, seconds = step(torchrun + ["--data_dir", str(data), "--resume", str(run_dir), "--epochs", "3"],
+                                 "the resume")
+            state = utils.load_checkpoint(run_dir / "last.pth")
+            records = utils.read_log(run_dir)
+            if state["epoch"] != 3 or len(records) != 3 or state["step"] <= first["step"]:
+                raise RuntimeError(f"after the resume last.pth holds epoch {state['epoch']} (step {state['step']}) "
+                                   f"and the log {len(records)} epochs; expected 3 and 3")
+            return {"notes": f"epoch 2 -> 3, updates {first['step']} -> {state['step']}, 3 log records; "
+                             f"{nccl_note(text)}; {seconds:.1f} s" + (f" (trained first: {before})" if before else "")}
+
+        def infer() -> dict:
+            _, before = trained()
+            npz = Path(tmp) / "pred.npz"
+            text, seconds = step([sys.executable, "inference.py", "--checkpoint", str(run_dir), "--input_folder",
+                                  str(data / "train" / "degraded"), "--gt_folder", str(data / "train" / "clean"),
+                                  "--output_npz", str(npz), "--device", device, "--no_progress"], "inference.py")
+            if not npz.is_file():
+                raise RuntimeError(f"inference.py exited 0 but wrote no {npz.name}")
+            with np.load(npz) as held:
+                images = len(held.files)
+            return {"notes": f"pred.npz of {images} images, scored; {seconds:.1f} s"
+                             + (f" (trained first: {before})" if before else "")}
+
+        bench.run(case, "train 2 epochs", guarded(train), own_process=True)
+        bench.run(case, "resume to 3 epochs", guarded(resume), own_process=True)
+        bench.run(case, "inference.py on the run's best.pth", guarded(infer), own_process=True)
+
+
+def settle(rows, code: int | None, log_name: str):
+    """The rows a child process left, with those it was still running when it ended made final: stopped at the
+    budget (run again by --rest), or ended by a fault (failed)."""
+    from bench_speed import FAILED, PENDING, RUNNING, latest
+
+    out = list(rows)
+    for row in latest(rows).values():
+        if row.status != RUNNING:
+            continue
+        if code is None:
+            out.append(replace(row, status=PENDING, notes="stopped at the budget during this variant; run it again "
+                                                          "with --rest"))
+        else:
+            out.append(replace(row, status=FAILED, notes=f"failed: the process ended during this variant "
+                                                         f"({_exit_text(code)}; see {log_name})"))
+    return out
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def case_compiled(bench, log: Path, *, quick: bool) -> None:
+    """bench_speed's compiled cases in a child process that appends to the same rows file; a fault there (or the
+    budget's end) ends that process alone."""
+    from bench_speed import COMPILED, FAILED, OK, PENDING, Row, load_rows
+
+    budget = max(0.0, bench.start + bench.budget_s - bench.clock())
+    command = [sys.executable, "bench_speed.py", "--cases", ",".join(COMPILED), "--out", str(bench.out),
+               "--rest", str(bench.rows_file), "--budget", f"{budget:.0f}"]
+    command += (["--smoke"] if bench.smoke else []) + (["--quick"] if quick else [])
+    code, seconds, text = run_logged(command, log, timeout=budget + KILL_GRACE_S)
+    bench.absorb(settle(load_rows(bench.rows_file), code, log.name))
+    if code is None:
+        status, notes = PENDING, f"stopped {KILL_GRACE_S:.0f} s past the budget, after {seconds:.0f} s"
+    else:
+        status = OK if code == 0 else FAILED
+        notes = f"{_exit_text(code)} after {seconds:.0f} s" + ("" if code == 0 else f": {_last_line(text)}")
+    bench.add(Row("separate process", "compiled blocks, CUDA graph, compiled inference", ms=seconds * 1e3,
+                  status=status, notes=notes))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="output folder (created; at most 7 files)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the same steps on the CPU, tiny preset and small images, in about a minute")
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
+                        help=f"seconds for the whole check, from the start (default {DEFAULT_BUDGET_S:.0f})")
+    parser.add_argument("--rest", type=Path, metavar="ROWS",
+                        help="check_rows.jsonl of an earlier call (or its folder): its finished rows are kept and "
+                             "only the rest runs")
+    parser.add_argument("--quick", action="store_true", help="fewer variants and steps")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_termination)
+    lines, fatal = check_packages()
+    print("packages: " + "; ".join(lines), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if fatal:
+        (args.out / "check_environment.txt").write_text("packages:\n" + "\n".join(lines) + "\n")
+        print(f"gpu_check: error: missing {', '.join(fatal)}; this check installs nothing (the machine may have no "
+              "network): install them, or carry them as wheels", file=sys.stderr)
+        return 3
+
+    import torch
+
+    import bench_speed
+    import utils
+
+    utils.setup_logging()
+    if not args.smoke and not torch.cuda.is_available():
+        print("gpu_check: error: CUDA is not available here; run with --smoke to check the script on the CPU",
+              file=sys.stderr)
+        return 2
+    device = "cpu" if args.smoke else "cuda"
+    if args.smoke:
+        torch.set_num_threads(1)  # a smoke run checks code, often on a machine shared with other jobs
+    try:
+        return utils.run_cli("gpu_check.py", lambda: _check(args, device, bench_speed))
+    except Terminated as stop:
+        print(f"gpu_check: stopped by {stop}; every row measured so far is in {args.out}", file=sys.stderr)
+        return 128 + stop.signum
+
+
+def _check(args: argparse.Namespace, device: str, bench_speed) -> int:
+    shares = bench_speed.scaled_shares(dict(PLAN), args.budget)
+    bench = bench_speed.Bench(args.out / "check.md", args.budget, args.quick, tiny=args.smoke, device=device,
+                              shares=shares, plan=[name for name, _ in PLAN], start=START,
+                              rest=bench_speed.load_rows(args.rest) if args.rest else ())
+    bench_speed.setup_cuda()
+    for name, _ in PLAN:
+        bench.begin(name)
+        if name == "environment":
+            info, text = environment(device)
+            (args.out / "check_environment.txt").write_text(text)
+            for key, value in info.items():
+                bench.add(bench_speed.Row("environment", key, notes=value))
+        elif name == "cuda-tests":
+            case_cuda_tests(bench, args.out / "check_cuda_tests.log")
+        elif name == "torchrun":
+            case_torchrun(bench, args.out / "check_torchrun.log")
+        elif name == "compiled":
+            case_compiled(bench, args.out / "check_compiled.log", quick=args.quick)
+        else:
+            bench_speed.CASES[name].run(bench)
+    bench.save()
+    print(bench.table())
+    print(f"gpu_check: done in {time.perf_counter() - START:.0f} s; results in {args.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

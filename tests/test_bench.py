@@ -1,0 +1,237 @@
+"""bench_speed.py and gpu_check.sh: the one runner of the benchmark's variants (budget shares, CUDA-only skips,
+failures as rows, every row written the moment it exists, --rest), the GPU cases' code in smoke mode on the CPU,
+and the whole prepared GPU check end to end in smoke mode."""
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+import bench_speed
+import gpu_check
+from bench_speed import FAILED, OK, PENDING, RUNNING, SKIPPED, Row, latest, load_rows
+from conftest import ROOT
+
+
+def table_rows(text):
+    """The table's rows as lists of cells (the case first, the target column last)."""
+    return [line.split(" | ") for line in text.splitlines()[2:]]
+
+
+def test_bench_speed_smoke_table(tmp_path):
+    """bench_speed.py's GPU-case code runs on the CPU in smoke mode and writes one table whose fast-path errors
+    against float64 are within the bounds (1e-5 float32, 1e-2 bf16); CUDA-only variants say they were skipped; the
+    profile rows name the largest operators and the profiler's table is written beside the output."""
+    out = tmp_path / "bench.md"
+    cases = "gpu-accuracy,gpu-train-b8,gpu-compiled-train,gpu-profile,gpu-infer-tta"
+    text = bench_speed.main(["--smoke", "--quick", "--cases", cases, "--out", str(out)])
+    assert out.read_text().strip() == text
+    rows = table_rows(text)
+    errors = {(r[0].lstrip("| "), r[1]): float(r[5]) for r in rows if r[5] != "-"}
+    assert errors[("accuracy b2 16x16", "fast fp32, TF32 off")] <= 1e-5
+    assert errors[("accuracy b2 16x16", "fast bf16")] <= 1e-2
+    assert errors[("train b8 16x16", "fast bf16")] <= 1e-2
+    assert errors[("inference.py 4 x 16x16, TTA 8", "fast fp32 (tf32)")] <= 1e-5  # inference.py's API, end to end
+    assert any("skipped: needs CUDA" in r[6] for r in rows if r[1] == "fast bf16 compiled")
+    profiled = [r for r in rows if r[0].lstrip("| ").startswith("profile")]
+    assert [r[1] for r in profiled] == ["plain fp32 (tf32)", "fast bf16"]
+    assert all(float(r[2]) > 0 and "largest (ms): aten::" in r[6] for r in profiled)
+    assert "aten::" in (tmp_path / "bench_profile_fast_bf16.txt").read_text()
+
+
+def test_bench_speed_trained_psnr_case_and_failed_variant(tmp_path, monkeypatch):
+    """The trained-PSNR case runs trainer.py once per path and precision and reports the fast path's best validation
+    PSNR against the plain one's; a variant that raises becomes a 'failed' row and the variants after it still run."""
+    real = bench_speed.enable_fast_path
+
+    def broken_nchw(model, *, channels_last=True, **kwargs):
+        if not channels_last:
+            raise RuntimeError("injected failure | for the test")
+        return real(model, channels_last=channels_last, **kwargs)
+
+    monkeypatch.setattr(bench_speed, "enable_fast_path", broken_nchw)
+    text = bench_speed.main(["--smoke", "--quick", "--cases", "gpu-train-b8,gpu-compiled-train,gpu-psnr"])
+    rows = {(r[0].lstrip("| "), r[1]): r for r in table_rows(text)}
+    failed = rows[("train b8 16x16", "fast bf16, NCHW")]
+    assert "failed: RuntimeError: injected failure / for the test" in failed[6] and failed[2] == "-"
+    assert float(rows[("train b8 16x16", "fast bf16")][2]) > 0  # the variant before it was measured
+    assert "skipped: needs CUDA" in rows[("train b8 16x16", "fast bf16 compiled")][6]  # and the one after it reached
+    psnr = {name: float(re.search(r"best val PSNR ([\d.]+) dB", row[6]).group(1))
+            for (case, name), row in rows.items() if case.startswith("trained PSNR")}
+    assert set(psnr) == {"plain fp32", "fast fp32", "plain bf16", "fast bf16"}
+    assert all(10 < v < 60 for v in psnr.values())
+    assert abs(psnr["fast fp32"] - psnr["plain fp32"]) <= 0.1 and abs(psnr["fast bf16"] - psnr["plain bf16"]) <= 0.1
+    assert "dB vs plain fp32 (bound 0.1)" in rows[("trained PSNR, tiny preset, 2 epochs", "fast fp32")][6]
+
+
+def test_runner_keeps_each_case_to_its_share_and_reports_every_outcome(tmp_path):
+    """The one runner: a case whose variant overran its share starts no more variants, yet the next case gets its
+    own share; a case that finishes early leaves its time to the next; a variant that needs CUDA is skipped on the
+    CPU; an exception or an exit becomes a 'failed' row and the next variant runs; every row is in the rows file
+    before the next variant starts."""
+    now = [0.0]
+
+    def takes(seconds, **fields):
+        def measure():
+            now[0] += seconds
+            return {"ms": 1.0, **fields}
+        return measure
+
+    def boom():
+        raise RuntimeError("boom | and more")
+
+    bench = bench_speed.Bench(tmp_path / "t.md", 12.0, device="cpu", shares={"a": 4, "b": 4, "c": 4},
+                              plan=["a", "b", "c"], clock=lambda: now[0])
+    bench.begin("a")  # may start variants until 4 s
+    bench.run("A", "first", takes(3))
+    bench.run("A", "overruns", takes(3))  # starts at 3 s, ends at 6 s
+    bench.run("A", "late", lambda: pytest.fail("started after its case's share"))
+    bench.begin("b")  # at 6 s: still its own 4 s, to 10 s, though case a overran
+    bench.run("B", "on CUDA", lambda: pytest.fail("started on the CPU"), needs_cuda=True)
+    written = []
+    bench.run("B", "reads the rows file", lambda: written.extend(load_rows(tmp_path / "t_rows.jsonl")) or {})
+    bench.run("B", "raises", boom)
+    bench.run("B", "exits", lambda: sys.exit(3))
+    bench.run("B", "after the failures", takes(1))
+    bench.begin("c")  # at 7 s: the rest of the budget, to 12 s (b left 3 s unused)
+    bench.run("C", "uses b's leftover", takes(4.5))  # ends at 11.5 s
+    bench.run("C", "still within", takes(1))  # starts at 11.5 s < 12 s
+    bench.run("C", "past the end", lambda: pytest.fail("started after the budget"))
+
+    rows = latest(load_rows(tmp_path / "t_rows.jsonl"))
+    status = {variant: row.status for (_, variant), row in rows.items()}
+    assert status == {"first": OK, "overruns": OK, "late": PENDING, "on CUDA": SKIPPED, "reads the rows file": OK,
+                      "raises": FAILED, "exits": FAILED, "after the failures": OK, "uses b's leftover": OK,
+                      "still within": OK, "past the end": PENDING}
+    assert rows[("A", "late")].notes.startswith("not run: this case's share of the 12 s budget was spent")
+    assert rows[("B", "on CUDA")].notes == "skipped: needs CUDA"
+    assert rows[("B", "raises")].notes == "failed: RuntimeError: boom / and more"
+    assert rows[("B", "exits")].notes == "failed: exited with code 3"
+    seen = latest(written)
+    assert seen[("A", "overruns")].status == OK and seen[("B", "on CUDA")].status == SKIPPED
+    assert seen[("B", "reads the rows file")].status == RUNNING  # marked before it ran: a crash would name it
+    text = (tmp_path / "t.md").read_text()
+    assert "| A | late |" in text and "pending: not run" in text and "| C | still within |" in text
+
+
+def test_a_broken_cuda_context_stops_the_variants_of_this_process_only(tmp_path):
+    """After a CUDA error that leaves the context unusable, no further variant of this process starts (each says
+    why, pending for --rest); a step that runs in a process of its own still runs."""
+    bench = bench_speed.Bench(tmp_path / "t.md", device="cpu")
+
+    def illegal_access():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    bench.run("A", "out of memory", out_of_memory)
+    bench.run("A", "after it", lambda: {"ms": 1.0})
+    bench.run("A", "faults", illegal_access)
+    bench.run("A", "in this process", lambda: pytest.fail("started on a broken CUDA context"))
+    bench.run("B", "in its own process", lambda: {"ms": 2.0}, own_process=True)
+    rows = latest(load_rows(tmp_path / "t_rows.jsonl"))
+    assert [row.status for row in rows.values()] == [FAILED, OK, FAILED, PENDING, OK]
+    assert rows[("A", "in this process")].notes.startswith("not run: CUDA failed in A / faults (RuntimeError)")
+
+
+def test_rest_keeps_finished_rows_and_runs_the_others(tmp_path):
+    """--rest ROWS: a variant an earlier run finished is kept as it was (not measured again), one it left pending
+    or running is run now, and the new rows file holds both."""
+    earlier = tmp_path / "earlier_rows.jsonl"
+    case = "accuracy b2 16x16"
+    kept = Row(case, "fast bf16", error=0.5, notes="from the earlier run", case_id="gpu-accuracy")
+    earlier.write_text("".join(json.dumps(asdict(r)) + "\n" for r in [
+        Row(case, "fast fp32, TF32 off", status=RUNNING), kept, Row(case, "fast fp16", status=PENDING)])
+        + '{"case": "cut short by a killed wri')
+    text = bench_speed.main(["--smoke", "--cases", "gpu-accuracy", "--rest", str(earlier),
+                             "--out", str(tmp_path / "now.md")])
+    rows = latest(load_rows(tmp_path / "now_rows.jsonl"))
+    assert rows[(case, "fast bf16")] == kept
+    assert rows[(case, "fast fp32, TF32 off")].status == OK and rows[(case, "fast fp32, TF32 off")].error <= 1e-5
+    assert rows[(case, "fast fp16")].status == OK and rows[(case, "fast fp16")].error <= 1e-2
+    assert {variant for _, variant in rows} == {name for name, _, _ in bench_speed.ACCURACY}
+    # the kept row is judged like any other: 0.5 is outside the bf16 bound
+    assert ("| accuracy b2 16x16 | fast bf16 | - | - | - | 5.0e-01 | from the earlier run | within bound: not met |"
+            in text)
+    assert re.search(r"\| target \| accuracy .*\| not met \|", text)
+
+
+def test_rows_a_child_process_left_running_are_settled():
+    """A variant still 'running' when the compiled cases' process ended is marked: stopped at the budget (pending,
+    so that --rest runs it again) or failed with the way the process ended; finished rows stay as they are."""
+    rows = [Row("c", "done", status=RUNNING), Row("c", "done", ms=1.0), Row("c", "cut", status=RUNNING)]
+    stopped = latest(gpu_check.settle(rows, None, "check_compiled.log"))
+    assert stopped[("c", "done")].status == OK and stopped[("c", "cut")].status == PENDING
+    crashed = latest(gpu_check.settle(rows, -11, "check_compiled.log"))
+    assert crashed[("c", "cut")].status == FAILED
+    assert "killed by SIGSEGV; see check_compiled.log" in crashed[("c", "cut")].notes
+
+
+EXPECTED_FILES = {"check.md", "check_rows.jsonl", "check_environment.txt", "check_cuda_tests.log",
+                  "check_torchrun.log", "check_compiled.log", "check_console.log"}
+
+
+def test_gpu_check_smoke_run_writes_every_file_and_row(tmp_path):
+    """`bash gpu_check.sh --smoke` runs every step of the GPU check on the CPU and writes at most 8 files with names
+    the device tool returns; every expected row is there, measured where the CPU can run it (torchrun with gloo)
+    and 'skipped: needs CUDA' where it cannot; the targets head the table; a second call with --rest keeps every
+    finished row and runs nothing again."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out)}
+    proc = subprocess.run(["bash", "gpu_check.sh", "--smoke"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = {p.name for p in out.iterdir()}
+    assert files == EXPECTED_FILES and all(re.fullmatch(r"[A-Za-z0-9._-]+", name) for name in files)
+    rows = latest(load_rows(out / "check_rows.jsonl"))
+
+    def variants(case, status=OK):
+        return {v for (c, v), row in rows.items() if c == case and row.status == status}
+
+    assert {"card", "driver", "CUDA", "cuDNN", "PyTorch", "Python"} <= variants("environment")
+    assert variants("train b8 16x16") == {v.name for v in bench_speed.TRAIN_B8}
+    assert variants("train b2 16x16 accum 4") == {v.name for v in bench_speed.TRAIN_RECIPE}
+    assert variants("inference.py 4 x 16x16, TTA 8") == {name for name, _, _ in bench_speed.INFER_VARIANTS}
+    assert variants("accuracy b2 16x16") == {name for name, _, _ in bench_speed.ACCURACY}
+    assert all(row.error <= (1e-5 if "fp32" in v else 1e-2) for (c, v), row in rows.items() if c.startswith("acc"))
+    assert variants("torchrun, 1 process (gloo)") == {"train 2 epochs", "resume to 3 epochs",
+                                                      "inference.py on the run's best.pth"}
+    assert variants("separate process") == {"compiled blocks, CUDA graph, compiled inference"}
+    cuda_only = [row for row in rows.values() if row.status == SKIPPED]
+    assert {row.variant for row in cuda_only} >= (
+        {v.name for v in bench_speed.COMPILED_TRAIN_B8 + bench_speed.GRAPH_TRAIN_B8}
+        | {name for name, _, _ in bench_speed.COMPILED_INFER_VARIANTS} | {'pytest tests -k "cuda or compile"'})
+    assert all(row.notes.startswith("skipped: needs CUDA") for row in cuda_only)
+    assert not [row for row in rows.values() if row.status in (FAILED, PENDING, RUNNING)]
+
+    text = (out / "check.md").read_text()
+    targets = [r for r in table_rows(text) if r[0] == "| target"]
+    assert len(targets) == len(bench_speed.TARGETS) == len(table_rows(text)) - len(rows)
+    assert [r[-1] for r in targets[:4]] == ["unmeasured (smoke run) |"] * 4 and targets[4][-1] == "met |"
+    assert "gloo (smoke run)" in text and "NCCL" in (out / "check_environment.txt").read_text()
+    assert "$ " in (out / "check_torchrun.log").read_text() and "packages: torch" in proc.stdout
+
+    again = tmp_path / "again"
+    proc = subprocess.run(["bash", "gpu_check.sh", "--smoke", "--rest", str(out / "check_rows.jsonl")], cwd=ROOT,
+                          env={**env, "OUT": str(again)}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    second = latest(load_rows(again / "check_rows.jsonl"))
+    for key, row in rows.items():
+        if key[0] not in ("environment", "separate process"):
+            assert second[key] == row, key
+    assert not (again / "check_torchrun.log").exists()  # nothing of that step ran again
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bench_compiled_variant_on_cuda(tmp_path):
+    """On CUDA, bench_speed's compiled training variant (tiny preset, small images) is measured, not failed, and
+    stays within the bf16 bound of float64."""
+    bench_speed.main(["--tiny", "--quick", "--cases", "gpu-compiled-train", "--out", str(tmp_path / "b.md")])
+    row = latest(load_rows(tmp_path / "b_rows.jsonl"))[("train b8 16x16", "fast bf16 compiled")]
+    assert row.status == OK, row.notes
+    assert row.ms > 0 and row.error <= 1e-2
