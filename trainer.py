@@ -34,15 +34,15 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import ClassVar
 
-import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
-
 try:
     import fcntl
 except ImportError:  # Windows: no lock on the run folder
     fcntl = None
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 import scoring
 import utils
@@ -1180,11 +1180,11 @@ class Trainer:
         Returns:
             Result: the run folder, epochs and updates done, best validation PSNR, and the signal that stopped it.
         """
-        stop_at, state, stopped = min(until_epoch or self.args.epochs, self.args.epochs), self.state, False
+        last_epoch, state, stopped = min(until_epoch or self.args.epochs, self.args.epochs), self.state, False
         folder = open_run_folder(self.args, epoch=state.epoch) if self.is_primary else nullcontext()
         with folder as run_log, StopRequest() as stop:
             self._describe_run()
-            while state.epoch < stop_at and not stopped:
+            while state.epoch < last_epoch and not stopped:
                 stopped = self._train_epoch(stop)
                 if self._updates_done_in_epoch() < self.updates_per_epoch:  # stopped inside the epoch
                     state.epoch_sums = sum_over_processes(state.epoch_sums, self.processes)
