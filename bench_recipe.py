@@ -14,7 +14,8 @@ peak learning rate (1e-3, for the tiny preset) and warm-up (60 updates), so only
 
 - original: whole tiles, batch 2 x 4 accumulated, GFL loss, CutBlur/Mixup/Blend (the homework's trainer.py);
 - official: 48x48 crops (half the side, as the official 128 of 256), batch 8 x 4, L1, flips and rotations only;
-- +EMA: the original with ``--ema 0.999`` (warm-up decay, ema.py), validated and tested on the EMA weights;
+- +EMA: the original with ``--ema 0.999`` (warm-up decay, ema.py), tested on the EMA weights; and with the constant
+  decay (``--ema_no_warmup``), for what the warm-up changes;
 - +progressive: the original with ``--progressive 48:32:5 64:18:4 96:8:2`` (equal pixels per update in each phase);
 - together: progressive and EMA.
 
@@ -67,6 +68,7 @@ RECIPES = {
         ["--batch_size", "8", "--accum_steps", "4", "--patch_size", "48", "--loss", "l1", "--augment", "views",
          "--epochs", str(EPOCHS * 4), "--warmup_epochs", "4"],
     "original + EMA (0.999, warm-up)": ORIGINAL + ["--ema", "0.999"],
+    "original + EMA (0.999, constant: no warm-up)": ORIGINAL + ["--ema", "0.999", "--ema_no_warmup"],
     "original + progressive (48/32, 64/18, 96/8)": PROGRESSIVE,
     "together (progressive + EMA)": PROGRESSIVE + ["--ema", "0.999", "--keep_last", "3"],
 }

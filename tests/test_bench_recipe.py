@@ -18,4 +18,4 @@ def test_smoke_run_gives_every_row_of_the_table(tmp_path, shared):
     for line in text.splitlines()[2:]:
         cells = [c.strip() for c in line.split("|")[1:-1]]
         assert all(float(v) == float(v) and 5 < float(v) < 60 for v in cells[4:8]), line
-    assert len(bench_recipe.avg_checkpoints.run_snapshots(tmp_path / "work" / "run_4_seed0")) == 3
+    assert len(bench_recipe.avg_checkpoints.run_snapshots(tmp_path / "work" / f"run_{list(bench_recipe.RECIPES).index(bench_recipe.TOGETHER)}_seed0")) == 3
