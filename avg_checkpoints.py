@@ -31,6 +31,11 @@ SNAPSHOT_NAME = re.compile(r"^epoch_(?P<epoch>[0-9]+)\.pth$")
 FORMAT_VERSION = 1
 
 
+def snapshot_name(epoch: int) -> str:
+    """The file name of the snapshot of epoch ``epoch`` (``trainer.py --keep_last``): ``epoch_0012.pth``."""
+    return f"epoch_{epoch:04d}.pth"
+
+
 def run_snapshots(run_dir: str | os.PathLike) -> list[Path]:
     """The weight snapshots ``trainer.py --keep_last`` wrote in a run folder, oldest first."""
     folder = Path(run_dir) / SNAPSHOT_DIR

@@ -47,7 +47,7 @@ from tqdm import tqdm
 import scoring
 import utils
 from augment import DEFAULT_ALPHAS, DEFAULT_RATES, STRONG_AUGMENTATIONS, AugmentPolicy
-from avg_checkpoints import SNAPSHOT_DIR, SNAPSHOT_NAME, run_snapshots
+from avg_checkpoints import SNAPSHOT_DIR, SNAPSHOT_NAME, run_snapshots, snapshot_name
 from dataloader import DataError, build_loaders, make_train_loader
 from ema import ModelEma
 from fast_path import enable_fast_path
@@ -398,10 +398,6 @@ def check_schedule_args(args):
     if args.keep_last < 0:
         raise ConfigError(f"--keep_last is a number of snapshots, 0 for none; got {args.keep_last}")
     training_phases(args)
-
-
-def snapshot_name(epoch):
-    return f"epoch_{epoch:04d}.pth"
 
 
 def write_snapshot(run_dir, state, *, keep):
