@@ -11,9 +11,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
-import bench_speed
-import gpu_check
-from bench_speed import FAILED, OK, PENDING, RUNNING, SKIPPED, Row, latest, load_rows
+from benchmarks import bench_speed, gpu_check
+from benchmarks.bench_speed import FAILED, OK, PENDING, RUNNING, SKIPPED, Row, latest, load_rows
 from conftest import ROOT
 
 
@@ -183,7 +182,7 @@ def test_gpu_check_smoke_run_writes_every_file_and_row(tmp_path):
     finished row and runs nothing again."""
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out)}
-    proc = subprocess.run(["bash", "gpu_check.sh", "--smoke"], cwd=ROOT, env=env, capture_output=True, text=True,
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--smoke"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = {p.name for p in out.iterdir()}
@@ -217,7 +216,7 @@ def test_gpu_check_smoke_run_writes_every_file_and_row(tmp_path):
     assert "$ " in (out / "check_torchrun.log").read_text() and "packages: torch" in proc.stdout
 
     again = tmp_path / "again"
-    proc = subprocess.run(["bash", "gpu_check.sh", "--smoke", "--rest", str(out / "check_rows.jsonl")], cwd=ROOT,
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--smoke", "--rest", str(out / "check_rows.jsonl")], cwd=ROOT,
                           env={**env, "OUT": str(again)}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     second = latest(load_rows(again / "check_rows.jsonl"))

@@ -1,5 +1,5 @@
 """bench_recipe.py end to end in its smoke mode (a few real rain and snow images, two recipes)."""
-import bench_recipe
+from benchmarks import bench_recipe
 
 
 def test_smoke_run_gives_every_row_of_the_table(tmp_path, shared):

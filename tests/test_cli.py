@@ -18,11 +18,11 @@ SCRIPTS = {
     "utils.py": ["run_dir"],
     "synthetic.py": ["--out", "--clean_dir", "--size"],
     "demo.py": ["--out", "--epochs"],
-    "bench_loader.py": [],
-    "bench_speed.py": ["--gpu", "--cases", "--out"],
-    "gpu_check.py": ["--out", "--smoke", "--rest", "--budget"],
+    "benchmarks/bench_loader.py": [],
+    "benchmarks/bench_speed.py": ["--gpu", "--cases", "--out"],
+    "benchmarks/gpu_check.py": ["--out", "--smoke", "--rest", "--budget"],
     "avg_checkpoints.py": ["--run", "--last", "--out", "--no_ema"],
-    "bench_recipe.py": ["--seeds", "--out", "--smoke"],
+    "benchmarks/bench_recipe.py": ["--seeds", "--out", "--smoke"],
 }
 
 

@@ -2,9 +2,9 @@
 
 ::
 
-    python bench_recipe.py --out recipe.md            # the whole table, tiny preset (about 25 minutes on 2 cores)
-    python bench_recipe.py --seeds 0 1 --out recipe.md
-    python bench_recipe.py --smoke                     # the same code on a few images in about a minute
+    python benchmarks/bench_recipe.py --out recipe.md            # the whole table, tiny preset (about 25 minutes on 2 cores)
+    python benchmarks/bench_recipe.py --seeds 0 1 --out recipe.md
+    python benchmarks/bench_recipe.py --smoke                     # the same code on a few images in about a minute
 
 The data: Rain100H (rain) and the synthetic snow set of ``../shared/data`` (``--data``), whose backgrounds are disjoint
 (rain on 1..50, snow on 51..100). Images 1..40 and 51..90 train, as six 96x96 tiles each (480 pairs); images 41..50
@@ -39,6 +39,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+ROOT = Path(__file__).resolve().parents[1]  # the project root: the modules measured here live there
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
 import avg_checkpoints
 import inference
 import trainer
@@ -48,7 +52,6 @@ from scoring import score_image
 from utils import positive_int, run_cli, setup_logging
 
 log = logging.getLogger("bench_recipe")
-ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 TILE, TILES_X, TILES_Y, TEST_SIDE = 96, 3, 2, 192
 SPLITS = {"rain": ("rain100h", range(1, 41), range(41, 51)), "snow": ("snow_synthetic", range(51, 91),

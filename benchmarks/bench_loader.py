@@ -1,6 +1,6 @@
 """Benchmark the data loader alone: images per second by patch size, workers and caching, as a markdown table.
 
-    python bench_loader.py [DATA_DIR] [--pairs 1600] [--batch_size 8] [--batches 40]
+    python benchmarks/bench_loader.py [DATA_DIR] [--pairs 1600] [--batch_size 8] [--batches 40]
 
 Without DATA_DIR it builds a temporary homework-layout set (rain and snow, 256x256 PNG pairs cut from
 ../shared/data) in the system's temporary folder and deletes it afterwards. It also times ``check_pairs`` on the whole
@@ -9,6 +9,7 @@ set, reading headers only and decoding every file.
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,9 +19,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+ROOT = Path(__file__).resolve().parents[1]  # the project root: the modules measured here live there
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
 from dataloader import build_loaders, check_pairs, find_pairs, read_image_uint8
 
-SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
+SHARED_DATA = ROOT.parent / "shared" / "data"
 SOURCES = {"rain": "rain100h", "snow": "snow_synthetic"}
 
 

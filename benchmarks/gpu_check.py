@@ -42,7 +42,9 @@ from dataclasses import replace
 from pathlib import Path
 
 START = time.perf_counter()  # the budget counts from the process's start, imports included
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the project root: the scripts checked here live there
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 # (module, package, what needs it, whether nothing runs without it)
 PACKAGES = [("torch", "torch", "everything", True),
@@ -192,7 +194,7 @@ def _last_line(text: str) -> str:
 def case_cuda_tests(bench, log: Path) -> None:
     """The tests that skip without CUDA, in a process of their own; on a smoke run only collected (they would all
     skip), which checks the command and the selection."""
-    from bench_speed import FAILED, OK, PENDING, SKIPPED
+    from benchmarks.bench_speed import FAILED, OK, PENDING, SKIPPED
 
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "tests", "-k", PYTEST_SELECTION]
     command += ["--collect-only", "-q"] if bench.smoke else ["-v", "-rs"]
@@ -239,7 +241,7 @@ def case_torchrun(bench, log: Path) -> None:
     import numpy as np
 
     import utils
-    from bench_speed import FAILED, PENDING
+    from benchmarks.bench_speed import FAILED, PENDING
 
     device = bench.device
     backend = "nccl" if device == "cuda" else "gloo"
@@ -324,7 +326,7 @@ def case_torchrun(bench, log: Path) -> None:
 def settle(rows, code: int | None, log_name: str):
     """The rows a child process left, with those it was still running when it ended made final: stopped at the
     budget (run again by --rest), or ended by a fault (failed)."""
-    from bench_speed import FAILED, PENDING, RUNNING, latest
+    from benchmarks.bench_speed import FAILED, PENDING, RUNNING, latest
 
     out = list(rows)
     for row in latest(rows).values():
@@ -351,10 +353,10 @@ def _exit_text(code: int) -> str:
 def case_compiled(bench, log: Path, *, quick: bool) -> None:
     """bench_speed's compiled cases in a child process that appends to the same rows file; a fault there (or the
     budget's end) ends that process alone."""
-    from bench_speed import COMPILED, FAILED, OK, PENDING, Row, load_rows
+    from benchmarks.bench_speed import COMPILED, FAILED, OK, PENDING, Row, load_rows
 
     budget = max(0.0, bench.start + bench.budget_s - bench.clock())
-    command = [sys.executable, "bench_speed.py", "--cases", ",".join(COMPILED), "--out", str(bench.out),
+    command = [sys.executable, "benchmarks/bench_speed.py", "--cases", ",".join(COMPILED), "--out", str(bench.out),
                "--rest", str(bench.rows_file), "--budget", f"{budget:.0f}"]
     command += (["--smoke"] if bench.smoke else []) + (["--quick"] if quick else [])
     code, seconds, text = run_logged(command, log, timeout=budget + KILL_GRACE_S)
@@ -398,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    import bench_speed
+    from benchmarks import bench_speed
     import utils
 
     utils.setup_logging()

@@ -2,11 +2,11 @@
 
 ::
 
-    python bench_speed.py                          # CPU: official model, one 256x256 image; small-preset train step
-    python bench_speed.py --gpu --out bench.md     # every GPU case in this process (gpu_check.sh is the prepared
+    python benchmarks/bench_speed.py                          # CPU: official model, one 256x256 image; small-preset train step
+    python benchmarks/bench_speed.py --gpu --out bench.md     # every GPU case in this process (gpu_check.sh is the prepared
                                                    # check: the same cases in order, compiled ones in their own process)
-    python bench_speed.py --cases floors           # computed FLOP and byte floors of the GPU cases, no GPU needed
-    python bench_speed.py --smoke --cases gpu-train-b8,gpu-accuracy   # a GPU case's code on the CPU, tiny sizes
+    python benchmarks/bench_speed.py --cases floors           # computed FLOP and byte floors of the GPU cases, no GPU needed
+    python benchmarks/bench_speed.py --smoke --cases gpu-train-b8,gpu-accuracy   # a GPU case's code on the CPU, tiny sizes
 
 Rows: milliseconds per step or per image set (median), images per second, peak GPU memory
 (``torch.cuda.max_memory_allocated``), the relative error ``||out - ref|| / ||ref||`` of the variant's output against
@@ -28,6 +28,7 @@ import copy
 import functools
 import gc
 import json
+import sys
 import logging
 import math
 import statistics
@@ -42,6 +43,10 @@ import torch
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]  # the project root: the modules measured here live there
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 import utils
 from fast_path import enable_fast_path
