@@ -32,7 +32,7 @@ def tiny_argv(data, run, *extra):
     """The command line of test_trainer.tiny: a small, quick CPU run (3 updates per epoch); ``extra`` overrides."""
     return ["--data_dir", data, "--save_dir", run, "--preset", "tiny", "--device", "cpu", "--num_workers", 0,
             "--batch_size", 2, "--accum_steps", 2, "--epochs", 2, "--warmup_epochs", 1, "--patch_size", 16,
-            "--val_per_type", 1, "--lr", 1e-3, *extra]
+            "--val_per_type", 1, "--lr", 1e-3, "--no_curves", *extra]
 
 
 def run_main(argv, capsys):
