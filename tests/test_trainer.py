@@ -6,24 +6,23 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import first_stage_ft
 import second_stage_ft
-import trainer
 import scoring
+import trainer
 import utils
-from run import StopRequest
-from augment import NUM_VIEWS, dihedral
-from conftest import ROOT
+from conftest import ROOT, assert_same_state, parse, tiny, weights
+from conftest import make_homework_set  # noqa: F401  (test_speed_path imports it from here until it switches)
 from dataloader import find_pairs, read_image, stratified_split
 from GFL_Loss import CharbonnierLoss
 from model import STAGE2_MODULES
+from run import StopRequest
 
 README_COMMANDS = [
     "python trainer.py --data_dir datasets --batch_size 2 --accum_steps 4 --epochs 250 --lr 2e-4 --fp16 --warmup 10  "
@@ -35,65 +34,6 @@ README_COMMANDS = [
 ]
 PARSERS = {"trainer.py": trainer.build_parser, "first_stage_ft.py": first_stage_ft.build_parser,
            "second_stage_ft.py": second_stage_ft.build_parser}
-
-
-def make_homework_set(root, *, per_kind, size, symmetric=False, seed=0):
-    """A homework-layout data set of random rain and snow pairs (degraded = clean + a brightening veil). With
-    ``symmetric`` every image looks the same in all 8 dihedral views, so the random view drawn for it cannot matter.
-    """
-    rng = np.random.default_rng(seed)
-    for side in ("degraded", "clean"):
-        (root / "train" / side).mkdir(parents=True, exist_ok=True)
-
-    def image(pixels):
-        if symmetric:
-            x = torch.from_numpy(pixels).permute(2, 0, 1)
-            pixels = (sum(dihedral(x, k) for k in range(NUM_VIEWS)) // NUM_VIEWS).permute(1, 2, 0).numpy()
-        return Image.fromarray(pixels.astype(np.uint8))
-
-    for kind in ("rain", "snow"):
-        for i in range(1, per_kind + 1):
-            clean = rng.integers(0, 200, (size, size, 3))
-            degraded = np.clip(clean + rng.integers(0, 56, (size, size, 1)), 0, 255)
-            image(clean).save(root / "train" / "clean" / f"{kind}_clean-{i}.png")
-            image(degraded).save(root / "train" / "degraded" / f"{kind}-{i}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """6 pairs per kind of 24x24 images: 1 per kind for validation, 10 for training (5 batches of 2: updates of
-    2, 2 and 1 batches with --accum_steps 2)."""
-    return make_homework_set(tmp_path_factory.mktemp("data"), per_kind=6, size=24)
-
-
-def parse(*argv, script=trainer):
-    return script.build_parser().parse_args([str(a) for a in argv])
-
-
-def tiny(data, run, *extra, script=trainer):
-    """Options of a small, quick CPU run in the folder ``run`` (None: not given); ``extra`` overrides them."""
-    return parse("--data_dir", data, *(("--save_dir", run) if run else ()), "--preset", "tiny", "--device", "cpu",
-                 "--num_workers", 0, "--batch_size", 2, "--accum_steps", 2, "--epochs", 2, "--warmup_epochs", 1,
-                 "--patch_size", 16, "--val_per_type", 1, "--lr", 1e-3, "--no_curves", *extra, script=script)
-
-
-def weights(path, key="model"):
-    return utils.load_checkpoint(path)[key]
-
-
-def assert_same_state(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
-@pytest.fixture(scope="module")
-def trained(data, tmp_path_factory):
-    """A finished 2-epoch tiny run (its folder), the starting point of the fine-tuning tests."""
-    run = tmp_path_factory.mktemp("trained") / "run"
-    trainer.train(tiny(data, run, "--epochs", 2, "--warmup_epochs", 0))
-    return run
 
 
 # --------------------------------------------------------------------------------------------- command line
@@ -324,19 +264,25 @@ def test_only_a_failed_batch_fetch_counts_as_a_stop(data, tmp_path, monkeypatch)
 
 def test_a_forwarded_repeat_of_the_signal_still_saves_but_a_later_second_one_quits(monkeypatch):
     """A second signal within StopRequest.REPEAT_S of the first (torchrun forwarding the one the process group got)
-    is the same stop request; one that comes later (a user pressing Ctrl-C again) quits at once."""
+    is the same stop request; one that comes later (a user pressing Ctrl-C again) quits at once; on leaving, the
+    handlers found are back. The test installs Python's own SIGINT handler first, so it proves the same whatever
+    handler the suite was started with (an ignored SIGINT stays ignored: test_run.py)."""
     now = [100.0]
-    monkeypatch.setattr(trainer.time, "monotonic", lambda: now[0])
-    with StopRequest() as stop:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert stop.signum == signal.SIGINT
-        now[0] += 0.05
-        os.kill(os.getpid(), signal.SIGINT)  # the forwarded copy: no exception
-        assert stop.signum == signal.SIGINT
-        now[0] += 2.0
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGTERM)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    found = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with StopRequest() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.signum == signal.SIGINT
+            now[0] += 0.05
+            os.kill(os.getpid(), signal.SIGINT)  # the forwarded copy: no exception
+            assert stop.signum == signal.SIGINT
+            now[0] += 2.0
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGTERM)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler found is restored
+    finally:
+        signal.signal(signal.SIGINT, found)
 
 
 def _sigterm_args(data, run):
@@ -571,12 +517,13 @@ def test_mixed_precision_on_cuda_trains_and_resumes(data, tmp_path, precision):
 
 # ------------------------------------------------------------------------------------------------ fine-tuning
 def test_first_stage_starts_from_the_checkpoint_with_a_fresh_schedule(data, tmp_path, trained):
-    """Stage 1 takes the model config and weights of --checkpoint (no --preset given), trains every parameter with
-    a new optimizer (its step count starts at 0) and no strong augmentation."""
+    """Stage 1 takes the model config and weights of --checkpoint (no --preset given; a run folder stands for its
+    best.pth), trains every parameter with a new optimizer (its step count starts at 0) and no strong augmentation."""
     start = weights(trained / "best.pth")
-    t = trainer.Trainer(parse("--data_dir", data, "--save_dir", tmp_path / "ft1", "--checkpoint", trained / "best.pth",
+    t = trainer.Trainer(parse("--data_dir", data, "--save_dir", tmp_path / "ft1", "--checkpoint", trained,
                               "--device", "cpu", "--num_workers", 0, "--epochs", 1, "--warmup", 0, "--patch_size", 16,
-                              "--val_per_type", 0, script=first_stage_ft))
+                              "--val_per_type", 0, "--no_curves", script=first_stage_ft))
+    assert t.args.checkpoint == str(trained / "best.pth")
     assert t.model_config == {"preset": "tiny"} and not t.policy.strong and t.state.step == 0
     assert_same_state(t.model.state_dict(), start)
     assert sum(p.numel() for g in t.optimizer.param_groups for p in g["params"]) == \
@@ -615,7 +562,8 @@ def test_training_on_real_rain_beats_the_degraded_input(shared, tmp_path):
     root = shared("data", "rain100h")
     args = parse("--data_dir", root, "--save_dir", tmp_path / "r", "--preset", "tiny", "--device", "cpu",
                  "--num_workers", 0, "--batch_size", 8, "--accum_steps", 1, "--epochs", 2, "--warmup_epochs", 0,
-                 "--patch_size", 32, "--val_per_type", 3, "--lr", 2e-3, "--loss", "charbonnier", "--augment", "views")
+                 "--patch_size", 32, "--val_per_type", 3, "--lr", 2e-3, "--loss", "charbonnier", "--augment", "views",
+                 "--no_curves")
     result = trainer.train(args)
     _, val_pairs = stratified_split(find_pairs(root), val_per_type=3, seed=42)
     inputs = [scoring.psnr(read_image(p.degraded), read_image(p.clean)) for p in val_pairs]

@@ -13,20 +13,13 @@ import avg_checkpoints
 import inference
 import trainer
 import utils
-from conftest import ROOT
+from conftest import ROOT, assert_same_state, make_homework_set, parse, tiny, weights
 from test_distributed import _free_port
-from test_trainer import assert_same_state, make_homework_set, parse, tiny, weights
 
 # 10 training pairs of 24x24: phase 1 has 2 batches of 5 8-px crops (1 update with --accum_steps 2), phase 2 5
 # batches of 2 16-px crops (3 updates), phase 3 10 whole images one at a time (5 updates): 1 + 3 + 3 + 5 = 12.
 PROGRESSIVE = ("--epochs", 4, "--progressive", "8:5:1", "16:2:2", "whole:1:1")
 EPOCH_UPDATES = [1, 3, 3, 5]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """6 pairs per kind of 24x24 images: 1 per kind for validation, 10 for training."""
-    return make_homework_set(tmp_path_factory.mktemp("data"), per_kind=6, size=24)
 
 
 def stop_after_update(t, n):
