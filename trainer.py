@@ -955,8 +955,7 @@ class Trainer:
             dist.all_gather_object(rng, utils.get_rng_state())
         if self.is_primary:
             checkpoint = self.state.state_dict(rng=rng, epoch_layout=self.plan.layout(self.state.epoch))
-            for path in sorted(self.run_dir / name for name in names):
-                run.save(path, checkpoint, run_dir=self.run_dir)
+            run.save(sorted(self.run_dir / name for name in names), checkpoint, run_dir=self.run_dir)
         if self.processes.distributed:
             dist.barrier()
 

@@ -407,7 +407,7 @@ def test_resume_with_a_new_learning_rate_and_weight_decay_uses_them(data, tmp_pa
 
 def test_resume_from_weights_alone_says_to_fine_tune_instead(data, tmp_path):
     """A checkpoint that holds only weights (a plain state dict, a BasicSR file) cannot be resumed: the error says
-    so before any work and names the fine-tuning command."""
+    so when the command line is read, before any work, and names the fine-tuning command."""
     from model import build_model
 
     net = build_model("tiny")
@@ -415,7 +415,7 @@ def test_resume_from_weights_alone_says_to_fine_tune_instead(data, tmp_path):
         utils.save_checkpoint(tmp_path / name, content)
         with pytest.raises(trainer.ConfigError, match=f"holds weights, not a training run.*first_stage_ft.py "
                                                       f"--checkpoint .*{name}"):
-            trainer.Trainer(tiny(data, tmp_path / f"run_{name}", "--resume", tmp_path / name))
+            trainer.parse_args(trainer.build_parser(), ["--data_dir", str(data), "--resume", str(tmp_path / name)])
 
 
 def test_a_format_1_training_state_is_refused_saying_its_weights_still_load(data, tmp_path, trained, capsys):
