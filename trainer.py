@@ -148,7 +148,8 @@ def build_parser(defaults=None, *, fine_tune=False, description=None):
     p.set_defaults(fine_tune=fine_tune, default_save_dir=d["save_dir"], checkpoint=None, trainable=None)
     if fine_tune:
         ft = p.add_argument_group("fine-tuning")
-        ft.add_argument("--checkpoint", help="weights to start from (required unless --resume)")
+        ft.add_argument("--checkpoint", help="weights to start from: a checkpoint, or a run folder (its best.pth); "
+                        "required unless --resume")
         ft.add_argument("--trainable", nargs="+", default=d.get("trainable"), metavar="MODULE",
                         help="train only these top-level modules (default: "
                              f"{' '.join(d['trainable']) if d.get('trainable') else 'all'})")
