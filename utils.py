@@ -101,7 +101,8 @@ def run_cli(prog: str, fn: Callable[[], Any]) -> Any:
     except ToolkitError as err:
         code, text = err.exit_code, str(err)
     except KeyboardInterrupt:
-        code, text = 130, "interrupted (Ctrl-C); files already written are complete, the one in progress was not written"
+        code, text = 130, ("interrupted (Ctrl-C); files already written are complete, the one in progress was not "
+                           "written")
     except OSError as err:
         code, text = 1, _os_error_message(err)
     except (MemoryError, RuntimeError) as err:

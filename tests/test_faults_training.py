@@ -1,8 +1,9 @@
-"""What goes wrong around a training run, each answered by one message that names the option or file and the fix (exit
-2 for what the user gave: options, paths, data, checkpoint files; 1 when the work fails; never a traceback), with nothing already written lost or overwritten and no result
-silently wrong: numbers that are not finite or out of range, a folder holding files of another run or in use by one,
-a resume with other batches, a folder that cannot be written, a file deleted while training, temporaries of a killed
-checkpoint write, a full disk, a --data_dir that is a file and a damaged --resume."""
+"""What goes wrong around a training run, each answered by one message that names the option or file and the fix
+(exit 2 for what the user gave: options, paths, data, checkpoint files; 1 when the work fails; never a traceback),
+with nothing already written lost or overwritten and no result silently wrong: numbers that are not finite or out
+of range, a folder holding files of another run or in use by one, a resume with other batches, a folder that cannot
+be written, a file deleted while training, temporaries of a killed checkpoint write, a full disk, a --data_dir that
+is a file and a damaged --resume."""
 import errno
 import os
 import shutil
@@ -296,7 +297,8 @@ def test_a_full_disk_while_writing_last_keeps_the_previous_one_and_says_so(data,
 
 def test_a_data_dir_that_is_a_file_and_a_damaged_resume_are_named(data, tmp_path, capsys):
     """--data_dir naming a file: exit 2, "is not a folder". --resume of a truncated last.pth or of a file of
-    garbage: exit 2 (a checkpoint file the user gave), one line naming it as not a readable checkpoint; the folder is left as it was."""
+    garbage: exit 2 (a checkpoint file the user gave), one line naming it as not a readable checkpoint; the folder is
+    left as it was."""
     (tmp_path / "data.txt").write_text("not a folder")
     code, errors, _ = run_main(tiny_argv(tmp_path / "data.txt", tmp_path / "r"), capsys)
     assert code == 2 and len(errors) == 1 and "--data_dir" in errors[0] and "is not a folder" in errors[0]

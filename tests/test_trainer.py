@@ -415,7 +415,8 @@ def test_a_format_1_training_state_is_refused_saying_its_weights_still_load(data
         trainer.main(["--data_dir", str(data), "--resume", str(tmp_path / "old"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "format 1, which this trainer.py no longer resumes; its weights still " \
-        "load for fine-tuning and prediction" in err and f"first_stage_ft.py --checkpoint {tmp_path / 'old' / 'last.pth'}" in err
+        "load for fine-tuning and prediction" in err
+    assert f"first_stage_ft.py --checkpoint {tmp_path / 'old' / 'last.pth'}" in err
     assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["last.pth"]
     result = trainer.train(tiny(data, tmp_path / "ft", "--checkpoint", tmp_path / "old" / "last.pth", "--epochs", 1,
                                 "--warmup_epochs", 0, script=first_stage_ft))
