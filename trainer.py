@@ -52,7 +52,7 @@ from dataloader import DataError, build_loaders, make_train_loader
 from ema import ModelEma
 from fast_path import enable_fast_path
 from GFL_Loss import LOSSES, build_loss
-from model import PRESETS, build_model, freeze_except, model_config, model_from_checkpoint, trainable_summary
+from model import MIN_SIZE, PRESETS, build_model, freeze_except, model_config, model_from_checkpoint, trainable_summary
 from utils import ConfigError
 
 log = logging.getLogger(__name__)
@@ -1124,7 +1124,7 @@ class Trainer:
         first_loader, self.val_loader = build_loaders(
             args.data_dir, batch_size=min(p.batch_size for p in phases), num_workers=args.num_workers,
             patch_size=phases[0].patch_size, val_per_type=args.val_per_type, seed=args.seed, cache=args.cache,
-            distributed=self.processes.distributed)
+            distributed=self.processes.distributed, min_size=MIN_SIZE)
         self.plan = PhasePlan(phases, first_loader, args=args, processes=self.processes)
         resumed = read_resume(args)
         self._phase = self.plan.phase_of(resumed["epoch"] if resumed is not None else 0)

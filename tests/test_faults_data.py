@@ -209,17 +209,20 @@ def test_a_validation_image_too_small_for_the_network_is_refused_before_work(tmp
     val_pair = stratified_split(find_pairs(root), val_per_type=2, seed=0)[1][0]
     _save(val_pair.degraded, _pattern(1, 4, 4))
     _save(val_pair.clean, _pattern(2, 4, 4))
-    message = _problems(build_loaders, root, batch_size=2, num_workers=0, patch_size=8, val_per_type=2, seed=0)
+    message = _problems(build_loaders, root, batch_size=2, num_workers=0, patch_size=8, val_per_type=2, seed=0,
+                        min_size=MIN_SIZE)
     assert f"{val_pair.degraded} is 4x4 (WxH): validation image smaller than {MIN_SIZE}x{MIN_SIZE}" in message
     assert "1 problem(s)" in message
     train_pair = next(p for p in find_pairs(root) if p != val_pair)
     _save(train_pair.degraded, _pattern(3, 6, 6))
     _save(train_pair.clean, _pattern(4, 6, 6))
-    message = _problems(build_loaders, root, batch_size=2, num_workers=0, patch_size=8, val_per_type=2, seed=0)
+    message = _problems(build_loaders, root, batch_size=2, num_workers=0, patch_size=8, val_per_type=2, seed=0,
+                        min_size=MIN_SIZE)
     assert "2 problem(s)" in message and f"{train_pair.degraded} is 6x6 (WxH): training image smaller than " \
         "--patch_size 8" in message
     with pytest.raises(DataError, match="validation image smaller"):
-        PairedDataset([val_pair], train=False)
+        PairedDataset([val_pair], train=False, min_size=MIN_SIZE)
+    assert PairedDataset([val_pair], train=False).sizes == [(4, 4)], "the data alone need no network's minimum"
 
 
 # ------------------------------------------------------------------------------------- 8. output folders replaced
@@ -306,7 +309,8 @@ def test_a_file_deleted_or_replaced_during_training_is_named(tmp_path, workers):
     _save(gone, _pattern(0, 12, 20))
     message = _problems(lambda: next(iter(train)))
     assert f"{gone} is now 20x12 (WxH), but" in message and "replaced" in message
-    del train
+    if workers:  # stop the workers now: left to the garbage collector, joining them after the failures takes 10 s
+        train._iterator._shutdown_workers()
 
 
 # --------------------------------------------------------------------------------------------- other broken files
