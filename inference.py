@@ -29,7 +29,6 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 from augment import VIEW_NAMES, dihedral, dihedral_inverse
-from dataloader import DataError, degradation_type, list_images, read_image_uint8
+from dataloader import DataError, degradation_type, list_images, read_image_uint8, threaded
 from fast_path import enable_fast_path
 from model import MIN_SIZE, PRESETS, model_config, model_from_checkpoint
 from scoring import evaluate, find_clean, format_table, write_csv
@@ -524,17 +523,6 @@ class InputSet(Mapping):
         return [*self.paths.values(), *self.partners.values()]
 
 
-def _decode_all(paths: Sequence[Path]) -> list[torch.Tensor | DataError]:
-    """``read_image_uint8`` of every path on a few threads (Pillow decodes without the GIL); failures returned."""
-    def decode(path: Path) -> torch.Tensor | DataError:
-        try:
-            return read_image_uint8(path)
-        except DataError as err:
-            return err
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return list(pool.map(decode, paths))
-
-
 def scan_inputs(folder: str | os.PathLike, gt_folder: str | os.PathLike | None = None) -> InputSet:
     """Find, decode and check every image of ``folder`` (and with ``gt_folder`` its clean partner) once, before any
     work.
@@ -555,7 +543,7 @@ def scan_inputs(folder: str | os.PathLike, gt_folder: str | os.PathLike | None =
                             ".../degraded)")
         partners = find_clean(list(paths), gt_folder)
     files = [*paths.values(), *partners.values()]
-    decoded = dict(zip(files, _decode_all(files)))
+    decoded = dict(zip(files, threaded(read_image_uint8, files)))
     problems = [f"  {result}" for result in decoded.values() if isinstance(result, DataError)]
     for name, clean in partners.items():
         lq, gt = decoded[paths[name]], decoded[clean]
