@@ -29,7 +29,6 @@ which is what Pillow itself does for 16-bit RGB PNGs), so the same file gives th
 The data need no network: the smallest whole image a network takes is given as ``min_size`` (``model.MIN_SIZE``).
 """
 import copy
-import functools
 import logging
 import math
 import os
@@ -77,25 +76,35 @@ _ORIENTATIONS = {
     8: lambda a: np.rot90(a, 1),  # shown rotated 90 degrees counter-clockwise
 }
 _EXIF_ORIENTATION = 0x0112
-_WORKER_ERROR = re.compile(r"^(?:[\w.]+\.)?DataError: ", re.MULTILINE)
+_WORKER_ERROR = re.compile(r"^(?:[\w.]+\.)?Data(?:Changed)?Error: ", re.MULTILINE)
 
 
 class DataError(ToolkitError, ValueError):
-    """A problem with the data on disk; the message names the files and what to do.
+    """A problem with the data on disk, found before any work (exit 2: what the user gave is wrong); the message
+    names the files and what to do.
 
     Args:
         message (str): the problem and its fix.
     """
 
+    exit_code = 2
+
     def __init__(self, message: str = ""):
         # A DataLoader worker's exception is raised again in the main process as this type, built from the worker's
         # whole traceback ("Caught DataError in DataLoader worker process 0. Original Traceback ..."): keep only the
         # message, which is what a user needs.
-        if message.startswith("Caught DataError") and "Traceback" in message:
+        if message.startswith("Caught Data") and "Traceback" in message:
             found = list(_WORKER_ERROR.finditer(message))
             if found:
                 message = message[found[-1].end():].rstrip("\n")
         super().__init__(message)
+
+
+class DataChangedError(DataError):
+    """A file that vanished or changed after the data were checked, met while the work runs (exit 1: the work
+    failed)."""
+
+    exit_code = 1
 
 
 @dataclass(frozen=True)
@@ -121,19 +130,6 @@ def natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"([0-9]+)", name)]
 
 
-def _file_system_errors(fn: Callable) -> Callable:
-    """Turn a file-system failure inside ``fn`` (a folder or file that cannot be accessed) into a DataError."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except DataError:
-            raise
-        except OSError as err:
-            raise DataError(_access_problem(Path(err.filename or "?"), err)) from err
-    return wrapper
-
-
 def _access_problem(path: Path, err: OSError, action: str = "read") -> str:
     """What is wrong when ``path`` cannot be read or listed, and the fix."""
     if isinstance(err, PermissionError):
@@ -154,7 +150,6 @@ def _hidden(path: Path) -> bool:
     return path.name.startswith(".")
 
 
-@_file_system_errors
 def list_images(folder: str | Path) -> list[Path]:
     """The image files in ``folder``, natural-sorted, hidden files skipped.
 
@@ -296,7 +291,6 @@ def _folder_of_sets(root: Path) -> list[Pair]:
     return [pair for d, halves in sets for pair in _set_pairs(d, halves, set_kind=d.name, prefix=f"{d.name}/")]
 
 
-@_file_system_errors
 def find_pairs(root: str | Path) -> list[Pair]:
     """All (degraded, clean) pairs under ``root`` in one of the layouts of the module docstring.
 
@@ -461,7 +455,6 @@ def _missing_partner(pair: Pair, others: dict[Path, dict[str, list[str]]]) -> st
     return text
 
 
-@_file_system_errors
 def check_pairs(pairs: Sequence[Pair], *, decode: bool = True) -> list[tuple[int, int]]:
     """Check every pair before any training starts and return the (H, W) of each, as shown (EXIF orientation
     applied).
@@ -601,13 +594,16 @@ class PairedDataset(Dataset):
         if self.cache is not None:
             return self.cache[index]
         pair = self.pairs[index]
-        lq, gt = read_image_uint8(pair.degraded), read_image_uint8(pair.clean)
+        try:
+            lq, gt = read_image_uint8(pair.degraded), read_image_uint8(pair.clean)
+        except DataError as err:  # every file was read when the data were checked
+            raise DataChangedError(str(err)) from None
         (h, w) = self.sizes[index]
         for path, image in ((pair.degraded, lq), (pair.clean, gt)):
             if tuple(image.shape[-2:]) != (h, w):
-                raise DataError(f"{path} is now {image.shape[-1]}x{image.shape[-2]} (WxH), but {pair.degraded} was "
-                                f"{w}x{h} when the data were checked: a file was replaced since; put the original "
-                                "back (then continue the run with --resume), or start again")
+                raise DataChangedError(f"{path} is now {image.shape[-1]}x{image.shape[-2]} (WxH), but {pair.degraded} "
+                                       f"was {w}x{h} when the data were checked: a file was replaced since; put the "
+                                       "original back (then continue the run with --resume), or start again")
         return lq, gt
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict:
