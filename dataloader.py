@@ -548,10 +548,12 @@ class PairedDataset(Dataset):
         cache (bool): decode every image once, up front, and keep it in memory as uint8 (3 bytes per pixel per
             image, about 1.3 GB for 3,200 pairs of 256x256). Default: False.
         min_size (int): the smallest side of a whole image the network takes (``model.MIN_SIZE``). Default: 1.
+        sizes (Sequence[tuple[int, int]] | None): the (H, W) of each pair as ``check_pairs`` returned them, so that
+            no header is read again; None reads them. Default: None.
     """
 
     def __init__(self, pairs: Sequence[Pair], *, train: bool = True, patch_size: int | None = None,
-                 cache: bool = False, min_size: int = 1):
+                 cache: bool = False, min_size: int = 1, sizes: Sequence[tuple[int, int]] | None = None):
         _check_patch_size(patch_size)
         self.pairs, self.train, self.patch_size, self.min_size = list(pairs), train, patch_size, min_size
         self.cache = None
@@ -561,7 +563,8 @@ class PairedDataset(Dataset):
             self.cache = list(zip(results[0::2], results[1::2]))
             self.sizes = [tuple(lq.shape[-2:]) for lq, _ in self.cache]
         else:
-            self.sizes = [_image_size(p.degraded, decode=False) for p in self.pairs]
+            self.sizes = list(sizes) if sizes is not None else [_image_size(p.degraded, decode=False)
+                                                                 for p in self.pairs]
         self._check_sizes()
 
     def with_patch_size(self, patch_size: int | None) -> "PairedDataset":
@@ -727,12 +730,14 @@ def build_loaders(data_dir: str | Path, *, batch_size: int, num_workers: int, pa
         raise DataError(f"{per_process} training pairs per process is fewer than --batch_size {batch_size} ("
                         f"{len(pairs)} pairs found, {len(val_pairs)} kept for validation, {world} process(es)): "
                         "lower --batch_size, or --val_per_type (0 trains on every pair)")
-    train_set = PairedDataset(train_pairs, train=True, patch_size=patch_size, cache=cache, min_size=min_size)
+    train_set = PairedDataset(train_pairs, train=True, patch_size=patch_size, cache=cache, min_size=min_size,
+                              sizes=[size_of[p] for p in train_pairs])
     train_loader = make_train_loader(train_set, batch_size=batch_size, num_workers=num_workers, seed=seed,
                                      world=world, rank=rank)
     if not val_pairs:
         return train_loader, None
-    val_set = PairedDataset(val_pairs, train=False, cache=cache, min_size=min_size)
+    val_set = PairedDataset(val_pairs, train=False, cache=cache, min_size=min_size,
+                            sizes=[size_of[p] for p in val_pairs])
     val_batch = batch_size if len(set(val_set.sizes)) == 1 else 1
     # its own generator too: a loader without one draws its workers' base seed from the global RNG, which the
     # augmentation policy uses, so validating would change the training that follows (and differ with workers)
