@@ -465,22 +465,22 @@ def two_checkpoints(tmp_path):
 
 
 def test_ensemble_is_the_mean_of_its_models_outputs(tmp_path, two_checkpoints):
-    """Two checkpoints restore every image as the mean of their single float outputs (8 views each, before
-    rounding) to 1e-6, through restore_folder with both models, or with an Ensemble that holds both models or loads
-    one at a time."""
+    """Two checkpoints restore every image as the mean of their single float outputs (over the test-time views of
+    each, here the 2 of --tta 2, before rounding) to 1e-6, through restore_folder with both models, or with an
+    Ensemble that holds both models or loads one at a time."""
     folder = tmp_path / "small"
     folder.mkdir()
     for i, name in enumerate(["0.png", "1.png"]):
         _save_png(folder / name, _random_image(16 + 5 * i, 24, seed=50 + i))
     singles = [inference.load_model(path) for path in two_checkpoints]
     scanned = inference.scan_inputs(folder)
-    outputs = [{name: inference.restore(model, scanned.image(name)) for name in scanned} for model in singles]
+    outputs = [{name: inference.restore(model, scanned.image(name), tta=2) for name in scanned} for model in singles]
     assert (outputs[0]["0.png"] - outputs[1]["0.png"]).abs().max() > 1e-3, "the models must differ"
     mean = {name: (outputs[0][name] + outputs[1][name]) / 2 for name in scanned}
     for together in (None, True, False):
         ensemble = singles if together is None else inference.Ensemble(two_checkpoints, inference.load_model,
                                                                        together=together)
-        restored = dict(inference.restore_folder(ensemble, scanned, progress=False))
+        restored = dict(inference.restore_folder(ensemble, scanned, progress=False, tta=2))
         assert list(restored) == list(scanned)
         for name, out in restored.items():
             assert out.dtype == torch.float32 and torch.allclose(out, mean[name], rtol=0, atol=1e-6), (together, name)
