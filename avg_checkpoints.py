@@ -16,31 +16,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from model import build_model, checkpoint_weights, load_weights, model_config
+from run import SNAPSHOT_DIR, run_snapshots
 from utils import ConfigError, listing, load_checkpoint, run_cli, save_checkpoint, setup_logging
 
 log = logging.getLogger(__name__)
-SNAPSHOT_DIR = "snapshots"
-SNAPSHOT_NAME = re.compile(r"^epoch_(?P<epoch>[0-9]+)\.pth$")
 FORMAT_VERSION = 1
-
-
-def snapshot_name(epoch: int) -> str:
-    """The file name of the snapshot of epoch ``epoch`` (``trainer.py --keep_last``): ``epoch_0012.pth``."""
-    return f"epoch_{epoch:04d}.pth"
-
-
-def run_snapshots(run_dir: str | os.PathLike) -> list[Path]:
-    """The weight snapshots ``trainer.py --keep_last`` wrote in a run folder, oldest first."""
-    folder = Path(run_dir) / SNAPSHOT_DIR
-    found = [p for p in folder.glob("epoch_*.pth") if SNAPSHOT_NAME.match(p.name)] if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(SNAPSHOT_NAME.match(p.name)["epoch"]))
 
 
 def average_checkpoints(paths: Sequence[str | os.PathLike], *, use_ema: bool = True,

@@ -16,28 +16,19 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import errno
 import itertools
-import json
 import logging
 import math
-import os
 import re
 import signal
 import sys
-import threading
 import time
 import warnings
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import ClassVar
-
-try:
-    import fcntl
-except ImportError:  # Windows: no lock on the run folder
-    fcntl = None
 
 import torch
 import torch.distributed as dist
@@ -45,9 +36,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import scoring
+import run
 import utils
 from augment import DEFAULT_ALPHAS, DEFAULT_RATES, STRONG_AUGMENTATIONS, AugmentPolicy
-from avg_checkpoints import SNAPSHOT_DIR, SNAPSHOT_NAME, run_snapshots, snapshot_name
 from dataloader import DataError, build_loaders, make_train_loader
 from ema import ModelEma
 from fast_path import enable_fast_path
@@ -64,14 +55,9 @@ TRAINING_STATE = ("model", "optimizer", "epoch", "step", "rng")
 MIN_LR = 1e-6  # where the cosine ends
 TRAIN_DEFAULTS = {"lr": 2e-4, "epochs": 250, "warmup_epochs": 10, "loss": "gfl", "augment": "strong",
                   "save_dir": "checkpoints"}
-# What a run writes into its folder (a folder holding any of them holds a run); the files written whole, through
-# utils.atomic_write, whose temporaries a killed write leaves behind, come first.
-WRITTEN_WHOLE = ("args.json", "last.pth", "best.pth")
-RUN_FILES = (*WRITTEN_WHOLE, utils.LOG_NAME, SNAPSHOT_DIR)
-LOCK_NAME = ".lock"
 
 
-class TrainingError(utils.ToolkitError, RuntimeError):
+class TrainingError(utils.WorkError, RuntimeError):
     """Training cannot go on (for example, every step has a non-finite loss)."""
 
 
@@ -131,22 +117,22 @@ def build_parser(defaults=None, *, fine_tune=False, description=None):
     opt.add_argument("--max_bad_steps", type=int, default=20,
                      help="stop after this many steps in a row with a non-finite loss or gradient (default 20)")
     utils.add_precision_args(opt, training=True)
-    run = p.add_argument_group("run")
-    run.add_argument("--save_dir", default=None,
+    folder = p.add_argument_group("run")
+    folder.add_argument("--save_dir", default=None,
                      help=f"run folder (default: the --resume folder, else {d['save_dir']})")
-    run.add_argument("--resume", default=None,
+    folder.add_argument("--resume", default=None,
                      help="continue from a checkpoint, or a run folder (its last.pth), with the options it was "
                           "started with; options given on this command line override them (e.g. a larger --epochs)")
-    run.add_argument("--preset", choices=sorted(PRESETS), default=None,
+    folder.add_argument("--preset", choices=sorted(PRESETS), default=None,
                      help="model size (default official; with --resume or --checkpoint the checkpoint's own "
                           "config is used, and a --preset given must match it)")
-    run.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
-    run.add_argument("--val_interval", type=int, default=1, help="validate every this many epochs (default 1)")
-    run.add_argument("--keep_last", type=int, default=0, metavar="K",
+    folder.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
+    folder.add_argument("--val_interval", type=int, default=1, help="validate every this many epochs (default 1)")
+    folder.add_argument("--keep_last", type=int, default=0, metavar="K",
                      help="after every epoch write the weights (and EMA) to snapshots/epoch_N.pth and keep the "
                           "newest K, for avg_checkpoints.py (default 0: none)")
-    run.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
-    run.add_argument("--trust_checkpoint", action="store_true",
+    folder.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    folder.add_argument("--trust_checkpoint", action="store_true",
                      help="allow checkpoints that need pickle to load (only for files you trust)")
     speed = p.add_argument_group("speed")
     speed.add_argument("--plain", action="store_true",
@@ -203,10 +189,10 @@ def parse_args(parser, argv=None):
         argparse.Namespace: the options of the run.
     """
     args = parser.parse_args(argv)
-    if not args.resume or not _run_file(args.resume).is_file():  # a missing file is reported by check_args
+    if not args.resume or not run.checkpoint_file(args.resume, prefer=run.LAST, option="--resume").is_file():
         return args
     # mapped, not read: only the options are wanted here (the Trainer reads the whole file once)
-    checkpoint = utils.load_checkpoint(_run_file(args.resume), trusted=args.trust_checkpoint, mmap=True)
+    checkpoint = utils.load_checkpoint(run.checkpoint_file(args.resume, prefer=run.LAST, option="--resume"), trusted=args.trust_checkpoint, mmap=True)
     saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
     if not isinstance(saved, dict):
         return args
@@ -217,12 +203,6 @@ def parse_args(parser, argv=None):
         defaults.update(precision=name, fp16=name == "fp16", bf16=name == "bf16")
     parser.set_defaults(**defaults)
     return parser.parse_args(argv)
-
-
-def _run_file(path):
-    """A checkpoint path, or a run folder standing for its last.pth."""
-    path = Path(path)
-    return path / "last.pth" if path.is_dir() else path
 
 
 def check_args(args):
@@ -244,20 +224,14 @@ def check_args(args):
     if not Path(args.data_dir).is_dir():
         raise ConfigError(f"--data_dir {args.data_dir} is not a folder: point it at the dataset root")
     if args.resume:
-        args.resume = str(_run_file(args.resume))
-        if not Path(args.resume).is_file():
-            best = Path(args.resume).parent / "best.pth"
-            hint = f" (--resume {best} continues from its best epoch)" if best.is_file() else ""
-            raise ConfigError(f"--resume {args.resume} does not exist: give a checkpoint or a run folder with "
-                              f"last.pth{hint}")
+        args.resume = str(run.checkpoint_file(args.resume, prefer=run.LAST, option="--resume"))
     if args.fine_tune and not args.resume:
         if not args.checkpoint:
             raise ConfigError("fine-tuning starts from weights: pass --checkpoint PATH (or --resume to continue a "
                               "fine-tuning run)")
-        if not Path(args.checkpoint).is_file():
-            raise ConfigError(f"--checkpoint {args.checkpoint} does not exist")
+        args.checkpoint = str(run.checkpoint_file(args.checkpoint, prefer=run.BEST, option="--checkpoint"))
     args.save_dir = str(args.save_dir or (Path(args.resume).parent if args.resume else args.default_save_dir))
-    check_run_folder(args)
+    run.check_run_folder(args.save_dir, resume=args.resume)
     device = utils.resolve_device(args.device)
     utils.resolve_precision(args, device, training=True)
     if args.plain and (args.compile or args.recompute):
@@ -291,32 +265,6 @@ def _check_numbers(args):
         raise ConfigError(f"--grad_clip must be at least 0 (0: no clipping), got {args.grad_clip}")
     if args.ema is not None and not 0 < args.ema < 1:
         raise ConfigError(f"--ema is a decay between 0 and 1 (e.g. 0.999), got {args.ema}")
-
-
-def check_run_folder(args):
-    """Refuse a --save_dir that holds files of another run (a run continues only in its own folder, with --resume),
-    or that cannot be written."""
-    folder = Path(args.save_dir)
-    resuming_here = bool(args.resume) and Path(args.resume).parent.resolve() == folder.resolve()
-    found = [] if resuming_here or not folder.is_dir() else sorted(p.name for p in folder.iterdir()
-                                                                  if p.name in RUN_FILES)
-    if found:
-        if (folder / "last.pth").is_file():
-            how = f"continue it with --resume {folder}"
-        elif (folder / "best.pth").is_file():
-            how = f"its last.pth is gone: continue from its best epoch with --resume {folder / 'best.pth'}"
-        else:
-            how = "remove them if that run is of no use"
-        raise ConfigError(f"{folder} already holds a run ({utils.listing(found)}): {how}, or choose another "
-                          "--save_dir")
-    existing = folder.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"--save_dir {folder}: {existing} is a file, not a folder: choose another --save_dir")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--save_dir {folder}: {existing} cannot be written (permission denied): choose another "
-                          "--save_dir, or change the folder's permissions")
 
 
 # ----------------------------------------------------------------------------------------- phases and snapshots
@@ -400,33 +348,6 @@ def check_schedule_args(args):
     training_phases(args)
 
 
-def write_snapshot(run_dir, state, *, keep):
-    """Write the weights of the epoch ``state`` has just finished to ``run_dir/snapshots/epoch_N.pth`` (atomically;
-    ``avg_checkpoints.py`` averages them) and delete the snapshots beyond the newest ``keep``, and those of later
-    epochs (left by a run that continued from an earlier checkpoint). Only files named as snapshots are touched.
-
-    Args:
-        run_dir (Path): the run folder.
-        state (TrainingState): the run's state at the end of an epoch.
-        keep (int): how many snapshots to keep, at least 1.
-
-    Returns:
-        Path: the snapshot written.
-    """
-    path = Path(run_dir) / SNAPSHOT_DIR / snapshot_name(state.epoch)
-    try:
-        utils.save_checkpoint(path, {"format_version": FORMAT_VERSION, "model": state.model.state_dict(),
-                                     "ema": state.ema.module.state_dict() if state.ema else None,
-                                     "model_config": state.model_config, "epoch": state.epoch})
-    except OSError as err:
-        raise TrainingError(_unwritten(path, err, run_dir)) from err
-    snapshots = run_snapshots(run_dir)  # oldest first
-    current = [p for p in snapshots if int(SNAPSHOT_NAME.match(p.name)["epoch"]) <= state.epoch]
-    for old in set(snapshots) - set(current[-keep:]):
-        old.unlink(missing_ok=True)
-    return path
-
-
 class PhasePlan:
     """The phases of a run with their training loaders, and the optimizer updates of every epoch: what the schedule
     and a resume count in.
@@ -437,7 +358,7 @@ class PhasePlan:
             its sizes, and the others get loaders of their own, each checked now (crops larger than an image, a
             micro-batch larger than a process's share of the data).
         args (argparse.Namespace): the run's options (--accum_steps, --progressive, --num_workers, --seed).
-        processes (Processes): the processes training together.
+        processes (run.Processes): the processes training together.
     """
 
     def __init__(self, phases, first, *, args, processes):
@@ -508,94 +429,6 @@ class PhasePlan:
         return (f"{phase.batch_size} images x {accum} accumulation steps x {self.world} process(es) = "
                 f"{phase.batch_size * accum * self.world} per update; {math.ceil(batches / self.accum_steps)} updates "
                 "per epoch")
-
-
-# ---------------------------------------------------------------------------------------------------- processes
-@dataclass(frozen=True)
-class Processes:
-    """The processes that train together and this one's place among them.
-
-    Args:
-        device (torch.device): this process's device.
-        rank (int): this process's number, 0 for the primary one (it writes the run folder and reports).
-        world (int): how many processes train.
-        distributed (bool): started by torchrun: gradients and results are combined through torch.distributed.
-    """
-    device: torch.device
-    rank: int = 0
-    world: int = 1
-    distributed: bool = False
-
-
-@contextmanager
-def process_group(device):
-    """The processes of a run. Under torchrun (RANK and WORLD_SIZE set) this starts torch.distributed (NCCL on
-    CUDA, each process on GPU LOCAL_RANK; gloo on the CPU) and ends it on leaving, however the run ends; only the
-    primary process reports progress. Otherwise a single process on ``device``.
-
-    Args:
-        device (str | None): the --device option (see ``utils.resolve_device``).
-
-    Yields:
-        Processes
-    """
-    device = utils.resolve_device(device)
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        yield Processes(device)
-        return
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    console, level = logging.getLogger(), logging.getLogger().level
-    try:
-        rank = dist.get_rank()
-        if rank:
-            console.setLevel(logging.WARNING)
-        yield Processes(device, rank, dist.get_world_size(), distributed=True)
-    finally:
-        console.setLevel(level)
-        dist.destroy_process_group()
-
-
-class StopRequest:
-    """Turns SIGINT and SIGTERM into a request to stop after the current optimizer update (a second signal stops
-    at once, without saving). Installs its handlers only in the main thread; data loader workers forked from it
-    ignore the signals, so a Ctrl-C in the terminal leaves them serving the update in flight.
-
-    A repeat within ``REPEAT_S`` seconds of the first signal is the same request, not a second one: torchrun forwards
-    the signal it receives to every worker, so a Ctrl-C or a scheduler's SIGTERM to the process group reaches each
-    worker twice within milliseconds, and must still save last.pth.
-    """
-
-    REPEAT_S = 1.0
-
-    def __init__(self):
-        self.signum = None  # the signal that asked this process to stop
-        self._previous = {}
-        self._pid = os.getpid()
-        self._first = None  # time.monotonic() of the first signal
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if os.getpid() != self._pid:
-            return
-        if self.signum is not None:
-            if time.monotonic() - self._first < self.REPEAT_S:
-                return
-            raise KeyboardInterrupt
-        self.signum, self._first = signum, time.monotonic()
-        log.info(f"{signal.Signals(signum).name}: stopping after this optimizer update and writing last.pth "
-                 "(send it again to quit at once, without saving)")
 
 
 # -------------------------------------------------------------------------------------------- the update
@@ -832,6 +665,12 @@ class TrainingState:
                 "rng": rng if rng is not None else [utils.get_rng_state()],
                 "loader_generator": self.loader_generator.get_state() if self.loader_generator is not None else None}
 
+    def weights(self):
+        """The weights alone (and the EMA's), for a snapshot: a plain weights checkpoint."""
+        return {"format_version": FORMAT_VERSION, "model": self.model.state_dict(),
+                "ema": self.ema.module.state_dict() if self.ema else None, "model_config": self.model_config,
+                "epoch": self.epoch}
+
     def count(self, result):
         """Add an optimizer update (an ``UpdateResult``) to the step, the epoch's sums and the run of bad steps."""
         sums = self.epoch_sums
@@ -948,55 +787,6 @@ def wrap_ddp(model, device):
     return DistributedDataParallel(model, device_ids=[device.index] if device.index is not None else None)
 
 
-@contextmanager
-def run_folder_lock(folder):
-    """Hold ``folder/.lock`` while a run writes into ``folder``: a second run there is refused for as long as this
-    one lasts. The lock is a POSIX record lock (``fcntl.lockf``): it belongs to this process alone (the data loader
-    workers forked from it do not hold it) and ends with the process however that ends, a SIGKILL included, so
-    nothing has to clean it up.
-
-    Raises:
-        ConfigError: another process holds it (the message gives its process id).
-    """
-    with open(Path(folder) / LOCK_NAME, "a+") as file:
-        if fcntl is not None:
-            try:
-                fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as err:
-                if err.errno not in (errno.EACCES, errno.EAGAIN):
-                    raise
-                file.seek(0)
-                holder = file.read().strip() or "unknown"
-                raise ConfigError(f"{folder} is in use by another training run (process {holder}): wait for it to "
-                                  "end, or choose another --save_dir") from None
-        file.truncate(0)
-        file.write(f"{os.getpid()}\n")
-        file.flush()
-        yield
-
-
-@contextmanager
-def open_run_folder(args, *, epoch):
-    """The run folder, taken for this run under its lock: checked again (another run may have started there since
-    check_args), cleared of the temporaries of writes a killed run left, args.json written, and log.jsonl cut after
-    ``epoch`` on a resume.
-
-    Yields:
-        utils.RunLog: the run's per-epoch log.
-    """
-    folder = Path(args.save_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    with run_folder_lock(folder):
-        check_run_folder(args)
-        utils.remove_stale_temporaries(folder, WRITTEN_WHOLE)
-        utils.remove_stale_temporaries(folder / SNAPSHOT_DIR, [snapshot_name(e) for e in range(1, args.epochs + 1)])
-        utils.atomic_write(folder / "args.json", lambda f: f.write((json.dumps(vars(args), indent=2) + "\n").encode()))
-        run_log = utils.RunLog(folder)
-        if args.resume and run_log.path.is_file():
-            run_log.truncate_after(epoch)
-        yield run_log
-
-
 # How the epoch in progress is cut into updates. A resume inside an epoch needs all of it again, or the rest of the
 # epoch would skip or repeat images; at an epoch's end, the update the next epoch starts at (the schedule's count).
 EPOCH_LAYOUT = {"batch_size": "--batch_size", "accum_steps": "--accum_steps", "processes": "processes",
@@ -1048,13 +838,6 @@ def sum_over_processes(sums, processes):
     return replace(sums, **dict(zip(EpochSums.SUMMED, totals.tolist())))
 
 
-def _unwritten(path, err, run_dir):
-    """The message for a checkpoint that could not be written (``utils.atomic_write`` left the old one in place)."""
-    reason = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else err.strerror or str(err)
-    return (f"{path} could not be written ({reason}); the {path.name} that was there, if any, is unchanged: make "
-            f"room, then continue with --resume {run_dir}")
-
-
 @torch.no_grad()
 def validate(network, loader, loss_fn, *, epoch, processes):
     """Validation loss and the grader's PSNR (clamped, uint8-rounded), per degradation type and overall. Each process
@@ -1066,7 +849,7 @@ def validate(network, loader, loss_fn, *, epoch, processes):
         loader (DataLoader): validation batches with "lq", "gt" and "kind".
         loss_fn (Callable): the training loss, ``loss_fn(pred, gt, epoch)``.
         epoch (int): epochs finished (the loss is that of the last one).
-        processes (Processes): the processes validating together.
+        processes (run.Processes): the processes validating together.
 
     Returns:
         dict: val_loss, and unless the outputs were not finite val_psnr and val_psnr_<kind> per type.
@@ -1112,7 +895,7 @@ class Trainer:
     def __init__(self, args, processes=None):
         check_args(args)
         self.args, self.run_dir = args, Path(args.save_dir)
-        self.processes = processes or Processes(torch.device(args.device))
+        self.processes = processes or run.Processes(torch.device(args.device))
         self.device, self.is_primary = self.processes.device, self.processes.rank == 0
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")
@@ -1177,8 +960,9 @@ class Trainer:
             Result: the run folder, epochs and updates done, best validation PSNR, and the signal that stopped it.
         """
         last_epoch, state, stopped = min(until_epoch or self.args.epochs, self.args.epochs), self.state, False
-        folder = open_run_folder(self.args, epoch=state.epoch) if self.is_primary else nullcontext()
-        with folder as run_log, StopRequest() as stop:
+        folder = run.open_run_folder(self.args.save_dir, vars(self.args), resume=self.args.resume, epoch=state.epoch,
+                                     epochs=self.args.epochs) if self.is_primary else nullcontext()
+        with folder as run_log, run.StopRequest() as stop:
             self._describe_run()
             while state.epoch < last_epoch and not stopped:
                 stopped = self._train_epoch(stop)
@@ -1307,7 +1091,7 @@ class Trainer:
             state.best_psnr = record["val_psnr"]
         self._save({"last.pth"} | ({"best.pth"} if improved or self.val_loader is None else set()))
         if self.args.keep_last and self.is_primary:
-            write_snapshot(self.run_dir, state, keep=self.args.keep_last)
+            run.write_snapshot(self.run_dir, state.epoch, state.weights(), keep=self.args.keep_last)
         if run_log is not None:
             run_log.append(record)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float) and k != "time_s")
@@ -1331,10 +1115,7 @@ class Trainer:
         if self.is_primary:
             checkpoint = self.state.state_dict(rng=rng, epoch_layout=self.plan.layout(self.state.epoch))
             for path in sorted(self.run_dir / name for name in names):
-                try:
-                    utils.save_checkpoint(path, checkpoint)
-                except OSError as err:
-                    raise TrainingError(_unwritten(path, err, self.run_dir)) from err
+                run.save(path, checkpoint, run_dir=self.run_dir)
         if self.processes.distributed:
             dist.barrier()
 
@@ -1342,7 +1123,7 @@ class Trainer:
 def train(args, *, until_epoch=None):
     """Run the training the options describe (see ``Trainer``) in the processes torchrun started, or in this one
     alone, and return its ``Result``."""
-    with process_group(args.device) as processes:
+    with run.process_group(utils.resolve_device(args.device)) as processes:
         return Trainer(args, processes).fit(until_epoch=until_epoch)
 
 

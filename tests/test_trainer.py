@@ -17,6 +17,7 @@ import second_stage_ft
 import trainer
 import scoring
 import utils
+from run import StopRequest
 from augment import NUM_VIEWS, dihedral
 from conftest import ROOT
 from dataloader import find_pairs, read_image, stratified_split
@@ -318,7 +319,7 @@ def test_a_forwarded_repeat_of_the_signal_still_saves_but_a_later_second_one_qui
     is the same stop request; one that comes later (a user pressing Ctrl-C again) quits at once."""
     now = [100.0]
     monkeypatch.setattr(trainer.time, "monotonic", lambda: now[0])
-    with trainer.StopRequest() as stop:
+    with StopRequest() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.signum == signal.SIGINT
         now[0] += 0.05
