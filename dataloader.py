@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from augment import NUM_VIEWS, SHAPE_PRESERVING_VIEWS, dihedral
-from utils import ToolkitError, listing
+from utils import UserError, WorkError, listing
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +79,13 @@ _EXIF_ORIENTATION = 0x0112
 _WORKER_ERROR = re.compile(r"^(?:[\w.]+\.)?Data(?:Changed)?Error: ", re.MULTILINE)
 
 
-class DataError(ToolkitError, ValueError):
+class DataError(UserError, ValueError):
     """A problem with the data on disk, found before any work (exit 2: what the user gave is wrong); the message
     names the files and what to do.
 
     Args:
         message (str): the problem and its fix.
     """
-
-    exit_code = 2
 
     def __init__(self, message: str = ""):
         # A DataLoader worker's exception is raised again in the main process as this type, built from the worker's
@@ -100,7 +98,7 @@ class DataError(ToolkitError, ValueError):
         super().__init__(message)
 
 
-class DataChangedError(DataError):
+class DataChangedError(DataError, WorkError):
     """A file that vanished or changed after the data were checked, met while the work runs (exit 1: the work
     failed)."""
 

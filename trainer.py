@@ -39,7 +39,7 @@ import scoring
 import run
 import utils
 from augment import DEFAULT_ALPHAS, DEFAULT_RATES, STRONG_AUGMENTATIONS, AugmentPolicy
-from dataloader import DataError, build_loaders, make_train_loader
+from dataloader import DataChangedError, DataError, build_loaders, make_train_loader
 from ema import ModelEma
 from fast_path import enable_fast_path
 from GFL_Loss import LOSSES, build_loss
@@ -1063,10 +1063,10 @@ class Trainer:
         """The error that ends a run whose data loader met a file it cannot read, after saving the state of the
         last finished update as a stop does (one process; with several, the others cannot join the save)."""
         if self.processes.distributed:
-            return DataError(f"{err} (last.pth keeps the state of the last finished epoch)")
+            return DataChangedError(f"{err} (last.pth keeps the state of the last finished epoch)")
         self._save({"last.pth"})
-        return DataError(f"{err}. last.pth holds the run after update {self.state.step}: continue it with "
-                         f"--resume {self.run_dir} once the file is back")
+        return DataChangedError(f"{err}. last.pth holds the run after update {self.state.step}: continue it with "
+                                f"--resume {self.run_dir} once the file is back")
 
     def _end_epoch(self, run_log):
         """Validate when it is time; write last.pth (and best.pth when validation improved, or every epoch without

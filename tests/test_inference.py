@@ -436,9 +436,9 @@ def test_images_under_the_ssim_window_are_scored_without_ssim(tmp_path, checkpoi
 def test_checkpoint_folder_stands_for_its_best_pth(tmp_path, checkpoint, inputs, tiny, caplog, capsys):
     """--checkpoint RUN_FOLDER loads RUN_FOLDER/best.pth and says so; a folder without best.pth stops with an error
     naming it and what it holds, and suggesting best.pth or last.pth."""
-    with caplog.at_level(logging.INFO, logger="inference"):
+    with caplog.at_level(logging.INFO, logger="run"):
         model = inference.load_model(checkpoint.parent, plain=True)
-    assert f"checkpoint {checkpoint.parent} is a folder: using its best.pth" in caplog.text
+    assert f"--checkpoint {checkpoint.parent} is a run folder: using its best.pth" in caplog.text
     weight = "output.weight"
     assert torch.equal(model.state_dict()[weight], tiny.state_dict()[weight])
     run = tmp_path / "run"
