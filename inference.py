@@ -76,12 +76,6 @@ class RestoreOutOfMemoryError(WorkError, torch.cuda.OutOfMemoryError):
     """An image could not be restored even in the smallest tiles, one view at a time (exit code 1)."""
 
 
-def save_png(path: Path, image: np.ndarray) -> None:
-    """Write a uint8 image (3, H, W) as PNG, atomically: an interrupted write leaves no broken file."""
-    with naming(path):
-        atomic_write(path, lambda f: Image.fromarray(image.transpose(1, 2, 0)).save(f, format="PNG"))
-
-
 # ------------------------------------------------------------------------------------------------------------- model
 def _free_device_memory() -> None:
     gc.collect()
@@ -518,7 +512,13 @@ def predict_folder(models: nn.Module | Sequence[nn.Module] | Ensemble, inputs: I
     return preds
 
 
-# --------------------------------------------------------------------------------------------------- the npz file
+# ------------------------------------------------------------------------------------------------------ the outputs
+def save_png(path: Path, image: np.ndarray) -> None:
+    """Write a uint8 image (3, H, W) as PNG, atomically: an interrupted write leaves no broken file."""
+    with naming(path):
+        atomic_write(path, lambda f: Image.fromarray(image.transpose(1, 2, 0)).save(f, format="PNG"))
+
+
 def npz_path(path: str | os.PathLike) -> Path:
     """The file ``numpy.savez`` writes for ``path``: the name with ``.npz`` appended when it lacks it."""
     path = Path(path)
@@ -634,8 +634,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill derived options and reject inconsistent ones, and output paths that could not be written, before any
-    work; sets ``args.device`` (a torch.device) and ``args.autocast_dtype``.
+    """Fill derived options and reject inconsistent ones before any work; sets ``args.device`` (a torch.device),
+    ``args.autocast_dtype`` and ``args.checkpoint`` (the files, a run folder standing for its best.pth).
 
     Raises:
         ConfigError: naming the option and what to do.

@@ -52,16 +52,19 @@ def checkpoint(tmp_path, tiny):
     return path
 
 
-@pytest.fixture
-def inputs(tmp_path):
-    """Two RGB images (one of odd size), one RGBA and one grayscale, named like the homework's test set."""
-    folder = tmp_path / "degraded"
+def _write_inputs(folder):
     folder.mkdir()
     for i, (name, (h, w)) in enumerate(SIZES.items()):
         _save_png(folder / name, _random_image(h, w, i))
     _save_png(folder / "2.png", _random_image(33, 40, 2), "RGBA")
     _save_png(folder / "10.png", _random_image(32, 29, 3), "L")
     return folder
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    """Two RGB images (one of odd size), one RGBA and one grayscale, named like the homework's test set."""
+    return _write_inputs(tmp_path / "degraded")
 
 
 class SymmetricBlur(nn.Module):
@@ -452,13 +455,14 @@ def test_checkpoint_folder_stands_for_its_best_pth(tmp_path, checkpoint, inputs,
     assert str(run / "last.pth") in err and "does not exist" not in err
 
 
-@pytest.fixture
-def two_checkpoints(tmp_path):
-    """Two tiny models of different weights, saved as trainer.py saves them."""
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """Two tiny models of different weights, saved as trainer.py saves them (read only, shared by the module)."""
+    folder = tmp_path_factory.mktemp("two_checkpoints")
     paths = []
     for seed in (1, 2):
         torch.manual_seed(seed)
-        path = tmp_path / f"model{seed}.pth"
+        path = folder / f"model{seed}.pth"
         save_checkpoint(path, {"model": build_model("tiny").state_dict(), "model_config": {"preset": "tiny"}})
         paths.append(path)
     return paths
@@ -486,19 +490,26 @@ def test_ensemble_is_the_mean_of_its_models_outputs(tmp_path, two_checkpoints):
             assert out.dtype == torch.float32 and torch.allclose(out, mean[name], rtol=0, atol=1e-6), (together, name)
 
 
-@pytest.mark.parametrize("memory", ["plenty", "short", "one_at_a_time"])
-def test_cli_ensemble_holds_its_models_as_memory_allows_and_says_so(tmp_path, two_checkpoints, inputs, monkeypatch,
-                                                                     capsys, caplog, memory):
-    """--checkpoint a.pth b.pth writes the rounded mean of the two models and says so. With memory to spare both
-    models stay loaded; when the second model's weights would take more than a quarter of the free memory (or with
-    --ensemble_memory one_at_a_time) one model at a time is loaded, the first let go before the second loads, and
-    the result is the same."""
+@pytest.fixture(scope="module")
+def ensemble_case(tmp_path_factory, two_checkpoints):
+    """The inputs of the ensemble tests (read only) and the rounded mean of the two models' --tta 2 outputs."""
+    inputs = _write_inputs(tmp_path_factory.mktemp("ensemble") / "degraded")
     singles = [inference.load_model(path) for path in two_checkpoints]
     scanned = inference.scan_inputs(inputs)
     expected = {name: to_uint8((inference.restore(singles[0], scanned.image(name), tta=2) +
                                 inference.restore(singles[1], scanned.image(name), tta=2)) / 2).numpy()
                 for name in scanned}
-    del singles
+    return inputs, expected
+
+
+@pytest.mark.parametrize("memory", ["plenty", "short", "one_at_a_time"])
+def test_cli_ensemble_holds_its_models_as_memory_allows_and_says_so(tmp_path, two_checkpoints, ensemble_case,
+                                                                     monkeypatch, capsys, caplog, memory):
+    """--checkpoint a.pth b.pth writes the rounded mean of the two models and says so. With memory to spare both
+    models stay loaded; when the second model's weights would take more than a quarter of the free memory (or with
+    --ensemble_memory one_at_a_time) one model at a time is loaded, the first let go before the second loads, and
+    the result is the same."""
+    inputs, expected = ensemble_case
     size = inference.model_bytes(build_model("tiny"))
     monkeypatch.setattr(inference, "free_memory", lambda device: 100 * size if memory == "plenty" else 3 * size)
     alive, loaded_while = weakref.WeakSet(), []
