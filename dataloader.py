@@ -188,8 +188,8 @@ def _by_stem(folder: Path) -> tuple[dict[str, Path], list[str]]:
 
 
 def images_by_stem(folder: str | Path) -> dict[str, Path]:
-    """``{file stem: image}`` of the images in ``folder`` (as ``list_images`` finds them): the rule a folder of
-    clean images is read by, in training (``find_pairs``) and in scoring (``scoring.find_clean``).
+    """``{file stem: image}`` of the images in ``folder`` (as ``list_images`` finds them): the rule ``find_pairs``
+    reads each half of a set by, for ``scoring.find_clean``'s folder of clean images.
 
     Raises:
         DataError: as ``list_images``, or naming every stem that several files share (``rain-1.png`` beside
@@ -536,8 +536,8 @@ class PairedDataset(Dataset):
     learn from invented borders), and so is a whole image smaller than ``min_size``. The randomness of
     an item comes from a seed the sampler gives with its index (``dataset[(index, seed)]``, see ``SeededSampler``); a
     plain integer index draws a seed from torch's generator. For validation (``train=False``) items are whole images,
-    unchanged. A file that is deleted or replaced (another size) after the dataset was made raises a DataError naming
-    it when it is read, also from a DataLoader worker.
+    unchanged. A file that is deleted or replaced (another size) after the dataset was made raises a DataChangedError
+    naming it when it is read, also from a DataLoader worker.
 
     Args:
         pairs (Sequence[Pair]): pairs with their clean partners (checked with ``check_pairs``).
