@@ -261,14 +261,19 @@ CUBLAS = "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(hand
 CUDNN = "cuDNN error: CUDNN_STATUS_ALLOC_FAILED"
 
 
+@pytest.fixture(scope="module")
+def retried(tiny):
+    """An image and what the retries give for it: one view at a time (the plain --tta 2 result), and 16-pixel tiles."""
+    x = _random_image(24, 32, seed=9)
+    return x, inference.restore(tiny, x, tta=2), inference.restore(tiny, x, tta=2, tile=16, overlap=4)
+
+
 @pytest.mark.parametrize("message", [CUBLAS, CUDNN, "CUDA out of memory. Tried to allocate 2.00 GiB"])
-def test_allocation_failures_that_are_plain_runtime_errors_are_retried(tiny, monkeypatch, message):
+def test_allocation_failures_that_are_plain_runtime_errors_are_retried(tiny, retried, monkeypatch, message):
     """cuBLAS's and cuDNN's failed allocations are plain RuntimeErrors, not torch.cuda.OutOfMemoryError: they take
     the same retry (one view at a time, then tiles) and give the same results; another RuntimeError is not
     retried."""
-    x = _random_image(24, 32, seed=9)
-    expected_views = inference.restore(tiny, x, tta=2)
-    expected_tiled = inference.restore(tiny, x, tta=2, tile=16, overlap=4)
+    x, expected_views, expected_tiled = retried
     real = inference._run_model
 
     def fail_when(condition, text=message):
