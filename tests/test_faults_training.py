@@ -1,5 +1,5 @@
 """What goes wrong around a training run, each answered by one message that names the option or file and the fix (exit
-2 for options, 1 otherwise, never a traceback), with nothing already written lost or overwritten and no result
+2 for what the user gave: options, paths, data, checkpoint files; 1 when the work fails; never a traceback), with nothing already written lost or overwritten and no result
 silently wrong: numbers that are not finite or out of range, a folder holding files of another run or in use by one,
 a resume with other batches, a folder that cannot be written, a file deleted while training, temporaries of a killed
 checkpoint write, a full disk, a --data_dir that is a file and a damaged --resume."""
@@ -16,23 +16,9 @@ import pytest
 import torch
 
 import trainer
-from run import LOCK_NAME
 import utils
-from conftest import ROOT
-from test_trainer import assert_same_state, make_homework_set, tiny, weights
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """6 pairs per kind of 24x24 images: 1 per kind for validation, 10 for training (5 batches of 2)."""
-    return make_homework_set(tmp_path_factory.mktemp("data"), per_kind=6, size=24)
-
-
-def tiny_argv(data, run, *extra):
-    """The command line of test_trainer.tiny: a small, quick CPU run (3 updates per epoch); ``extra`` overrides."""
-    return ["--data_dir", data, "--save_dir", run, "--preset", "tiny", "--device", "cpu", "--num_workers", 0,
-            "--batch_size", 2, "--accum_steps", 2, "--epochs", 2, "--warmup_epochs", 1, "--patch_size", 16,
-            "--val_per_type", 1, "--lr", 1e-3, *extra]
+from conftest import ROOT, assert_same_state, make_homework_set, tiny, tiny_argv, weights
+from run import LOCK_NAME
 
 
 def run_main(argv, capsys):

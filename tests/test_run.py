@@ -3,7 +3,11 @@ import signal
 
 import pytest
 
+import avg_checkpoints
+import first_stage_ft
+import inference
 import run
+import trainer
 import utils
 
 
@@ -42,3 +46,31 @@ def test_stop_request_restores_the_handlers_it_found_and_leaves_an_ignored_signa
     finally:
         for sig, handler in found.items():
             signal.signal(sig, handler)
+
+
+def test_a_damaged_checkpoint_is_one_message_and_exit_2_from_every_script(data, trained, tmp_path, capsys):
+    """A truncated checkpoint given to trainer.py --resume, first_stage_ft.py --checkpoint, inference.py
+    --checkpoint and avg_checkpoints.py gives the same message (after the script's name) and exit 2 (a file the user
+    gave is wrong; nothing was done), and no output appears."""
+    damaged = tmp_path / "damaged.pth"
+    whole = (trained / "last.pth").read_bytes()
+    damaged.write_bytes(whole[: len(whole) // 2])
+    out = tmp_path / "out"
+    commands = [
+        (trainer.main, ["--data_dir", data, "--resume", damaged, "--save_dir", out, "--device", "cpu"]),
+        (first_stage_ft.main, ["--data_dir", data, "--checkpoint", damaged, "--save_dir", out, "--device", "cpu",
+                               "--preset", "tiny", "--num_workers", 0, "--val_per_type", 1, "--no_curves"]),
+        (inference.main, ["--checkpoint", damaged, "--input_folder", data / "train" / "degraded", "--output_npz",
+                          out / "pred.npz", "--device", "cpu"]),
+        (avg_checkpoints.main, [damaged, trained / "best.pth", "--out", out / "avg.pth"]),
+    ]
+    messages = set()
+    for main, argv in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(a) for a in argv])
+        lines = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+        assert exit_info.value.code == 2 and len(lines) == 1, (main.__module__, lines)
+        messages.add(lines[0].split(": error: ", 1)[1])
+        assert not out.exists() or not any(out.iterdir()), main.__module__
+    (message,) = messages
+    assert message.startswith(f"{damaged} is not a readable PyTorch checkpoint: it is damaged")
