@@ -6,9 +6,9 @@
 
 ``first_stage_ft.py`` and ``second_stage_ft.py`` run the same loop with their own defaults. The run folder
 (``--save_dir``) holds args.json, log.jsonl (one record per epoch), last.pth (after every epoch, and on Ctrl-C or
-SIGTERM), best.pth (best validation PSNR), the curves drawn at the end, and with ``--keep_last K`` the weights of the
-newest K epochs (snapshots/epoch_N.pth, for ``avg_checkpoints.py``). One run at a time writes into a folder (it holds
-``.lock`` while it runs); a folder holding files of a run takes no other run, only ``--resume``.
+SIGTERM), best.pth (best validation PSNR), the curves drawn at the end (not with --no_curves), and with --keep_last K
+the weights of the newest K epochs (snapshots/, for ``avg_checkpoints.py``); ``run.py`` owns its rules. One run at a
+time writes into a folder (it holds ``.lock``); a folder holding files of a run takes no other run, only ``--resume``.
 
     python trainer.py --data_dir datasets --epochs 250 --progressive 128:8:100 192:4:100 whole:2:50
 """
