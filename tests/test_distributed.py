@@ -12,6 +12,7 @@ import torch
 import trainer
 import utils
 from conftest import ROOT, make_homework_set
+from run import read_log
 from model import build_model
 
 # trainer.main under torchrun, on every rank, that announces its third optimizer update (on rank 0) and holds it
@@ -84,7 +85,7 @@ def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path):
     utils.seed_everything(42)  # the initial weights of both runs, to show that training moved them far
     initial = build_model("tiny").state_dict()
     assert max(float((a["model"][k] - initial[k]).abs().max()) for k in initial) > 1e-3
-    log_one, log_two = utils.read_log(tmp_path / "one"), utils.read_log(tmp_path / "two")
+    log_one, log_two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert [r["val_psnr"] for r in log_two] == pytest.approx([r["val_psnr"] for r in log_one], abs=1e-4)
 
 
@@ -132,5 +133,5 @@ def test_two_processes_stopped_by_a_signal_resume_to_the_uninterrupted_weights(t
     for key in b["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     # the interrupted epoch's record sums both processes' updates from before the stop and after the resume
-    losses = [[r["train_loss"] for r in utils.read_log(folder)] for folder in (run, tmp_path / "straight")]
+    losses = [[r["train_loss"] for r in read_log(folder)] for folder in (run, tmp_path / "straight")]
     assert losses[0] == losses[1] and len(losses[0]) == 1

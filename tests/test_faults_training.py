@@ -19,7 +19,7 @@ import torch
 import trainer
 import utils
 from conftest import ROOT, assert_same_state, make_homework_set, tiny, tiny_argv, weights
-from run import LOCK_NAME
+from run import LOCK_NAME, read_log
 
 
 def run_main(argv, capsys):
@@ -94,7 +94,7 @@ def test_weights_that_became_non_finite_are_never_written_as_best(data, tmp_path
     for name in ("best.pth", "last.pth"):
         saved = utils.load_checkpoint(run / name)
         assert saved["epoch"] == 1 and all(torch.isfinite(v).all() for v in saved["model"].values())
-    assert [r["epoch"] for r in utils.read_log(run)] == [1]
+    assert [r["epoch"] for r in read_log(run)] == [1]
 
 
 def test_validation_outputs_that_are_not_finite_give_no_psnr(data, tmp_path):
@@ -129,7 +129,7 @@ def test_a_folder_holding_any_file_of_a_run_is_refused_unless_resumed(data, tmp_
             trainer.check_args(tiny(data, other))
     result = trainer.train(trainer.parse_args(trainer.build_parser(),
                                               [str(a) for a in resume_argv(data, run / "best.pth", "--epochs", 3)]))
-    assert result.epoch == 3 and [r["epoch"] for r in utils.read_log(run)] == [1, 2, 3]
+    assert result.epoch == 3 and [r["epoch"] for r in read_log(run)] == [1, 2, 3]
 
 
 # -------------------------------------------------------------------------------- 3. a folder in use by a run

@@ -21,7 +21,7 @@ from conftest import make_homework_set  # noqa: F401  (test_speed_path imports i
 from dataloader import find_pairs, read_image, stratified_split
 from GFL_Loss import CharbonnierLoss
 from model import STAGE2_MODULES
-from run import StopRequest
+from run import StopRequest, read_log
 
 README_COMMANDS = [
     "python trainer.py --data_dir datasets --batch_size 2 --accum_steps 4 --epochs 250 --lr 2e-4 --fp16 --warmup 10  "
@@ -148,10 +148,10 @@ def test_two_epochs_then_resume_equals_four_straight(data, tmp_path):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert a["step"] == b["step"] == straight.step
     untimed = lambda run: [{k: v for k, v in r.items() if k not in ("time_s", "images_per_s")}  # noqa: E731
-                           for r in utils.read_log(run)]
+                           for r in read_log(run)]
     assert untimed(tmp_path / "a") == untimed(tmp_path / "b")
     assert straight.step == 4 * math.ceil(5 / 2)  # 5 batches per epoch, the last update from one batch
-    assert utils.read_log(tmp_path / "a")[-1]["lr"] == pytest.approx(trainer.MIN_LR)
+    assert read_log(tmp_path / "a")[-1]["lr"] == pytest.approx(trainer.MIN_LR)
 
 
 def test_resume_takes_the_options_recorded_in_the_checkpoint(tmp_path, trained):
@@ -322,7 +322,7 @@ def test_sigterm_mid_epoch_saves_a_resumable_last_checkpoint(data, tmp_path, mon
     assert resumed.step == straight.step == 12
     assert_same_state(weights(run / "last.pth"), weights(tmp_path / "straight" / "last.pth"))
     # the epoch's log record covers the whole epoch, the updates before the stop included
-    (a,), (b,) = utils.read_log(run), utils.read_log(tmp_path / "straight")
+    (a,), (b,) = read_log(run), read_log(tmp_path / "straight")
     assert (a["train_loss"], a["skipped_steps"]) == (b["train_loss"], b["skipped_steps"])
     assert a["time_s"] > 0 and a["images_per_s"] > 0
 
@@ -344,7 +344,7 @@ def test_non_finite_steps_are_skipped_and_a_run_of_them_stops_training(data, tmp
     row stop the run with TrainingError, leaving the last good last.pth untouched."""
     monkeypatch.setattr(trainer, "build_loss", lambda name, num_epochs=None: _NaNOn({1}))
     result = trainer.train(tiny(data, tmp_path / "skip"))
-    log = utils.read_log(tmp_path / "skip")
+    log = read_log(tmp_path / "skip")
     assert [r["skipped_steps"] for r in log] == [1, 0] and result.step == 6
     assert all(torch.isfinite(v).all() for v in weights(tmp_path / "skip" / "last.pth").values())
 
@@ -385,7 +385,7 @@ def test_resume_with_a_new_learning_rate_and_weight_decay_uses_them(data, tmp_pa
                              min_lr=trainer.MIN_LR)
     assert decay["lr"] == no_decay["lr"] == pytest.approx(expected)
     resumed.fit()
-    log = utils.read_log(tmp_path / "r")
+    log = read_log(tmp_path / "r")
     assert log[-1]["lr"] == pytest.approx(trainer.MIN_LR)  # the new cosine ends at the floor
     assert log[2]["lr"] > 2e-4  # epoch 3 runs on the new, larger peak
 
@@ -471,7 +471,7 @@ def test_without_validation_best_follows_last(data, tmp_path):
     args.no_curves = False  # the default: a run draws its curves at the end
     trainer.train(args)
     assert_same_state(weights(tmp_path / "r" / "best.pth"), weights(tmp_path / "r" / "last.pth"))
-    record = utils.read_log(tmp_path / "r")[0]
+    record = read_log(tmp_path / "r")[0]
     assert record["val_psnr"] is None and record["train_loss"] > 0
     assert (tmp_path / "r" / "args.json").is_file() and (tmp_path / "r" / "curves_loss.png").is_file()
 
@@ -482,7 +482,7 @@ def test_bf16_autocast_trains_on_the_cpu(data, tmp_path):
     saved = utils.load_checkpoint(tmp_path / "r" / "last.pth")
     assert saved["scaler"] is None and saved["args"]["bf16"]
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in saved["model"].values())
-    assert math.isfinite(utils.read_log(tmp_path / "r")[0]["train_loss"])
+    assert math.isfinite(read_log(tmp_path / "r")[0]["train_loss"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -553,7 +553,7 @@ def test_training_on_real_rain_beats_the_degraded_input(shared, tmp_path):
     result = trainer.train(args)
     _, val_pairs = stratified_split(find_pairs(root), val_per_type=3, seed=42)
     inputs = [scoring.psnr(read_image(p.degraded), read_image(p.clean)) for p in val_pairs]
-    record = utils.read_log(tmp_path / "r")[-1]
+    record = read_log(tmp_path / "r")[-1]
     assert result.step == 2 * (97 // 8)
     assert record["val_psnr"] > sum(inputs) / len(inputs) + 2.0, (record["val_psnr"], inputs)
 

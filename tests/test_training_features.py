@@ -11,6 +11,7 @@ import inference
 import trainer
 import utils
 from conftest import assert_same_state, make_homework_set, parse, tiny, weights
+from run import read_log
 from test_distributed import finish, start_two_ranks
 
 # 10 training pairs of 24x24: phase 1 has 2 batches of 5 8-px crops (1 update with --accum_steps 2), phase 2 5
@@ -34,7 +35,7 @@ def stop_after_update(t, n):
 
 
 def untimed_log(run):
-    return [{k: v for k, v in r.items() if k not in ("time_s", "images_per_s")} for r in utils.read_log(run)]
+    return [{k: v for k, v in r.items() if k not in ("time_s", "images_per_s")} for r in read_log(run)]
 
 
 def assert_same_run(a, b):
@@ -134,7 +135,7 @@ def test_progressive_phases_train_their_sizes_on_a_schedule_of_the_true_update_c
     assert lrs == [trainer.lr_at(s, **t.schedule) for s in range(12)]
     assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     assert lrs[4] == 1e-3 and all(a > b > trainer.MIN_LR for a, b in zip(lrs[4:], lrs[5:]))  # down to the end
-    log = utils.read_log(tmp_path / "r")
+    log = read_log(tmp_path / "r")
     assert [r["step"] for r in log] == [1, 4, 7, 12]
     assert [(r["patch_size"], r["batch_size"]) for r in log] == [(8, 5), (16, 2), (16, 2), (None, 1)]
     assert log[-1]["lr"] == pytest.approx(trainer.MIN_LR, rel=1e-12)
@@ -193,7 +194,7 @@ def test_progressive_phases_shard_the_data_over_two_processes(tmp_path):
     assert ("phase 2/2, epochs 2-2: whole images; effective batch: 1 images x 2 accumulation steps x 2 process(es) "
             "= 4 per update; 3 updates per epoch") in output
     assert utils.load_checkpoint(tmp_path / "run" / "last.pth")["step"] == 4
-    assert [(r["patch_size"], r["batch_size"]) for r in utils.read_log(tmp_path / "run")] == [(8, 2), (None, 1)]
+    assert [(r["patch_size"], r["batch_size"]) for r in read_log(tmp_path / "run")] == [(8, 2), (None, 1)]
 
 
 # ---------------------------------------------------------------------------------------------------- snapshots
@@ -224,7 +225,7 @@ def test_keep_last_leaves_the_newest_snapshots_that_load_and_average(data, tmp_p
             mean = (states[0]["ema"][key].double() + states[1]["ema"][key].double()) / 2
             assert torch.allclose(value.double(), mean, atol=1e-7), key
     assert averaged["model_config"] == {"preset": "tiny"}
-    assert [(r["patch_size"], r["batch_size"]) for r in utils.read_log(run)] == [(16, 2)] * 4
+    assert [(r["patch_size"], r["batch_size"]) for r in read_log(run)] == [(16, 2)] * 4
 
 
 def test_snapshots_without_an_ema_hold_the_plain_weights(data, tmp_path):
