@@ -463,10 +463,11 @@ class Bench:
     def machine_use(self, *, fast: bool, batch: int, size: int, train: bool, amp: torch.dtype | None, times: float,
                     ms: float) -> str:
         """What fraction of the two ceilings a row's step uses: the FLOPs and op-by-op bytes of ``times`` forwards
-        (and backwards when ``train``) of ``batch`` images of ``size`` pixels, counted, over ``ms``."""
-        flops, eager, _ = count_costs(fast=fast, batch=batch, size=size, train=train,
-                                      preset="tiny" if self.tiny else "official")
-        flops, nbytes = flops * times, eager * times / (1 if amp is None else 2)
+        (and backwards when ``train``) of ``batch`` images of ``size`` pixels over ``ms``, counted on one image on
+        the bench's device (both grow with the batch alone) and halved for bf16 and fp16."""
+        flops, eager, _ = count_costs(fast=fast, batch=1, size=size, train=train,
+                                      preset="tiny" if self.tiny else "official", device=self.device)
+        flops, nbytes = flops * batch * times, eager * batch * times / (1 if amp is None else 2)
         rate, bandwidth, whose = self.ceilings()
         seconds = ms / 1e3
         return (f"{flops / seconds / rate:.1%} of {whose} bf16 matrix rate, {nbytes / seconds / bandwidth:.1%} of its "
@@ -593,15 +594,17 @@ class ByteCounter(TorchDispatchMode):
 
 
 @functools.cache
-def count_costs(*, fast: bool, batch: int, size: int, train: bool, preset: str = "official") -> tuple[float, int, int]:
+def count_costs(*, fast: bool, batch: int, size: int, train: bool, preset: str = "official",
+                device: str = "meta") -> tuple[float, int, int]:
     """(FLOPs, eager bytes, matmul-boundary bytes) of one float32 forward (and backward when ``train``) of the
-    network, counted on the meta device. Training FLOPs are three forwards: the FLOP counter takes a depthwise
-    convolution's backward for a dense one."""
-    with torch.device("meta"):
+    network, counted on ``device``: the meta device needs no GPU, but its kernels are slow Python (seconds per pass
+    of the official network); a GPU runs the pass in a fraction of a second. Training FLOPs are three forwards: the
+    FLOP counter takes a depthwise convolution's backward for a dense one."""
+    with torch.device(device):
         model = build_model(preset)
     if fast:
         enable_fast_path(model)
-    x = torch.rand(batch, 3, size, size, device="meta")
+    x = torch.rand(batch, 3, size, size, device=device)
     flops, counter = FlopCounterMode(display=False), ByteCounter()
     with torch.set_grad_enabled(train):
         with flops:
@@ -854,7 +857,7 @@ def train_case(bench: Bench, variants: Sequence[TrainVariant], *, batch: int, si
             step.capture()
         skipped_before = step.skipped
         timings, spread_ = time_twice(step, warmup=warmup, reps=steps, device=device, room_s=bench.remaining)
-        ms = statistics.mean(timings)
+        ms, peak = statistics.mean(timings), peak_memory(device)
         notes = [f"first update {first_s:.1f} s" + (" (compiles)" if v.compile else ""), timing_note(timings, steps),
                  "peak memory from after the warm-up", bench.machine_use(fast=v.fast, batch=batch, size=size,
                                                                           train=True, amp=v.amp, times=accum, ms=ms)]
@@ -862,7 +865,7 @@ def train_case(bench: Bench, variants: Sequence[TrainVariant], *, batch: int, si
             later = warmup + steps * len(timings)
             notes.append(f"{step.skipped - skipped_before} of the {later} later updates skipped "
                          "(non-finite; a GradScaler lowers its scale on the first ones)")
-        return {"ms": ms, "images_per_s": batch * accum / ms * 1e3, "peak_bytes": peak_memory(device),
+        return {"ms": ms, "images_per_s": batch * accum / ms * 1e3, "peak_bytes": peak,
                 "error": error, "notes": "; ".join(notes), "baselines": list(v.baselines), "spread": spread_}
 
     for v in variants:
@@ -1087,7 +1090,7 @@ def infer_case(bench: Bench, variants: Sequence[tuple[str, bool, torch.dtype | N
             timings = [end_to_end()]
             if bench.remaining() >= 2 * timings[0]:
                 timings.append(end_to_end())
-            seconds = statistics.mean(timings)
+            seconds, peak = statistics.mean(timings), peak_memory(device)
             twice = (f"timed twice: {timings[0]:.2f} and {timings[1]:.2f} s (spread {spread(timings):.0%})"
                      if len(timings) == 2 else "timed once (the case's share was running out)")
             notes = [f"{count} images end to end in {seconds:.2f} s (checkpoint load, decoding, 8 views each, "
@@ -1096,7 +1099,7 @@ def infer_case(bench: Bench, variants: Sequence[tuple[str, bool, torch.dtype | N
                      bench.machine_use(fast=fast, batch=8, size=size, train=False, amp=amp, times=count,
                                        ms=seconds * 1e3)]
             baseline = PLAIN_FP32 if amp is None else f"plain {precision_name(amp)}"
-            return {"ms": seconds * 1e3, "images_per_s": count / seconds, "peak_bytes": peak_memory(device),
+            return {"ms": seconds * 1e3, "images_per_s": count / seconds, "peak_bytes": peak,
                     "error": error, "notes": "; ".join(notes), "baselines": [baseline] if fast else [],
                     "images": count, "spread": spread(timings)}
 
