@@ -974,9 +974,9 @@ def case_accuracy(bench: Bench) -> None:
 # ----------------------------------------------------------------------------------------------------- profile
 def case_profile(bench: Bench) -> None:
     """Where a training step's time goes: ``torch.profiler`` over 3 updates of batch 8 at 128x128, per operator,
-    for the plain fp32 path and the fast bf16 one (a smoke run: one update, the fast one). The row's ms is the operators' summed self time per step (device
-    time on a GPU, CPU time on the CPU); its notes name the eight largest. With ``--out``, the profiler's whole
-    table goes beside it (``<out stem>_profile_<variant>.txt``)."""
+    for the plain fp32 path and the fast bf16 one (a smoke run: one update of the fast one). The row's ms is the
+    operators' summed self time per step (device time on a GPU, CPU time on the CPU); its notes name the eight
+    largest. With ``--out``, the profiler's whole table goes beside it (``<out stem>_profile_<variant>.txt``)."""
     from torch.profiler import ProfilerActivity, profile
 
     device, size = bench.device, bench.size(128)
