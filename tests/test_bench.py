@@ -254,14 +254,14 @@ def gpu_check_smoke(out, *extra):
     """`bash benchmarks/gpu_check.sh --smoke` with this test's interpreter (PYTHON), its results in ``out``."""
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
     return subprocess.run(["bash", "benchmarks/gpu_check.sh", "--smoke", *extra], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=1000)
 
 
 @pytest.fixture(scope="module")
 def smoke_check(tmp_path_factory):
     """One smoke run of the GPU check for this module's tests: (its output folder, its console)."""
     out = tmp_path_factory.mktemp("gpu_check") / "out"
-    proc = gpu_check_smoke(out)
+    proc = gpu_check_smoke(out, "--budget", "900")  # a check of the code: room for a machine busy with other jobs
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
 
@@ -290,7 +290,8 @@ def test_gpu_check_smoke_run_writes_every_file_and_row(smoke_check):
     assert variants("inference.py 4 x 16x16, TTA 8") == {name for name, _, _ in bench_speed.INFER_VARIANTS}
     assert variants("accuracy b2 16x16") == {name for name, _, _ in bench_speed.ACCURACY}
     timed = [row for (c, _), row in rows.items() if c.startswith(("train", "inference")) and row.status == OK]
-    assert all("timed twice" in row.notes and "of measured bf16 matrix rate" in row.notes for row in timed)
+    assert all(re.search(r"timed (twice|once)", row.notes) and "of measured bf16 matrix rate" in row.notes
+               for row in timed)
     assert all(row.error <= (1e-5 if "fp32" in v else 1e-2) for (c, v), row in rows.items()
                if c.startswith(("acc", "inference")) and row.status == OK)  # inference.py's too, end to end
     assert variants("torchrun, 1 process (gloo)") == {"train 2 epochs", "resume to 3 epochs",
