@@ -270,7 +270,7 @@ def test_gpu_check_smoke_run_writes_every_file_and_row(smoke_check):
     """`bash benchmarks/gpu_check.sh --smoke` runs every step of the GPU check on the CPU, under the interpreter it
     is given ($PYTHON), and writes at most 8 files with plain names; every expected row is there, measured where
     the CPU can run it (ceilings first, torchrun with gloo) and 'skipped: needs CUDA' where it cannot; timed rows
-    say they were timed twice and what fraction of the measured ceilings they use; the CUDA tests put the trainer's
+    say how often they were timed and what fraction of the measured ceilings they use; the CUDA tests put the trainer's
     first and leave those that compile to the compiled step; the resume keeps --num_workers 0; the targets head
     the table."""
     out, console = smoke_check
