@@ -1,24 +1,30 @@
-"""The one prepared GPU check: on a CUDA machine, in at most 8 minutes, the figures that matter most first, each
-written to the output folder the moment it is measured. ``gpu_check.sh`` runs it; see there for the calls.
+"""The one prepared GPU check: on a CUDA machine, in 7 minutes, the figures that matter most first, each written to
+the output folder the moment it is measured. ``gpu_check.sh`` runs it; see there for the calls (a first one, and a
+second with ``--rest`` for what the first left).
 
 In order (``PLAN``, each step with its share of ``--budget``; a step starts nothing new once its share, and
 whatever the steps before it left, is spent):
 
 1. the environment: card, driver, CUDA, cuDNN, NCCL, PyTorch, Triton, Python, and the packages the toolkit needs;
-2. the training step at batch 8 of 128x128, plain and fast, fp32 (TF32) and bf16 (bench_speed ``gpu-train-b8``);
-3. the original recipe's step, batch 2 of 256x256 with 4 accumulated micro-batches, fp16 with a GradScaler, plain
+2. the two ceilings, a large bf16 matrix product and a device-to-device copy (bench_speed ``ceilings``): every
+   timed row then says what fraction of them it uses;
+3. the training step at batch 8 of 128x128, plain and fast, fp32 (TF32) and bf16, and fast with the full-resolution
+   stages recomputed (bench_speed ``gpu-train-b8``);
+4. the original recipe's step, batch 2 of 256x256 with 4 accumulated micro-batches, fp16 with a GradScaler, plain
    and fast, then bf16 (``gpu-train-recipe``);
-4. inference.py end to end on 100 images of 256x256 with 8-view TTA, plain and fast, fp32 and bf16
+5. inference.py end to end on 100 images of 256x256 with 8-view TTA, plain and fast, fp32 and bf16
    (``gpu-infer-tta``);
-5. accuracy against float64 at 256x256 for fp32, bf16 and fp16 (``gpu-accuracy``);
-6. the CUDA-only tests (``pytest -k "cuda or compile"``), and trainer.py under a one-process torchrun (NCCL):
-   training, resume and inference on a tiny random set;
-7. last, in a process of its own so that a device fault there costs none of the figures above: compiled blocks,
-   the CUDA-graphed step, compiled inference (``gpu-compiled-train``, ``gpu-graph``, ``gpu-compiled-infer``).
+6. accuracy against float64 at 256x256 for fp32, bf16 and fp16, cuDNN without autotuning (``gpu-accuracy``);
+7. the CUDA-only tests of the trainer and the kernels (``CUDA_TESTS``: the trainer's first), and trainer.py under a
+   one-process torchrun (NCCL): training, resume, then inference on a tiny random set;
+8. last, the compiled step: in a process of its own, so that a device fault there costs none of the figures above,
+   compiled blocks, the CUDA-graphed step and compiled inference (``gpu-compiled-train``, ``gpu-graph``,
+   ``gpu-compiled-infer``); then the tests that compile (``COMPILE_TESTS``).
 
-Every GPU row runs with cuDNN autotuning and trainer.py's optimizer (fused AdamW). With ``--smoke`` the same steps
-run on the CPU with the tiny preset and small images (torchrun with gloo; rows that need CUDA say so), in about a
-minute: a check of this script, not a measurement.
+Every timed row is timed twice (a difference within the spread of the two is noise), with cuDNN autotuning, TF32
+for float32 and trainer.py's optimizer (fused AdamW), its peak memory counted from after the warm-up. With
+``--smoke`` the same steps run on the CPU with the tiny preset and small images (torchrun with gloo; rows that need
+CUDA say so), in about a minute: a check of this script, not a measurement.
 
 Files in ``--out`` (7): check.md (the table, targets first, rewritten after every row), check_rows.jsonl (every row
 as it is measured; what ``--rest`` reads), check_environment.txt, check_cuda_tests.log, check_torchrun.log,
@@ -54,12 +60,18 @@ PACKAGES = [("torch", "torch", "everything", True),
             ("einops", "einops", "model.py (imported at its top)", True),
             ("matplotlib", "matplotlib", "the curves trainer.py draws at the end of a run (the torchrun step)", False),
             ("pytest", "pytest", "the CUDA-only tests", False)]
-# (step, share in seconds of a 450-second budget)
-PLAN = [("environment", 5), ("gpu-train-b8", 55), ("gpu-train-recipe", 55), ("gpu-infer-tta", 65),
-        ("gpu-accuracy", 20), ("cuda-tests", 90), ("torchrun", 40), ("compiled", 120)]
-DEFAULT_BUDGET_S = 450.0
+# (step, share in seconds of a 420-second budget)
+PLAN = [("environment", 5), ("ceilings", 10), ("gpu-train-b8", 65), ("gpu-train-recipe", 50), ("gpu-infer-tta", 60),
+        ("gpu-accuracy", 15), ("cuda-tests", 75), ("torchrun", 30), ("compiled", 110)]
+# A first call of 420 s (gpu_check.sh stops it at 450) leaves room in a quarter hour of GPU time for a second call
+# with --rest (see gpu_check.sh), even on a machine started anew.
+DEFAULT_BUDGET_S = 420.0
 KILL_GRACE_S = 15.0  # how long past the budget a child process may run before it is stopped
-PYTEST_SELECTION = "cuda or compile"
+# The tests that need CUDA, in two selections: those of the trainer and the kernels (the trainer's first:
+# cuda_tests_first.py), then, in the compiled step, those that compile.
+CUDA_TESTS = ["tests"], "cuda and not compile"
+COMPILE_TESTS = ["tests"], "compile"
+COMPILE_TESTS_SHARE = 40.0  # of the compiled step's share, left to COMPILE_TESTS
 
 
 def check_packages() -> tuple[list[str], list[str]]:
@@ -128,17 +140,58 @@ def environment(device: str) -> tuple[dict[str, str], str]:
 _children: set[subprocess.Popen] = set()  # the child processes running now, each the leader of its process group
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """End ``proc``'s process group (torchrun's workers, pytest's children too): SIGTERM, then SIGKILL."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def descendants(pid: int) -> set[int]:
+    """The processes below ``pid`` (children, theirs, ...), read from /proc: torchrun starts its workers in
+    sessions of their own, which a signal to the process group of ``pid`` does not reach."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=10)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (name)": state, ppid, ...
+        except (OSError, IndexError):
+            continue  # ended meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _signal_all(proc: subprocess.Popen, sig: int, known: set[int]) -> set[int]:
+    """Send ``sig`` to ``proc``'s process group and to every process below it (those found now and ``known``,
+    found before: a child whose parent ended is no longer below it). Returns the processes signalled."""
+    known = known | descendants(proc.pid)
+    for kill, target in [(os.killpg, proc.pid)] + [(os.kill, pid) for pid in sorted(known)]:
+        try:
+            kill(target, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return known
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End ``proc``, its process group and every process below it (torchrun's workers, pytest's children):
+    SIGTERM, then SIGKILL 10 s later to whatever is left."""
+    known = _signal_all(proc, signal.SIGTERM, set())
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(pid) for pid in known):
+        time.sleep(0.2)
+    _signal_all(proc, signal.SIGKILL, {pid for pid in known if _alive(pid)})
+    proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, ended but not yet reaped by its parent, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 class Terminated(BaseException):
@@ -153,10 +206,7 @@ def _on_termination(signum, frame) -> None:
     """gpu_check.sh's time limit (SIGTERM from timeout) or Ctrl-C: kill the children at once, whose process groups
     the signal does not reach (a trainer would finish its update first), and stop."""
     for proc in list(_children):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _signal_all(proc, signal.SIGKILL, set())
     raise Terminated(signum)
 
 
@@ -191,12 +241,20 @@ def _last_line(text: str) -> str:
     return lines[-1][:200] if lines else "(no output)"
 
 
-def case_cuda_tests(bench, log: Path) -> None:
-    """The tests that skip without CUDA, in a process of their own; on a smoke run only collected (they would all
-    skip), which checks the command and the selection."""
+def pytest_variant(selection: tuple[list[str], str]) -> str:
+    paths, expression = selection
+    return f'pytest {" ".join(paths)} -k "{expression}"'
+
+
+def case_pytest(bench, selection: tuple[list[str], str], log: Path) -> None:
+    """A selection of the tests that skip without CUDA, in a process of its own, the trainer's first
+    (``cuda_tests_first``); on a smoke run only collected (they would skip), which checks the command, the selection
+    and the order."""
     from benchmarks.bench_speed import FAILED, OK, PENDING, SKIPPED
 
-    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "tests", "-k", PYTEST_SELECTION]
+    paths, expression = selection
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "benchmarks.cuda_tests_first", *paths,
+               "-k", expression]
     command += ["--collect-only", "-q"] if bench.smoke else ["-v", "-rs"]
 
     def measure() -> dict:
@@ -207,14 +265,15 @@ def case_cuda_tests(bench, log: Path) -> None:
                     f"{len(re.findall(r' PASSED', text))} passed, {len(re.findall(r' FAILED', text))} failed so far; "
                     "run it again with --rest"}
         if bench.smoke:
-            selected = len([line for line in text.splitlines() if "::" in line])
-            status, notes = (SKIPPED, f"skipped: needs CUDA (the selection collects {selected} tests)") if code == 0 \
-                else (FAILED, f"failed: pytest could not collect the tests (exit code {code}): {summary}")
+            selected = [line for line in text.splitlines() if "::" in line]
+            first = f", first {selected[0]}" if selected else ""
+            status, notes = (SKIPPED, f"skipped: needs CUDA (the selection collects {len(selected)} tests{first})") \
+                if code == 0 else (FAILED, f"failed: pytest could not collect the tests (exit code {code}): {summary}")
             return {"status": status, "notes": notes}
         return {"status": OK if code == 0 else FAILED, "ms": seconds * 1e3,
-                "notes": f"{summary} (exit code {code}; check_cuda_tests.log)"}
+                "notes": f"{summary} (exit code {code}; {log.name})"}
 
-    bench.run("CUDA-only tests", f'pytest tests -k "{PYTEST_SELECTION}"', measure, own_process=True)
+    bench.run("CUDA-only tests", pytest_variant(selection), measure, own_process=True)
 
 
 def write_pairs(root: Path, *, per_kind: int, size: int) -> Path:
@@ -236,8 +295,9 @@ def write_pairs(root: Path, *, per_kind: int, size: int) -> Path:
 
 def case_torchrun(bench, log: Path) -> None:
     """trainer.py under a one-process torchrun (NCCL on CUDA, gloo on a smoke run) on a tiny random set: 2 epochs,
-    a resume to 3, then inference.py on the run folder. A step whose run is missing (kept from an earlier call)
-    trains first."""
+    a resume to 3 (two launches, each with ``--num_workers 0``: no loader process forked beside NCCL's threads), then
+    inference.py on the run folder, called in this process (``inference.main``). A step whose run is missing (kept
+    from an earlier call) trains first."""
     import numpy as np
 
     import utils
@@ -295,8 +355,8 @@ def case_torchrun(bench, log: Path) -> None:
 
         def resume() -> dict:
             first, before = trained()
-            text, seconds = step(torchrun + ["--data_dir", str(data), "--resume", str(run_dir), "--epochs", "3"],
-                                 "the resume")
+            text, seconds = step(torchrun + ["--data_dir", str(data), "--resume", str(run_dir), "--epochs", "3",
+                                             "--num_workers", "0"], "the resume")
             state = utils.load_checkpoint(run_dir / "last.pth")
             records = utils.read_log(run_dir)
             if state["epoch"] != 3 or len(records) != 3 or state["step"] <= first["step"]:
@@ -307,12 +367,18 @@ def case_torchrun(bench, log: Path) -> None:
 
         def infer() -> dict:
             _, before = trained()
+            import inference
+
             npz = Path(tmp) / "pred.npz"
-            text, seconds = step([sys.executable, "inference.py", "--checkpoint", str(run_dir), "--input_folder",
-                                  str(data / "train" / "degraded"), "--gt_folder", str(data / "train" / "clean"),
-                                  "--output_npz", str(npz), "--device", device, "--no_progress"], "inference.py")
+            argv = ["--checkpoint", str(run_dir), "--input_folder", str(data / "train" / "degraded"), "--gt_folder",
+                    str(data / "train" / "clean"), "--output_npz", str(npz), "--device", device, "--no_progress"]
+            with open(log, "a") as f:
+                f.write(f"\n$ inference.main({argv!r}) (in the check's process)\n")
+            start = time.perf_counter()
+            inference.main(argv)  # a failure exits (SystemExit), which the runner reports as a failed row
+            seconds = time.perf_counter() - start
             if not npz.is_file():
-                raise RuntimeError(f"inference.py exited 0 but wrote no {npz.name}")
+                raise RuntimeError(f"inference.main returned but wrote no {npz.name}")
             with np.load(npz) as held:
                 images = len(held.files)
             return {"notes": f"pred.npz of {images} images, scored; {seconds:.1f} s"
@@ -320,7 +386,7 @@ def case_torchrun(bench, log: Path) -> None:
 
         bench.run(case, "train 2 epochs", guarded(train), own_process=True)
         bench.run(case, "resume to 3 epochs", guarded(resume), own_process=True)
-        bench.run(case, "inference.py on the run's best.pth", guarded(infer), own_process=True)
+        bench.run(case, "inference.py on the run's best.pth", guarded(infer))  # in this process
 
 
 def settle(rows, code: int | None, log_name: str):
@@ -350,12 +416,12 @@ def _exit_text(code: int) -> str:
     return f"exit code {code}"
 
 
-def case_compiled(bench, log: Path, *, quick: bool) -> None:
+def case_compiled(bench, log: Path, *, quick: bool, reserve_s: float) -> None:
     """bench_speed's compiled cases in a child process that appends to the same rows file; a fault there (or the
-    budget's end) ends that process alone."""
+    budget's end) ends that process alone. It leaves ``reserve_s`` of the budget to what follows it."""
     from benchmarks.bench_speed import COMPILED, FAILED, OK, PENDING, Row, load_rows
 
-    budget = max(0.0, bench.start + bench.budget_s - bench.clock())
+    budget = max(0.0, bench.start + bench.budget_s - bench.clock() - reserve_s)
     command = [sys.executable, "benchmarks/bench_speed.py", "--cases", ",".join(COMPILED), "--out", str(bench.out),
                "--rest", str(bench.rows_file), "--budget", f"{budget:.0f}"]
     command += (["--smoke"] if bench.smoke else []) + (["--quick"] if quick else [])
@@ -423,26 +489,32 @@ def _check(args: argparse.Namespace, device: str, bench_speed) -> int:
     bench = bench_speed.Bench(args.out / "check.md", args.budget, args.quick, tiny=args.smoke, device=device,
                               shares=shares, plan=[name for name, _ in PLAN], start=START,
                               rest=bench_speed.load_rows(args.rest) if args.rest else ())
-    bench_speed.setup_cuda()
-    for name, _ in PLAN:
-        bench.begin(name)
-        if name == "environment":
-            info, text = environment(device)
-            (args.out / "check_environment.txt").write_text(text)
-            for key, value in info.items():
-                bench.add(bench_speed.Row("environment", key, notes=value))
-        elif name == "cuda-tests":
-            case_cuda_tests(bench, args.out / "check_cuda_tests.log")
-        elif name == "torchrun":
-            case_torchrun(bench, args.out / "check_torchrun.log")
-        elif name == "compiled":
-            case_compiled(bench, args.out / "check_compiled.log", quick=args.quick)
-        else:
-            bench_speed.CASES[name].run(bench)
+    with bench_speed.gpu_settings():  # as trainer.py sets them: TF32, cuDNN autotuning
+        for name, _ in PLAN:
+            _step(args, device, bench, bench_speed, name)
     bench.save()
     print(bench.table())
     print(f"gpu_check: done in {time.perf_counter() - START:.0f} s; results in {args.out}", flush=True)
     return 0
+
+
+def _step(args: argparse.Namespace, device: str, bench, bench_speed, name: str) -> None:
+    bench.begin(name)
+    if name == "environment":
+        info, text = environment(device)
+        (args.out / "check_environment.txt").write_text(text)
+        for key, value in info.items():
+            bench.add(bench_speed.Row("environment", key, notes=value))
+    elif name == "cuda-tests":
+        case_pytest(bench, CUDA_TESTS, args.out / "check_cuda_tests.log")
+    elif name == "torchrun":
+        case_torchrun(bench, args.out / "check_torchrun.log")
+    elif name == "compiled":
+        case_compiled(bench, args.out / "check_compiled.log", quick=args.quick,
+                      reserve_s=COMPILE_TESTS_SHARE * args.budget / DEFAULT_BUDGET_S)
+        case_pytest(bench, COMPILE_TESTS, args.out / "check_cuda_tests.log")
+    else:
+        bench_speed.CASES[name].run(bench)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 shared."""
 import copy
 import functools
+import inspect
 import pickle
 
 import numpy as np
@@ -245,15 +246,40 @@ def test_deepcopy_of_compiled_blocks_runs_its_own_weights():
     assert list(copied.state_dict()) == list(build_model("tiny").state_dict())
 
 
-def test_compiled_blocks_scope_their_recompile_limit(monkeypatch):
-    """compile_blocks lets the blocks' shared code keep one graph per block shape without touching the process-wide
-    recompile limit: with that limit at 1, three shapes still give three graphs (Dynamo's eager backend: no
-    Inductor code is generated), and the limit is 1 afterwards."""
+SCOPED_LIMIT = "recompile_limit" in inspect.signature(torch.compile).parameters
+_torch_compile = torch.compile
+
+
+def _compile_without_scope(model, *, fullgraph=False, dynamic=None, backend="eager", mode=None, options=None,
+                           disable=False):
+    """torch.compile as the PyTorch versions without a per-call ``recompile_limit`` (2.11, say) offer it."""
+    return _torch_compile(model, fullgraph=fullgraph, dynamic=dynamic, backend=backend, mode=mode, options=options,
+                         disable=disable)
+
+
+@pytest.mark.parametrize("scoped", [True, False], ids=["per-call limit", "no per-call limit"])
+def test_compiled_blocks_scope_their_recompile_limit(monkeypatch, scoped):
+    """compile_blocks lets the blocks' shared code keep one graph per block shape: with the process-wide recompile
+    limit at 1, three shapes still give three graphs (Dynamo's eager backend: no Inductor code is generated). What
+    holds for that limit depends on the version: where torch.compile takes a per-call ``recompile_limit``, the
+    process-wide one is untouched (still 1); where it takes none (PyTorch 2.11, simulated on any version), the
+    process-wide limit is raised to COMPILE_RECOMPILE_LIMIT on purpose, the one way to let the blocks compile."""
+    if scoped and not SCOPED_LIMIT:
+        pytest.skip(f"torch {torch.__version__}'s compile takes no per-call recompile_limit (the other case holds)")
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    compile_ = functools.partial(torch.compile, backend="eager") if scoped else _compile_without_scope
+    monkeypatch.setattr(torch, "compile", compile_)
     monkeypatch.setattr(fast_path, "COMPILE_RECOMPILE_LIMIT", 3)
+    config = torch._dynamo.config
+    # config.patch, not monkeypatch (whose undo deletes a config entry): both limits are restored afterwards
+    with config.patch(recompile_limit=1, accumulated_recompile_limit=config.accumulated_recompile_limit):
+        _compile_three_shapes(counters)
+        assert config.recompile_limit == (1 if scoped else 3)
+    assert config.recompile_limit != 1
+
+
+def _compile_three_shapes(counters):
     torch._dynamo.reset()
     try:
         block = TransformerBlock(8, 2, 2.66)
@@ -262,7 +288,6 @@ def test_compiled_blocks_scope_their_recompile_limit(monkeypatch):
         for size in (8, 12, 16):
             block(torch.rand(1, 8, size, size))
         assert counters["stats"]["unique_graphs"] - before == 3
-        assert torch._dynamo.config.recompile_limit == 1
     finally:
         torch._dynamo.reset()
 
