@@ -51,7 +51,7 @@ from avg_checkpoints import SNAPSHOT_DIR, SNAPSHOT_NAME, run_snapshots, snapshot
 from dataloader import DataError, build_loaders, make_train_loader
 from ema import ModelEma
 from fast_path import enable_fast_path
-from GFL_Loss import LOSSES, build_loss
+from GFL_Loss import LOSSES, build_loss, fft_weight_option
 from model import PRESETS, build_model, freeze_except, model_config, model_from_checkpoint, trainable_summary
 from utils import ConfigError
 
@@ -120,6 +120,8 @@ def build_parser(defaults=None, *, fine_tune=False, description=None):
                      help=f"linear warm-up epochs before the cosine decay (default {d['warmup_epochs']})")
     opt.add_argument("--accum_steps", type=int, default=4, help="micro-batches per optimizer update (default 4)")
     opt.add_argument("--loss", choices=LOSSES, default=d["loss"], help=f"training loss (default {d['loss']})")
+    opt.add_argument("--fft_weight", type=fft_weight_option, default=0.0, metavar="W",
+                     help="add W x mean |FFT(pred) - FFT(target)| to the loss (MoCE-IR's term; default 0: off)")
     opt.add_argument("--weight_decay", type=float, default=1e-4,
                      help="AdamW weight decay, not applied to biases and norm weights (default 1e-4)")
     opt.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm (default 1.0; 0: off)")
@@ -1138,7 +1140,7 @@ class Trainer:
         self.policy = AugmentPolicy(  # draws from the global RNG (checkpointed)
             strong=args.augment == "strong", rates=dict(zip(STRONG_AUGMENTATIONS, args.aug_rates)),
             alphas=dict(zip(STRONG_AUGMENTATIONS, args.aug_alphas)))
-        self.loss_fn = build_loss(args.loss, num_epochs=args.epochs)
+        self.loss_fn = build_loss(args.loss, num_epochs=args.epochs, fft_weight=args.fft_weight)
         self.optimizer = build_optimizer((p for p in self.model.parameters() if p.requires_grad), lr=args.lr,
                                          weight_decay=args.weight_decay, device=self.device)
         scaler = torch.amp.GradScaler("cuda") if args.precision == "fp16" else None
