@@ -26,6 +26,8 @@ and on Y (the literature's), per type and overall.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import statistics
 import sys
@@ -64,18 +66,23 @@ ORIGINAL = ["--batch_size", "2", "--accum_steps", "4", "--loss", "gfl", "--augme
             "--warmup_epochs", "1"]
 PROGRESSIVE = ["--accum_steps", "1", "--loss", "gfl", "--augment", "strong", "--epochs", "11", "--warmup_epochs", "4",
                "--progressive", "48:32:5", "64:18:4", "96:8:2"]
+OFFICIAL = ["--batch_size", "8", "--accum_steps", "4", "--patch_size", "48", "--loss", "l1", "--augment", "views",
+            "--epochs", str(EPOCHS * 4), "--warmup_epochs", "4"]
 ORIGINAL_NAME = "original (whole tiles, b2 x 4, GFL, strong aug.)"
+OFFICIAL_NAME = "official (48 crops, b8 x 4, L1, views)"
 RECIPES = {
     ORIGINAL_NAME: ORIGINAL,
-    "official (48 crops, b8 x 4, L1, views)":
-        ["--batch_size", "8", "--accum_steps", "4", "--patch_size", "48", "--loss", "l1", "--augment", "views",
-         "--epochs", str(EPOCHS * 4), "--warmup_epochs", "4"],
+    OFFICIAL_NAME: OFFICIAL,
     "original + EMA (0.999, warm-up)": ORIGINAL + ["--ema", "0.999"],
     "original + EMA (0.999, constant: no warm-up)": ORIGINAL + ["--ema", "0.999", "--ema_no_warmup"],
     "original + progressive (48/32, 64/18, 96/8)": PROGRESSIVE,
     "together (progressive + EMA)": PROGRESSIVE + ["--ema", "0.999", "--keep_last", "3"],
+    "official + FFT loss 0.05": OFFICIAL + ["--fft_weight", "0.05"],
+    "official + FFT loss 0.1": OFFICIAL + ["--fft_weight", "0.1"],
 }
 TOGETHER = "together (progressive + EMA)"
+# Recipes whose model is also restored with 8x TTA (and, with --tlc, with test-time local statistics).
+OFFICIAL_FAMILY = (OFFICIAL_NAME, "official + FFT loss 0.05", "official + FFT loss 0.1")
 
 
 @dataclass
@@ -132,13 +139,35 @@ def prepare(data: Path, out: Path, *, smoke: bool) -> tuple[Path, Path]:
     return out / "train", out / "test"
 
 
-def test_psnr(checkpoints: Sequence[Path], test: Path, work: Path, *, tta: int) -> tuple[float, float, float, float]:
-    """(rain, snow, overall RGB PSNR, overall Y PSNR) of restoring the test set with ``checkpoints``."""
-    scores = inference.main(["--checkpoint", *map(str, checkpoints), "--data_dir", str(test), "--tta", str(tta),
-                             "--output_npz", str(work / "pred.npz"), "--device", "cpu", "--no_progress"])
+def test_psnr(checkpoints: Sequence[Path], test: Path, work: Path, *, tta: int,
+              tlc: bool = False) -> tuple[float, float, float, float]:
+    """(rain, snow, overall RGB PSNR, overall Y PSNR) of restoring the test set with ``checkpoints``; ``tlc``: with
+    test-time local statistics (``tlc.enable_tlc``, windows of 1.5 x each checkpoint's training crop)."""
+    with _tlc_models() if tlc else contextlib.nullcontext():
+        scores = inference.main(["--checkpoint", *map(str, checkpoints), "--data_dir", str(test), "--tta", str(tta),
+                                 "--output_npz", str(work / "pred.npz"), "--device", "cpu", "--no_progress"])
     by_kind = {kind: statistics.mean(s.psnr for s in scores if s.kind == kind) for kind in SPLITS}
     return (by_kind["rain"], by_kind["snow"], statistics.mean(s.psnr for s in scores),
             statistics.mean(s.psnr_y for s in scores))
+
+
+@contextlib.contextmanager
+def _tlc_models():
+    """While open, every model ``inference.load_model`` builds computes its global statistics over local windows
+    of 1.5 x the training crop its checkpoint records (the prototype in tlc.py, measured here before it lands)."""
+    import tlc
+    load_model = inference.load_model
+
+    def load_with_tlc(checkpoint, **kwargs):
+        model = load_model(checkpoint, **kwargs)
+        crop = utils.load_checkpoint(checkpoint, mmap=True)["args"].get("patch_size")
+        return tlc.enable_tlc(model, window=tlc.window_for_crop(crop)) if crop else model
+
+    inference.load_model = load_with_tlc
+    try:
+        yield
+    finally:
+        inference.load_model = load_model
 
 
 def degraded_psnr(test: Path) -> tuple[float, float, float, float]:
@@ -153,15 +182,36 @@ def degraded_psnr(test: Path) -> tuple[float, float, float, float]:
             statistics.mean(s.psnr_y for s in scores))
 
 
-def train(name: str, extra: list[str], seed: int, train_dir: Path, run: Path, *, smoke: bool) -> tuple:
+def train(name: str, extra: list[str], seed: int, train_dir: Path, run: Path, *, smoke: bool,
+          reuse: bool = False) -> tuple:
     argv = ["--data_dir", str(train_dir), "--save_dir", str(run), "--seed", str(seed), *COMMON, *extra]
     if smoke:  # two epochs of each phase at most: a check of the code, not a measurement
         argv = _shortened(argv)
+    if reuse and (finished := _finished_run(run, argv)) is not None:
+        log.info("%s, seed %d: reusing the finished run in %s", name, seed, run)
+        return finished
     start = time.perf_counter()
     result = trainer.train(trainer.parse_args(trainer.build_parser(), argv))
     seconds = time.perf_counter() - start
     log.info("%s, seed %d: %d updates in %.0f s", name, seed, result.step, seconds)
     return result, seconds
+
+
+def _finished_run(run: Path, argv: list[str]) -> tuple | None:
+    """(Result, training seconds) of a run folder that finished the training ``argv`` describes (same options in its
+    args.json, every epoch logged), else None."""
+    try:
+        saved = json.loads((run / "args.json").read_text())
+        records = utils.read_log(run)
+    except (OSError, ValueError, utils.ToolkitError):
+        return None
+    args = trainer.parse_args(trainer.build_parser(), argv)
+    same = all(saved.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
+               if k not in trainer.PER_INVOCATION and k in saved)
+    if not same or not records or records[-1]["epoch"] != args.epochs or not (run / "last.pth").is_file():
+        return None
+    result = trainer.Result(run, records[-1]["epoch"], records[-1]["step"], float("nan"))
+    return result, sum(r.get("time_s") or 0.0 for r in records)
 
 
 def _shortened(argv: list[str]) -> list[str]:
@@ -225,6 +275,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--out", type=Path, help="also write the table here (rewritten after every row)")
     parser.add_argument("--smoke", action="store_true", help="a few images and epochs: checks the code")
     parser.add_argument("--work", type=Path, help="keep the data and runs here (default: a temporary folder)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="with --work: a run folder there that finished the same training is restored again, "
+                             "not retrained (for adding inference rows)")
+    parser.add_argument("--tlc", action="store_true",
+                        help="also restore the official-family runs with test-time local statistics (tlc.py), "
+                             "with and without 8x TTA")
     parser.add_argument("--threads", type=positive_int, default=1,
                         help="PyTorch threads (default 1: on a machine shared with other jobs more threads wait on "
                              "each other; the PSNR figures do not depend on it)")
@@ -252,12 +308,21 @@ def run(args: argparse.Namespace) -> str:
         for seed in args.seeds:
             for name in args.recipes:
                 run_dir = work / f"run_{list(RECIPES).index(name)}_seed{seed}"
-                result, seconds = train(name, RECIPES[name], seed, train_dir, run_dir, smoke=args.smoke)
+                result, seconds = train(name, RECIPES[name], seed, train_dir, run_dir, smoke=args.smoke,
+                                        reuse=args.reuse)
                 if result.signal is not None:
                     raise KeyboardInterrupt  # stopped by a signal: the rows so far are in --out
                 start = time.perf_counter()
                 add(Row(name, seed, result.step, training_pixels(run_dir, _accum(RECIPES[name]), TILE // 2 if args.smoke else TILE),
                         *test_psnr([run_dir / "last.pth"], test, run_dir, tta=1), seconds + time.perf_counter() - start))
+                if name in OFFICIAL_FAMILY:
+                    views = [("  inference: 8x TTA", 8, False)]
+                    if args.tlc:
+                        views += [("  inference: TLC", 1, True), ("  inference: TLC, 8x TTA", 8, True)]
+                    for label, tta, tlc in views:
+                        start = time.perf_counter()
+                        add(Row(label, seed, None, None, *test_psnr([run_dir / "last.pth"], test, run_dir, tta=tta,
+                                                                    tlc=tlc), time.perf_counter() - start))
                 if name != TOGETHER:
                     continue
                 snapshots = avg_checkpoints.run_snapshots(run_dir)
