@@ -1,7 +1,8 @@
 """Training losses: Charbonnier, L1, the Guided Frequency Loss and the FFT loss term, and choosing one by name.
 
 Every loss is an ``nn.Module`` called as ``loss(pred, target, epoch=None)``; only the Guided Frequency Loss uses the
-epoch. ``build_loss(name, fft_weight=W)`` adds ``W x FFTLoss`` (MoCE-IR's and BioIR's frequency term) to any of them. Half-precision inputs (for example a model's output under ``torch.autocast``) are upcast to float32, so the
+epoch. ``build_loss(name, fft_weight=W)`` adds ``W x FFTLoss`` (MoCE-IR's and BioIR's frequency term) to any of them.
+Half-precision inputs (for example a model's output under ``torch.autocast``) are upcast to float32, so the
 loss arithmetic, the Gaussian convolution and the FFT never run in float16 or bfloat16.
 """
 import argparse

@@ -2,7 +2,7 @@
 
 ::
 
-    python benchmarks/bench_recipe.py --out recipe.md            # the whole table, tiny preset (about 25 minutes on 2 cores)
+    python benchmarks/bench_recipe.py --out recipe.md            # the whole table, tiny preset (40 min on 2 cores)
     python benchmarks/bench_recipe.py --seeds 0 1 --out recipe.md
     python benchmarks/bench_recipe.py --smoke                     # the same code on a few images in about a minute
 
@@ -313,8 +313,9 @@ def run(args: argparse.Namespace) -> str:
                 if result.signal is not None:
                     raise KeyboardInterrupt  # stopped by a signal: the rows so far are in --out
                 start = time.perf_counter()
-                add(Row(name, seed, result.step, training_pixels(run_dir, _accum(RECIPES[name]), TILE // 2 if args.smoke else TILE),
-                        *test_psnr([run_dir / "last.pth"], test, run_dir, tta=1), seconds + time.perf_counter() - start))
+                pixels = training_pixels(run_dir, _accum(RECIPES[name]), TILE // 2 if args.smoke else TILE)
+                add(Row(name, seed, result.step, pixels, *test_psnr([run_dir / "last.pth"], test, run_dir, tta=1),
+                        seconds + time.perf_counter() - start))
                 if name in OFFICIAL_FAMILY:
                     views = [("  inference: 8x TTA", 8, False)]
                     if args.tlc:
