@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import recipes
 import scoring
 import utils
 from augment import DEFAULT_ALPHAS, DEFAULT_RATES, STRONG_AUGMENTATIONS, AugmentPolicy
@@ -142,6 +143,7 @@ def build_parser(defaults=None, *, fine_tune=False, description=None):
     run.add_argument("--preset", choices=sorted(PRESETS), default=None,
                      help="model size (default official; with --resume or --checkpoint the checkpoint's own "
                           "config is used, and a --preset given must match it)")
+    recipes.add_recipe_argument(run)
     run.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     run.add_argument("--val_interval", type=int, default=1, help="validate every this many epochs (default 1)")
     run.add_argument("--keep_last", type=int, default=0, metavar="K",
@@ -204,7 +206,7 @@ def parse_args(parser, argv=None):
     Returns:
         argparse.Namespace: the options of the run.
     """
-    args = parser.parse_args(argv)
+    args = recipes.parse_args(parser, argv)
     if not args.resume or not _run_file(args.resume).is_file():  # a missing file is reported by check_args
         return args
     # mapped, not read: only the options are wanted here (the Trainer reads the whole file once)
