@@ -18,6 +18,7 @@ The weights are untouched; ``disable_tlc`` puts the modules back.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,19 @@ WINDOW_PER_CROP = 1.5  # TLC's default: windows 1.5 x the training crop
 def window_for_crop(crop: int) -> int:
     """TLC's window (image pixels) for a network trained on ``crop`` x ``crop`` crops."""
     return int(round(WINDOW_PER_CROP * crop))
+
+
+def training_crop(checkpoint: Any) -> int | None:
+    """The side of the crops a checkpoint of trainer.py was trained on (its last --progressive phase's, else its
+    --patch_size); None for whole images or a checkpoint that does not record its options."""
+    saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    if not isinstance(saved, dict):
+        return None
+    if saved.get("progressive"):
+        patch = str(saved["progressive"][-1]).split(":")[0]
+        return int(patch) if patch.isdigit() else None
+    patch = saved.get("patch_size")
+    return int(patch) if isinstance(patch, int) and patch > 0 else None
 
 
 class _Context:

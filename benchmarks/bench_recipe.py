@@ -81,8 +81,10 @@ RECIPES = {
     "official + FFT loss 0.1": OFFICIAL + ["--fft_weight", "0.1"],
 }
 TOGETHER = "together (progressive + EMA)"
-# Recipes whose model is also restored with 8x TTA (and, with --tlc, with test-time local statistics).
+# Recipes whose model is also restored in the --views ways: 8x TTA, test-time local statistics, both.
 OFFICIAL_FAMILY = (OFFICIAL_NAME, "official + FFT loss 0.05", "official + FFT loss 0.1")
+VIEWS = {"tta": ("  inference: 8x TTA", 8, False), "tlc": ("  inference: TLC", 1, True),
+         "tlc_tta": ("  inference: TLC, 8x TTA", 8, True)}
 
 
 @dataclass
@@ -207,7 +209,7 @@ def _finished_run(run: Path, argv: list[str]) -> tuple | None:
         return None
     args = trainer.parse_args(trainer.build_parser(), argv)
     same = all(saved.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
-               if k not in trainer.PER_INVOCATION and k in saved)
+               if k not in trainer.PER_INVOCATION and k in saved and v is not None)  # None: resolved on start
     if not same or not records or records[-1]["epoch"] != args.epochs or not (run / "last.pth").is_file():
         return None
     result = trainer.Result(run, records[-1]["epoch"], records[-1]["step"], float("nan"))
@@ -278,9 +280,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--reuse", action="store_true",
                         help="with --work: a run folder there that finished the same training is restored again, "
                              "not retrained (for adding inference rows)")
-    parser.add_argument("--tlc", action="store_true",
-                        help="also restore the official-family runs with test-time local statistics (tlc.py), "
-                             "with and without 8x TTA")
+    parser.add_argument("--views", nargs="*", choices=list(VIEWS), default=["tta"],
+                        help="how the official-family runs are also restored, beside whole: tta (8x TTA), tlc "
+                             "(test-time local statistics, tlc.py), tlc_tta (both) (default: tta)")
     parser.add_argument("--threads", type=positive_int, default=1,
                         help="PyTorch threads (default 1: on a machine shared with other jobs more threads wait on "
                              "each other; the PSNR figures do not depend on it)")
@@ -303,7 +305,10 @@ def run(args: argparse.Namespace) -> str:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
-        train_dir, test = prepare(args.data, work / "data", smoke=args.smoke)
+        if args.reuse and (work / "data" / "train").is_dir() and (work / "data" / "test").is_dir():
+            train_dir, test = work / "data" / "train", work / "data" / "test"  # as an earlier run wrote them
+        else:
+            train_dir, test = prepare(args.data, work / "data", smoke=args.smoke)
         add(Row("degraded input (no restoration)", 0, None, None, *degraded_psnr(test), 0.0))
         for seed in args.seeds:
             for name in args.recipes:
@@ -317,10 +322,7 @@ def run(args: argparse.Namespace) -> str:
                 add(Row(name, seed, result.step, pixels, *test_psnr([run_dir / "last.pth"], test, run_dir, tta=1),
                         seconds + time.perf_counter() - start))
                 if name in OFFICIAL_FAMILY:
-                    views = [("  inference: 8x TTA", 8, False)]
-                    if args.tlc:
-                        views += [("  inference: TLC", 1, True), ("  inference: TLC, 8x TTA", 8, True)]
-                    for label, tta, tlc in views:
+                    for label, tta, tlc in (VIEWS[view] for view in args.views):
                         start = time.perf_counter()
                         add(Row(label, seed, None, None, *test_psnr([run_dir / "last.pth"], test, run_dir, tta=tta,
                                                                     tlc=tlc), time.perf_counter() - start))

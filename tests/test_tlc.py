@@ -107,3 +107,13 @@ def test_window_for_crop_and_bad_window():
         tlc.enable_tlc(build_model("tiny"), window=0)
     with pytest.raises(ValueError, match="no PromptIR attention"):
         tlc.enable_tlc(torch.nn.Conv2d(3, 3, 1), window=8)
+
+
+def test_training_crop_reads_the_checkpoint_options():
+    """The crop is --patch_size, or the last --progressive phase's; whole images, a foreign checkpoint without
+    options, or a last phase of whole images give None (no crop to scale the window from)."""
+    assert tlc.training_crop({"args": {"patch_size": 128, "progressive": None}}) == 128
+    assert tlc.training_crop({"args": {"patch_size": None, "progressive": ["64:8:2", "96:4:2"]}}) == 96
+    assert tlc.training_crop({"args": {"patch_size": 64, "progressive": ["64:8:2", "whole:2:2"]}}) is None
+    assert tlc.training_crop({"args": {"patch_size": None}}) is None
+    assert tlc.training_crop({"model": {}}) is None and tlc.training_crop(None) is None
