@@ -17,10 +17,14 @@ peak learning rate (1e-3, for the tiny preset) and warm-up (60 updates), so only
 - +EMA: the original with ``--ema 0.999`` (warm-up decay, ema.py), tested on the EMA weights; and with the constant
   decay (``--ema_no_warmup``), for what the warm-up changes;
 - +progressive: the original with ``--progressive 48:32:5 64:18:4 96:8:2`` (equal pixels per update in each phase);
-- together: progressive and EMA.
+- together: progressive and EMA;
+- official + FFT loss 0.05 / 0.1: the official recipe with ``--fft_weight`` (L1 + W x mean |FFT(pred) - FFT(target)|).
 
-Inference rows take the together run: no TTA, 8-view TTA, an ensemble of its last three snapshots (``--keep_last
-3``) with TTA, and the average of those snapshots (``avg_checkpoints.py``) with TTA. PSNR on uint8 RGB (the grader's)
+The official-family runs are also restored in the ``--views`` ways: 8x TTA (default), and test-time local statistics
+(``tlc``: benchmarks/tlc.py, windows of 1.5 x the 48-pixel crop) without and with TTA (``tlc_tta``). ``--reuse`` with
+``--work`` restores finished runs again instead of retraining them. The together run's inference rows: no TTA,
+8-view TTA, an ensemble of its last three snapshots (``--keep_last 3``) with TTA, and the average of those snapshots
+(``avg_checkpoints.py``) with TTA. PSNR on uint8 RGB (the grader's)
 and on Y (the literature's), per type and overall.
 """
 from __future__ import annotations
@@ -156,8 +160,8 @@ def test_psnr(checkpoints: Sequence[Path], test: Path, work: Path, *, tta: int,
 @contextlib.contextmanager
 def _tlc_models():
     """While open, every model ``inference.load_model`` builds computes its global statistics over local windows
-    of 1.5 x the training crop its checkpoint records (the prototype in tlc.py, measured here before it lands)."""
-    import tlc
+    of 1.5 x the training crop its checkpoint records (the prototype in benchmarks/tlc.py)."""
+    from benchmarks import tlc
     load_model = inference.load_model
 
     def load_with_tlc(checkpoint, **kwargs):
@@ -282,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> str:
                              "not retrained (for adding inference rows)")
     parser.add_argument("--views", nargs="*", choices=list(VIEWS), default=["tta"],
                         help="how the official-family runs are also restored, beside whole: tta (8x TTA), tlc "
-                             "(test-time local statistics, tlc.py), tlc_tta (both) (default: tta)")
+                             "(test-time local statistics, benchmarks/tlc.py), tlc_tta (both) (default: tta)")
     parser.add_argument("--threads", type=positive_int, default=1,
                         help="PyTorch threads (default 1: on a machine shared with other jobs more threads wait on "
                              "each other; the PSNR figures do not depend on it)")

@@ -1,12 +1,12 @@
-"""Tests for tlc.py: exactly the global result when the window covers the map, local windows otherwise, the local
-mean, the fast path, bf16, deep copies, undoing it."""
+"""Tests for benchmarks/tlc.py (the TLC prototype bench_recipe.py measures): exactly the global result when the
+window covers the map, local windows otherwise, the local mean, the fast path, bf16, deep copies, undoing it."""
 import copy
 
 import pytest
 import torch
 from einops import rearrange
 
-import tlc
+from benchmarks import tlc
 from fast_path import enable_fast_path
 from model import Attention, PromptGenBlock, build_model
 
@@ -117,3 +117,4 @@ def test_training_crop_reads_the_checkpoint_options():
     assert tlc.training_crop({"args": {"patch_size": 64, "progressive": ["64:8:2", "whole:2:2"]}}) is None
     assert tlc.training_crop({"args": {"patch_size": None}}) is None
     assert tlc.training_crop({"model": {}}) is None and tlc.training_crop(None) is None
+
