@@ -52,7 +52,7 @@ from avg_checkpoints import SNAPSHOT_DIR, SNAPSHOT_NAME, run_snapshots, snapshot
 from dataloader import DataError, build_loaders, make_train_loader
 from ema import ModelEma
 from fast_path import enable_fast_path
-from GFL_Loss import LOSSES, build_loss, fft_weight_option
+from GFL_Loss import LOSSES, WithFFT, build_loss, fft_weight_option
 from model import PRESETS, build_model, freeze_except, model_config, model_from_checkpoint, trainable_summary
 from utils import ConfigError
 
@@ -1142,7 +1142,9 @@ class Trainer:
         self.policy = AugmentPolicy(  # draws from the global RNG (checkpointed)
             strong=args.augment == "strong", rates=dict(zip(STRONG_AUGMENTATIONS, args.aug_rates)),
             alphas=dict(zip(STRONG_AUGMENTATIONS, args.aug_alphas)))
-        self.loss_fn = build_loss(args.loss, num_epochs=args.epochs, fft_weight=args.fft_weight)
+        self.loss_fn = build_loss(args.loss, num_epochs=args.epochs)
+        if args.fft_weight:
+            self.loss_fn = WithFFT(self.loss_fn, args.fft_weight)
         self.optimizer = build_optimizer((p for p in self.model.parameters() if p.requires_grad), lr=args.lr,
                                          weight_decay=args.weight_decay, device=self.device)
         scaler = torch.amp.GradScaler("cuda") if args.precision == "fp16" else None

@@ -90,13 +90,13 @@ def test_recipe_and_fft_weight_from_the_command_line_reach_the_run(tmp_path, mon
     """trainer.main with --recipe official and --fft_weight 0.05 trains, and args.json records the recipe, what it
     set (the bundle less the typed options) and the frequency weight; the loss trained is L1 + 0.05 x FFT."""
     built = []
+    trainer_init = trainer.Trainer.__init__
 
-    def spy(*args, **kwargs):
-        built.append(trainer_build_loss(*args, **kwargs))
-        return built[-1]
+    def spy(self, *args, **kwargs):
+        trainer_init(self, *args, **kwargs)
+        built.append(self.loss_fn)
 
-    trainer_build_loss = trainer.build_loss
-    monkeypatch.setattr(trainer, "build_loss", spy)
+    monkeypatch.setattr(trainer.Trainer, "__init__", spy)
     data = make_homework_set(tmp_path / "data", per_kind=4, size=24)
     run = tmp_path / "run"
     trainer.main(["--data_dir", str(data), "--save_dir", str(run), "--recipe", "official", "--fft_weight", "0.05",
