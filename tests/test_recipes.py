@@ -41,6 +41,13 @@ def test_official_recipe_sets_its_bundle_on_trainer():
     assert {k: getattr(args, k) for k in expected} == expected and args.recipe_set == expected
 
 
+def test_official_fft_recipe_is_official_plus_the_frequency_term():
+    """--recipe official_fft sets the official bundle and --fft_weight 0.0375 (0.1 at 48-pixel crops, scaled to
+    128), nothing else."""
+    official, with_fft = _parse(trainer, "--recipe", "official"), _parse(trainer, "--recipe", "official_fft")
+    assert with_fft.recipe_set == {**official.recipe_set, "fft_weight": 0.0375} and with_fft.fft_weight == 0.0375
+
+
 @pytest.mark.parametrize("name", ["first_stage_ft.py", "second_stage_ft.py"])
 def test_official_recipe_scales_the_fine_tuning_schedule(name):
     """On a fine-tuning script the official recipe scales the stage's own schedule (100 epochs, 5 warm-up) by 4 and
