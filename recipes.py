@@ -1,4 +1,4 @@
-"""Named training recipes: ``--recipe homework|official`` sets a measured bundle of options in one flag.
+"""Named training recipes: ``--recipe homework|official|official_fft`` sets a measured bundle of options in one flag.
 
 =========  ==========================================================================================================
 homework   the original homework's options, today's defaults: whole images, batch 2 x 4 accumulated, the script's loss

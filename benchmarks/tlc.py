@@ -16,8 +16,9 @@ Where a window covers the whole feature map, the module runs its own forward: th
 The weights are untouched; ``disable_tlc`` puts the modules back.
 
 A prototype, measured by ``bench_recipe.py --views tlc tlc_tta`` and not part of the product: on the held-out split
-(tiny preset trained on 48x48 crops, 192x192 test images, two seeds) it gained +0.05 dB without TTA and +0.09 dB with
-8x TTA on average (README, "What each recipe buys"), under the 0.1 dB it had to earn to become ``inference.py --tlc``.
+(tiny preset trained on 48x48 crops, 192x192 test images, two seeds) it gained +0.05 dB without TTA and +0.085 dB
+with 8x TTA on average (README, "What each recipe buys"), under the 0.1 dB it had to earn to become
+``inference.py --tlc``.
 """
 from __future__ import annotations
 
