@@ -1,9 +1,12 @@
-"""Training losses: Charbonnier, L1 and the Guided Frequency Loss, and choosing one by name.
+"""Training losses: Charbonnier, L1, the Guided Frequency Loss and the FFT loss term, and choosing one by name.
 
 Every loss is an ``nn.Module`` called as ``loss(pred, target, epoch=None)``; only the Guided Frequency Loss uses the
-epoch. Half-precision inputs (for example a model's output under ``torch.autocast``) are upcast to float32, so the
+epoch. ``build_loss(name, fft_weight=W)`` adds ``W x FFTLoss`` (MoCE-IR's and BioIR's frequency term) to any of them.
+Half-precision inputs (for example a model's output under ``torch.autocast``) are upcast to float32, so the
 loss arithmetic, the Gaussian convolution and the FFT never run in float16 or bfloat16.
 """
+import argparse
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -171,17 +174,75 @@ class GuidedFrequencyLoss(nn.Module):
             return torch.sqrt(diff ** 2 + spectral + laplacian ** 2 + self.eps ** 2).mean()
 
 
-def build_loss(name, *, num_epochs=None):
+class FFTLoss(nn.Module):
+    """Frequency loss ``mean |FFT(pred) - FFT(target)|``: the 2-D FFT of each channel of each image (unnormalised,
+    ``torch.fft.fft2``'s default, as MoCE-IR and BioIR compute it), real and imaginary parts compared as separate
+    values, so the mean runs over 2 x B x C x H x W numbers. Always computed in at least float32, autocast off.
+
+    The FFT is unnormalised, so for the same per-pixel error the term grows with the side of the training crop
+    (about linearly): a weight means what the papers' 0.1 means at their crop size (128).
+    """
+
+    def forward(self, pred, target, epoch=None):
+        """Return the scalar loss; ``epoch`` is accepted for a uniform call and ignored."""
+        pred, target = _common_dtype(pred, target)
+        with torch.autocast(device_type=pred.device.type, enabled=False):
+            spectrum = torch.fft.fft2(pred - target)  # linear: FFT(pred) - FFT(target), one transform
+            return torch.view_as_real(spectrum).abs().mean()
+
+
+class WithFFT(nn.Module):
+    """``loss(pred, target, epoch) + weight x FFTLoss(pred, target)``.
+
+    Args:
+        loss (nn.Module): the base loss, called as ``loss(pred, target, epoch)``.
+        weight (float): weight of the frequency term, > 0.
+    """
+
+    def __init__(self, loss, weight):
+        super().__init__()
+        if not weight > 0:
+            raise ValueError(f"GFL_Loss.py: WithFFT needs a weight > 0, got {weight}")
+        self.loss, self.fft, self.weight = loss, FFTLoss(), float(weight)
+
+    def extra_repr(self):
+        return f"weight={self.weight}"
+
+    def forward(self, pred, target, epoch=None):
+        """Return the scalar loss (the base loss's dtype rules hold: float32 at least)."""
+        return self.loss(pred, target, epoch) + self.weight * self.fft(pred, target)
+
+
+def fft_weight_option(text):
+    """argparse type of ``--fft_weight``: a finite number >= 0 (0: no frequency term)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a weight: give a number >= 0, e.g. 0.1 (0: off)")
+    return value
+
+
+def build_loss(name, *, num_epochs=None, fft_weight=0.0):
     """Build a training loss by name.
 
     Args:
         name (str): One of ``LOSSES``: "charbonnier", "gfl" or "l1" (case-insensitive).
         num_epochs (int | None): Epochs over which the GFL frequency mask grows; the training length is the natural
             choice. None keeps the GFL default (100). Ignored by the other losses.
+        fft_weight (float): weight of the ``FFTLoss`` term added to the loss (``WithFFT``); 0 (the default) adds none.
 
     Returns:
         nn.Module: The loss, called as ``loss(pred, target, epoch)``.
     """
+    if not fft_weight >= 0:
+        raise ValueError(f"GFL_Loss.py: fft_weight must be >= 0, got {fft_weight}")
+    loss = _base_loss(name, num_epochs=num_epochs)
+    return WithFFT(loss, fft_weight) if fft_weight > 0 else loss
+
+
+def _base_loss(name, *, num_epochs):
     key = str(name).lower()
     if key == "charbonnier":
         return CharbonnierLoss()

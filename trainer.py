@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import recipes
 import run
 import scoring
 import utils
@@ -40,7 +41,7 @@ from augment import DEFAULT_ALPHAS, DEFAULT_RATES, STRONG_AUGMENTATIONS, Augment
 from dataloader import DataError, build_loaders
 from ema import ModelEma
 from fast_path import enable_fast_path
-from GFL_Loss import LOSSES, build_loss
+from GFL_Loss import LOSSES, WithFFT, build_loss, fft_weight_option
 from model import MIN_SIZE, PRESETS, build_model, freeze_except, model_config, model_from_checkpoint, trainable_summary
 from schedule import MIN_LR, MIN_PATCH, Phase, PhasePlan, lr_at, training_phases  # noqa: F401 (Phase: the API)
 from utils import ConfigError
@@ -105,6 +106,8 @@ def build_parser(defaults=None, *, fine_tune=False, description=None):
                      help=f"linear warm-up epochs before the cosine decay (default {d['warmup_epochs']})")
     opt.add_argument("--accum_steps", type=int, default=4, help="micro-batches per optimizer update (default 4)")
     opt.add_argument("--loss", choices=LOSSES, default=d["loss"], help=f"training loss (default {d['loss']})")
+    opt.add_argument("--fft_weight", type=fft_weight_option, default=0.0, metavar="W",
+                     help="add W x mean |FFT(pred) - FFT(target)| to the loss (MoCE-IR's term; default 0: off)")
     opt.add_argument("--weight_decay", type=float, default=1e-4,
                      help="AdamW weight decay, not applied to biases and norm weights (default 1e-4)")
     opt.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm (default 1.0; 0: off)")
@@ -125,6 +128,7 @@ def build_parser(defaults=None, *, fine_tune=False, description=None):
     folder.add_argument("--preset", choices=sorted(PRESETS), default=None,
                      help="model size (default official; with --resume or --checkpoint the checkpoint's own "
                           "config is used, and a --preset given must match it)")
+    recipes.add_recipe_argument(folder)
     folder.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     folder.add_argument("--val_interval", type=int, default=1, help="validate every this many epochs (default 1)")
     folder.add_argument("--keep_last", type=int, default=0, metavar="K",
@@ -192,13 +196,14 @@ def command_line(parser, argv=None):
     Returns:
         tuple[argparse.Namespace, dict | None]: the options of the run, and the --resume checkpoint.
     """
-    args = parser.parse_args(argv)
+    args = recipes.parse_args(parser, argv)
     if not args.resume:
         return args, None
     resumed = read_resume(args)
     given_precision = any(getattr(args, name) for name in PRECISION_OPTIONS)
     known = set(vars(args)) - PER_INVOCATION - (set(PRECISION_OPTIONS) if given_precision else set())
     parser.set_defaults(**{key: value for key, value in resumed["args"].items() if key in known})
+    # the saved options already hold what the run's recipe set: parsed plainly, not through the recipe again
     resume, args = args.resume, parser.parse_args(argv)
     args.resume = resume
     return args, resumed
@@ -763,6 +768,8 @@ class Trainer:
         self.ddp_model = wrap_ddp(self.model, self.device) if self.processes.distributed else None
         self.ema = ModelEma(self.model, decay=args.ema, warmup=not args.ema_no_warmup) if args.ema else None
         self.loss_fn = build_loss(args.loss, num_epochs=args.epochs)
+        if args.fft_weight:
+            self.loss_fn = WithFFT(self.loss_fn, args.fft_weight)
         self.optimizer = build_optimizer((p for p in self.model.parameters() if p.requires_grad), lr=args.lr,
                                          weight_decay=args.weight_decay, device=self.device)
         scaler = torch.amp.GradScaler("cuda") if args.precision == "fp16" else None

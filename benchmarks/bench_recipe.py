@@ -2,7 +2,7 @@
 
 ::
 
-    python benchmarks/bench_recipe.py --out recipe.md            # the whole table, tiny preset (about 25 minutes on 2 cores)
+    python benchmarks/bench_recipe.py --out recipe.md            # the whole table, tiny preset (40 min on 2 cores)
     python benchmarks/bench_recipe.py --seeds 0 1 --out recipe.md
     python benchmarks/bench_recipe.py --smoke                     # the same code on a few images in about a minute
 
@@ -17,15 +17,21 @@ peak learning rate (1e-3, for the tiny preset) and warm-up (60 updates), so only
 - +EMA: the original with ``--ema 0.999`` (warm-up decay, ema.py), tested on the EMA weights; and with the constant
   decay (``--ema_no_warmup``), for what the warm-up changes;
 - +progressive: the original with ``--progressive 48:32:5 64:18:4 96:8:2`` (equal pixels per update in each phase);
-- together: progressive and EMA.
+- together: progressive and EMA;
+- official + FFT loss 0.05 / 0.1: the official recipe with ``--fft_weight`` (L1 + W x mean |FFT(pred) - FFT(target)|).
 
-Inference rows take the together run: no TTA, 8-view TTA, an ensemble of its last three snapshots (``--keep_last
-3``) with TTA, and the average of those snapshots (``avg_checkpoints.py``) with TTA. PSNR on uint8 RGB (the grader's)
+The official-family runs are also restored in the ``--views`` ways: 8x TTA (default), and test-time local statistics
+(``tlc``: benchmarks/tlc.py, windows of 1.5 x the 48-pixel crop) without and with TTA (``tlc_tta``). ``--reuse`` with
+``--work`` restores finished runs again instead of retraining them. The together run's inference rows: no TTA,
+8-view TTA, an ensemble of its last three snapshots (``--keep_last 3``) with TTA, and the average of those snapshots
+(``avg_checkpoints.py``) with TTA. PSNR on uint8 RGB (the grader's)
 and on Y (the literature's), per type and overall.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import statistics
 import sys
@@ -64,18 +70,25 @@ ORIGINAL = ["--batch_size", "2", "--accum_steps", "4", "--loss", "gfl", "--augme
             "--warmup_epochs", "1"]
 PROGRESSIVE = ["--accum_steps", "1", "--loss", "gfl", "--augment", "strong", "--epochs", "11", "--warmup_epochs", "4",
                "--progressive", "48:32:5", "64:18:4", "96:8:2"]
+OFFICIAL = ["--batch_size", "8", "--accum_steps", "4", "--patch_size", "48", "--loss", "l1", "--augment", "views",
+            "--epochs", str(EPOCHS * 4), "--warmup_epochs", "4"]
 ORIGINAL_NAME = "original (whole tiles, b2 x 4, GFL, strong aug.)"
+OFFICIAL_NAME = "official (48 crops, b8 x 4, L1, views)"
 RECIPES = {
     ORIGINAL_NAME: ORIGINAL,
-    "official (48 crops, b8 x 4, L1, views)":
-        ["--batch_size", "8", "--accum_steps", "4", "--patch_size", "48", "--loss", "l1", "--augment", "views",
-         "--epochs", str(EPOCHS * 4), "--warmup_epochs", "4"],
+    OFFICIAL_NAME: OFFICIAL,
     "original + EMA (0.999, warm-up)": ORIGINAL + ["--ema", "0.999"],
     "original + EMA (0.999, constant: no warm-up)": ORIGINAL + ["--ema", "0.999", "--ema_no_warmup"],
     "original + progressive (48/32, 64/18, 96/8)": PROGRESSIVE,
     "together (progressive + EMA)": PROGRESSIVE + ["--ema", "0.999", "--keep_last", "3"],
+    "official + FFT loss 0.05": OFFICIAL + ["--fft_weight", "0.05"],
+    "official + FFT loss 0.1": OFFICIAL + ["--fft_weight", "0.1"],
 }
 TOGETHER = "together (progressive + EMA)"
+# Recipes whose model is also restored in the --views ways: 8x TTA, test-time local statistics, both.
+OFFICIAL_FAMILY = (OFFICIAL_NAME, "official + FFT loss 0.05", "official + FFT loss 0.1")
+VIEWS = {"tta": ("  inference: 8x TTA", 8, False), "tlc": ("  inference: TLC", 1, True),
+         "tlc_tta": ("  inference: TLC, 8x TTA", 8, True)}
 
 
 @dataclass
@@ -132,13 +145,35 @@ def prepare(data: Path, out: Path, *, smoke: bool) -> tuple[Path, Path]:
     return out / "train", out / "test"
 
 
-def test_psnr(checkpoints: Sequence[Path], test: Path, work: Path, *, tta: int) -> tuple[float, float, float, float]:
-    """(rain, snow, overall RGB PSNR, overall Y PSNR) of restoring the test set with ``checkpoints``."""
-    scores = inference.main(["--checkpoint", *map(str, checkpoints), "--data_dir", str(test), "--tta", str(tta),
-                             "--output_npz", str(work / "pred.npz"), "--device", "cpu", "--no_progress"])
+def test_psnr(checkpoints: Sequence[Path], test: Path, work: Path, *, tta: int,
+              tlc: bool = False) -> tuple[float, float, float, float]:
+    """(rain, snow, overall RGB PSNR, overall Y PSNR) of restoring the test set with ``checkpoints``; ``tlc``: with
+    test-time local statistics (``tlc.enable_tlc``, windows of 1.5 x each checkpoint's training crop)."""
+    with _tlc_models() if tlc else contextlib.nullcontext():
+        scores = inference.main(["--checkpoint", *map(str, checkpoints), "--data_dir", str(test), "--tta", str(tta),
+                                 "--output_npz", str(work / "pred.npz"), "--device", "cpu", "--no_progress"])
     by_kind = {kind: statistics.mean(s.psnr for s in scores if s.kind == kind) for kind in SPLITS}
     return (by_kind["rain"], by_kind["snow"], statistics.mean(s.psnr for s in scores),
             statistics.mean(s.psnr_y for s in scores))
+
+
+@contextlib.contextmanager
+def _tlc_models():
+    """While open, every model ``inference.load_model`` builds computes its global statistics over local windows
+    of 1.5 x the training crop its checkpoint records (the prototype in benchmarks/tlc.py)."""
+    from benchmarks import tlc
+    load_model = inference.load_model
+
+    def load_with_tlc(checkpoint, **kwargs):
+        model = load_model(checkpoint, **kwargs)
+        crop = utils.load_checkpoint(checkpoint, mmap=True)["args"].get("patch_size")
+        return tlc.enable_tlc(model, window=tlc.window_for_crop(crop)) if crop else model
+
+    inference.load_model = load_with_tlc
+    try:
+        yield
+    finally:
+        inference.load_model = load_model
 
 
 def degraded_psnr(test: Path) -> tuple[float, float, float, float]:
@@ -153,15 +188,36 @@ def degraded_psnr(test: Path) -> tuple[float, float, float, float]:
             statistics.mean(s.psnr_y for s in scores))
 
 
-def train(name: str, extra: list[str], seed: int, train_dir: Path, run: Path, *, smoke: bool) -> tuple:
+def train(name: str, extra: list[str], seed: int, train_dir: Path, run: Path, *, smoke: bool,
+          reuse: bool = False) -> tuple:
     argv = ["--data_dir", str(train_dir), "--save_dir", str(run), "--seed", str(seed), *COMMON, *extra]
     if smoke:  # two epochs of each phase at most: a check of the code, not a measurement
         argv = _shortened(argv)
+    if reuse and (finished := _finished_run(run, argv)) is not None:
+        log.info("%s, seed %d: reusing the finished run in %s", name, seed, run)
+        return finished
     start = time.perf_counter()
     result = trainer.train(trainer.parse_args(trainer.build_parser(), argv))
     seconds = time.perf_counter() - start
     log.info("%s, seed %d: %d updates in %.0f s", name, seed, result.step, seconds)
     return result, seconds
+
+
+def _finished_run(run: Path, argv: list[str]) -> tuple | None:
+    """(Result, training seconds) of a run folder that finished the training ``argv`` describes (same options in its
+    args.json, every epoch logged), else None."""
+    try:
+        saved = json.loads((run / "args.json").read_text())
+        records = utils.read_log(run)
+    except (OSError, ValueError, utils.ToolkitError):
+        return None
+    args = trainer.parse_args(trainer.build_parser(), argv)
+    same = all(saved.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
+               if k not in trainer.PER_INVOCATION and k in saved and v is not None)  # None: resolved on start
+    if not same or not records or records[-1]["epoch"] != args.epochs or not (run / "last.pth").is_file():
+        return None
+    result = trainer.Result(run, records[-1]["epoch"], records[-1]["step"], float("nan"))
+    return result, sum(r.get("time_s") or 0.0 for r in records)
 
 
 def _shortened(argv: list[str]) -> list[str]:
@@ -225,6 +281,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--out", type=Path, help="also write the table here (rewritten after every row)")
     parser.add_argument("--smoke", action="store_true", help="a few images and epochs: checks the code")
     parser.add_argument("--work", type=Path, help="keep the data and runs here (default: a temporary folder)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="with --work: a run folder there that finished the same training is restored again, "
+                             "not retrained (for adding inference rows)")
+    parser.add_argument("--views", nargs="*", choices=list(VIEWS), default=["tta"],
+                        help="how the official-family runs are also restored, beside whole: tta (8x TTA), tlc "
+                             "(test-time local statistics, benchmarks/tlc.py), tlc_tta (both) (default: tta)")
     parser.add_argument("--threads", type=positive_int, default=1,
                         help="PyTorch threads (default 1: on a machine shared with other jobs more threads wait on "
                              "each other; the PSNR figures do not depend on it)")
@@ -247,17 +309,27 @@ def run(args: argparse.Namespace) -> str:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
-        train_dir, test = prepare(args.data, work / "data", smoke=args.smoke)
+        if args.reuse and (work / "data" / "train").is_dir() and (work / "data" / "test").is_dir():
+            train_dir, test = work / "data" / "train", work / "data" / "test"  # as an earlier run wrote them
+        else:
+            train_dir, test = prepare(args.data, work / "data", smoke=args.smoke)
         add(Row("degraded input (no restoration)", 0, None, None, *degraded_psnr(test), 0.0))
         for seed in args.seeds:
             for name in args.recipes:
                 run_dir = work / f"run_{list(RECIPES).index(name)}_seed{seed}"
-                result, seconds = train(name, RECIPES[name], seed, train_dir, run_dir, smoke=args.smoke)
+                result, seconds = train(name, RECIPES[name], seed, train_dir, run_dir, smoke=args.smoke,
+                                        reuse=args.reuse)
                 if result.signal is not None:
                     raise KeyboardInterrupt  # stopped by a signal: the rows so far are in --out
                 start = time.perf_counter()
-                add(Row(name, seed, result.step, training_pixels(run_dir, _accum(RECIPES[name]), TILE // 2 if args.smoke else TILE),
-                        *test_psnr([run_dir / "last.pth"], test, run_dir, tta=1), seconds + time.perf_counter() - start))
+                pixels = training_pixels(run_dir, _accum(RECIPES[name]), TILE // 2 if args.smoke else TILE)
+                add(Row(name, seed, result.step, pixels, *test_psnr([run_dir / "last.pth"], test, run_dir, tta=1),
+                        seconds + time.perf_counter() - start))
+                if name in OFFICIAL_FAMILY:
+                    for label, tta, tlc in (VIEWS[view] for view in args.views):
+                        start = time.perf_counter()
+                        add(Row(label, seed, None, None, *test_psnr([run_dir / "last.pth"], test, run_dir, tta=tta,
+                                                                    tlc=tlc), time.perf_counter() - start))
                 if name != TOGETHER:
                     continue
                 snapshots = avg_checkpoints.run_snapshots(run_dir)

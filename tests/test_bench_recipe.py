@@ -18,4 +18,24 @@ def test_smoke_run_gives_every_row_of_the_table(tmp_path, shared):
     for line in text.splitlines()[2:]:
         cells = [c.strip() for c in line.split("|")[1:-1]]
         assert all(float(v) == float(v) and 5 < float(v) < 60 for v in cells[4:8]), line
-    assert len(bench_recipe.avg_checkpoints.run_snapshots(tmp_path / "work" / f"run_{list(bench_recipe.RECIPES).index(bench_recipe.TOGETHER)}_seed0")) == 3
+    together = tmp_path / "work" / f"run_{list(bench_recipe.RECIPES).index(bench_recipe.TOGETHER)}_seed0"
+    assert len(bench_recipe.avg_checkpoints.run_snapshots(together)) == 3
+
+
+def test_smoke_official_family_rows_and_reuse(tmp_path, shared):
+    """The official recipe with the FFT loss gets a whole, an 8x TTA and a TLC row, with finite PSNR; run again with
+    --reuse on the same folder, nothing is retrained (no training log line) and every figure is the same."""
+    data = shared("data")
+    name = "official + FFT loss 0.1"
+    argv = ["--smoke", "--data", str(data), "--work", str(tmp_path / "work"), "--recipes", name,
+            "--views", "tta", "tlc"]
+    text = bench_recipe.main(argv)
+    rows = [line.split("|")[1].strip() for line in text.splitlines()[2:]]
+    assert rows == ["degraded input (no restoration)", name, "inference: 8x TTA", "inference: TLC"]
+    figures = [[c.strip() for c in line.split("|")[5:9]] for line in text.splitlines()[2:]]
+    assert all(5 < float(v) < 60 for row in figures for v in row)
+    run = tmp_path / "work" / f"run_{list(bench_recipe.RECIPES).index(name)}_seed0"
+    log_before = (run / "log.jsonl").read_text()
+    again = bench_recipe.main([*argv, "--reuse"])
+    assert [[c.strip() for c in line.split("|")[5:9]] for line in again.splitlines()[2:]] == figures
+    assert (run / "log.jsonl").read_text() == log_before

@@ -1,12 +1,16 @@
-"""Tests for GFL_Loss.py: reference values, the epoch-driven frequency mask, odd sizes, autocast, choosing by name."""
+"""Tests for GFL_Loss.py: reference values, the epoch-driven frequency mask, odd sizes, autocast, choosing by name,
+the FFT loss term."""
+import argparse
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from GFL_Loss import LOSSES, CharbonnierLoss, GuidedFrequencyLoss, L1Loss, build_loss
+from GFL_Loss import (LOSSES, CharbonnierLoss, FFTLoss, GuidedFrequencyLoss, L1Loss, WithFFT, build_loss,
+                      fft_weight_option)
 
 
 def _relative_error(value, reference):
@@ -179,3 +183,77 @@ def test_gfl_under_bf16_autocast_matches_float32():
     from_bf16.backward()
     assert torch.isfinite(layer.weight.grad).all() and layer.weight.grad.abs().sum() > 0
     assert loss_fn(pred.half(), target, 3).dtype == torch.float32
+
+
+def test_fft_loss_matches_hand_computation():
+    """FFTLoss is the mean of |real| and |imaginary| parts of the unnormalised 2-D FFT of pred - target, worked out
+    by hand: a 2x2 map [[1, 2], [3, 4]] has the spectrum [[10, -2], [-4, 0]] (all real): 16 / 8 = 2; the row
+    [0, 1, 0] has 1, -1/2 - i sqrt(3)/2, -1/2 + i sqrt(3)/2: (2 + sqrt(3)) / 6; a delta has a flat spectrum of ones."""
+    loss = FFTLoss()
+    grid = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]], dtype=torch.float64)
+    assert loss(grid, torch.zeros_like(grid)).item() == pytest.approx(2.0, rel=1e-14)
+    assert loss(grid + 5, torch.full_like(grid, 5.0)).item() == pytest.approx(2.0, rel=1e-14)  # only the difference
+    row = torch.tensor([[[[0.0, 1.0, 0.0]]]], dtype=torch.float64)
+    assert loss(row, torch.zeros_like(row)).item() == pytest.approx((2 + math.sqrt(3)) / 6, rel=1e-14)
+    delta = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
+    delta[..., 0, 0] = 1
+    assert loss(delta, torch.zeros_like(delta)).item() == pytest.approx(0.5, rel=1e-14)
+
+
+def test_fft_loss_transforms_each_channel_alone():
+    """The FFT runs over height and width of each channel of each image: the loss of a batch is the mean of the
+    losses of its (image, channel) maps, which a 3-D or 4-D FFT mixing channels or images would not give."""
+    generator = torch.Generator().manual_seed(5)
+    pred, target = torch.rand(2, 2, 3, 8, 12, generator=generator, dtype=torch.float64)
+    maps = [FFTLoss()(pred[b, c], target[b, c]).item() for b in range(2) for c in range(3)]
+    assert FFTLoss()(pred, target).item() == pytest.approx(sum(maps) / len(maps), rel=1e-12)
+    mixed = torch.view_as_real(torch.fft.fftn(pred - target, dim=(-3, -2, -1))).abs().mean().item()
+    assert FFTLoss()(pred, target).item() != pytest.approx(mixed, rel=1e-3)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_build_loss_adds_the_weighted_fft_term(name):
+    """build_loss(name, fft_weight=W) is the named loss plus W x FFTLoss, for every loss; W = 0 is the loss alone."""
+    generator = torch.Generator().manual_seed(6)
+    pred, target = torch.rand(2, 2, 3, 16, 16, generator=generator, dtype=torch.float64)
+    base = build_loss(name, num_epochs=10)
+    combined = build_loss(name, num_epochs=10, fft_weight=0.1)
+    assert isinstance(combined, WithFFT) and type(build_loss(name, fft_weight=0.0)) is type(base)
+    expected = base(pred, target, 3) + 0.1 * FFTLoss()(pred, target)
+    assert combined(pred, target, 3).item() == pytest.approx(expected.item(), rel=1e-14)
+    with pytest.raises(ValueError, match="fft_weight"):
+        build_loss(name, fft_weight=-0.1)
+
+
+def test_fft_loss_under_bf16_autocast_is_float32():
+    """Under CPU bf16 autocast, and for a bf16 or fp16 prediction, the FFT term is computed in float32: it matches
+    the float64 value to 1e-6 relative for float32 inputs, and equals the loss of the upcast prediction; the
+    gradient reaches a bf16 layer finite."""
+    generator = torch.Generator().manual_seed(7)
+    pred, target = torch.rand(2, 2, 3, 32, 32, generator=generator)
+    loss_fn = build_loss("l1", fft_weight=0.1)
+    reference = loss_fn(pred.double(), target.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = loss_fn(pred, target)
+        layer = nn.Conv2d(3, 3, 3, padding=1)
+        output = layer(pred)
+        from_bf16 = loss_fn(output, target)
+    assert inside.dtype == torch.float32 and inside.item() == pytest.approx(reference.item(), rel=1e-6)
+    assert output.dtype == torch.bfloat16 and from_bf16.dtype == torch.float32
+    assert from_bf16.item() == pytest.approx(loss_fn(output.float(), target).item(), rel=1e-6)
+    from_bf16.backward()
+    assert torch.isfinite(layer.weight.grad).all() and layer.weight.grad.abs().sum() > 0
+    assert FFTLoss()(pred.half(), target).dtype == torch.float32
+
+
+@pytest.mark.parametrize("text, value", [("0", 0.0), ("0.1", 0.1), ("1e-2", 0.01)])
+def test_fft_weight_option_accepts_weights(text, value):
+    """--fft_weight takes any finite number >= 0."""
+    assert fft_weight_option(text) == value
+
+
+@pytest.mark.parametrize("text", ["-0.1", "nan", "inf", "heavy"])
+def test_fft_weight_option_rejects_non_weights(text):
+    """A negative, non-finite or non-numeric --fft_weight is an argparse error that names the value and the fix."""
+    with pytest.raises(argparse.ArgumentTypeError, match=r"number >= 0"):
+        fft_weight_option(text)
