@@ -52,7 +52,8 @@ from dataloader import DataError, build_loaders, make_train_loader
 from ema import ModelEma
 from fast_path import enable_fast_path
 from GFL_Loss import LOSSES, build_loss
-from model import PRESETS, build_model, freeze_except, model_config, model_from_checkpoint, trainable_summary
+from model import (PRESETS, add_arch_argument, build_model, freeze_except, model_config, model_from_checkpoint,
+                   trainable_summary)
 from utils import ConfigError
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ def build_parser(defaults=None, *, fine_tune=False, description=None):
     run.add_argument("--preset", choices=sorted(PRESETS), default=None,
                      help="model size (default official; with --resume or --checkpoint the checkpoint's own "
                           "config is used, and a --preset given must match it)")
+    add_arch_argument(run)
     run.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     run.add_argument("--val_interval", type=int, default=1, help="validate every this many epochs (default 1)")
     run.add_argument("--keep_last", type=int, default=0, metavar="K",
@@ -922,7 +924,7 @@ def build_network(args, config, start, device):
     fine-tuning run, its EMA weights where it has some) when given, frozen but for --trainable, on the fast path
     unless --plain."""
     if start is not None:
-        model = model_from_checkpoint(start, preset=args.preset, source=args.checkpoint)
+        model = model_from_checkpoint(start, preset=args.preset, arch=args.arch, source=args.checkpoint)
     else:
         model = build_model(**config)
     if args.trainable:
@@ -1131,7 +1133,8 @@ class Trainer:
         self.train_loader = self.plan.loaders[self._phase]
         start = (utils.load_checkpoint(args.checkpoint, trusted=args.trust_checkpoint)
                  if args.fine_tune and resumed is None else None)
-        self.model_config = model_config(resumed or start, args.preset, source=args.resume or args.checkpoint)
+        self.model_config = model_config(resumed or start, args.preset, arch=args.arch,
+                                         source=args.resume or args.checkpoint)
         self.model = build_network(args, self.model_config, start, self.device)
         self.ddp_model = wrap_ddp(self.model, self.device) if self.processes.distributed else None
         self.ema = ModelEma(self.model, decay=args.ema, warmup=not args.ema_no_warmup) if args.ema else None

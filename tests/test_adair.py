@@ -8,12 +8,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+import avg_checkpoints
+import first_stage_ft
+import inference
+import second_stage_ft
+import trainer
+import utils
 from adair import DEAD_MODULES, PRESETS, STAGE2_MODULES, AdaIR, FrequencyBlock
+from augment import NUM_VIEWS, dihedral, dihedral_inverse
 from fast_path import disable_fast_path, enable_fast_path
 from model import (SECOND_STAGE, build_model, freeze_except, load_weights, model_config, model_from_checkpoint,
                    trainable_summary, weights_arch)
 from test_model import assert_same_weights, conv2d_by_shifts, parity_value, rel_err
+from test_trainer import assert_same_state, data, weights  # noqa: F401 (data: a fixture)
+from test_trainer import tiny as tiny_run
 from utils import ConfigError
 
 OFFICIAL_PARAMS = 28_766_086  # the released network's 28,784,824 minus its dead modules' 18,738
@@ -244,3 +254,86 @@ def test_second_stage_modules_and_rate_conv_stay_frozen(caplog):
     freeze_except(promptir, [SECOND_STAGE, "latent"])
     assert {n.split(".")[0] for n, p in promptir.named_parameters() if p.requires_grad} == \
         set(promptir.STAGE2_MODULES) | {"latent"}
+
+
+# ------------------------------------------------------------------------------------------------ the scripts
+# The scripts with --arch adair, on test_trainer's tiny runs (16x16 crops of 24x24 images, a few seconds each).
+@pytest.fixture(scope="module")
+def adair_run(data, tmp_path_factory):
+    """A finished 2-epoch tiny AdaIR run with an EMA and two snapshots (its folder)."""
+    run = tmp_path_factory.mktemp("adair") / "run"
+    trainer.train(tiny_run(data, run, "--arch", "adair", "--ema", 0.9, "--keep_last", 2, "--warmup_epochs", 0))
+    return run
+
+
+def test_training_records_the_arch_and_resumes_exactly(data, tmp_path, adair_run):
+    """--arch adair trains an AdaIR whose checkpoints record arch and preset; 1 epoch + resume 1 equals 2 straight
+    (weights, EMA, optimizer state: torch.equal); a resume with --arch promptir is refused before any work."""
+    saved = utils.load_checkpoint(adair_run / "last.pth")
+    assert saved["model_config"] == {"arch": "adair", "preset": "tiny"}
+    assert saved["args"]["arch"] == "adair"
+    extra = ("--arch", "adair", "--ema", 0.9, "--warmup_epochs", 0)
+    trainer.Trainer(tiny_run(data, tmp_path / "b", *extra)).fit(until_epoch=1)
+    trainer.train(tiny_run(data, None, *extra, "--resume", tmp_path / "b"))
+    resumed = utils.load_checkpoint(tmp_path / "b" / "last.pth")
+    for key in ("model", "ema"):
+        assert_same_state(resumed[key], saved[key])
+    for sa, sb in zip(saved["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    with pytest.raises(ConfigError, match="arch 'adair', not --arch promptir"):
+        trainer.Trainer(tiny_run(data, None, "--resume", tmp_path / "b", "--arch", "promptir", "--epochs", 3))
+
+
+def test_both_fine_tuning_stages_take_the_arch_from_the_checkpoint(data, tmp_path, adair_run, capsys):
+    """Stage 1 from an AdaIR checkpoint (no --arch given) fine-tunes an AdaIR with every parameter but rate_conv
+    trainable; stage 2 changes only AdaIR's STAGE2_MODULES (rate_conv excluded) and prints them; a contradicting
+    --arch is refused."""
+    utils.setup_logging()
+    start = utils.load_checkpoint(adair_run / "best.pth")["ema"]
+    first = trainer.Trainer(tiny_run(data, tmp_path / "ft1", "--checkpoint", adair_run / "best.pth", "--epochs", 1,
+                                     "--warmup_epochs", 0, script=first_stage_ft))
+    assert isinstance(first.model, AdaIR) and first.model_config == {"arch": "adair", "preset": "tiny"}
+    optimised = {id(p) for g in first.optimizer.param_groups for p in g["params"]}
+    assert optimised == {id(p) for n, p in first.model.named_parameters() if "rate_conv" not in n}
+    first.fit()
+    second = trainer.Trainer(tiny_run(data, tmp_path / "ft2", "--checkpoint", tmp_path / "ft1" / "last.pth",
+                                      "--epochs", 1, "--warmup_epochs", 0, script=second_stage_ft))
+    second.fit()
+    assert "AdaIR: the second stage trains refinement, output, decoder_level1, fre3, up2_1" in capsys.readouterr().err
+    before, after = weights(tmp_path / "ft1" / "last.pth"), weights(tmp_path / "ft2" / "last.pth")
+    for name, value in after.items():
+        moved = not torch.equal(value, before[name])
+        assert moved == (name.split(".")[0] in STAGE2_MODULES and "rate_conv" not in name), name
+    assert not torch.equal(before["encoder_level1.0.attn.temperature"], start["encoder_level1.0.attn.temperature"])
+    with pytest.raises(ConfigError, match="arch 'adair', not --arch promptir"):
+        trainer.Trainer(tiny_run(data, tmp_path / "ft3", "--checkpoint", adair_run / "best.pth", "--arch", "promptir",
+                                 script=first_stage_ft))
+
+
+def test_prediction_averaging_and_ensembles(tmp_path, adair_run):
+    """inference.py restores with an AdaIR checkpoint (8-view TTA: the mean of the inverse-mapped views); the
+    snapshots average into an AdaIR weights file that loads; an ensemble of an AdaIR and a PromptIR checkpoint is
+    the mean of the two; averaging an AdaIR with a PromptIR checkpoint is refused."""
+    model = inference.load_model(adair_run)
+    assert isinstance(model, AdaIR)
+    image = torch.rand(3, 20, 28)
+    with torch.no_grad():
+        views = [dihedral_inverse(model(dihedral(image, k)[None])[0], k) for k in range(NUM_VIEWS)]
+    torch.testing.assert_close(inference.restore(model, image, tta=8), sum(views) / NUM_VIEWS, rtol=0, atol=1e-6)
+    out = tmp_path / "avg.pth"
+    avg_checkpoints.main([*map(str, avg_checkpoints.run_snapshots(adair_run)), "--out", str(out)])
+    averaged = inference.load_model(out)
+    assert isinstance(averaged, AdaIR) and utils.load_checkpoint(out)["model_config"]["arch"] == "adair"
+    promptir = tmp_path / "promptir.pth"
+    utils.save_checkpoint(promptir, {"model": build_model("tiny").state_dict(), "model_config": {"preset": "tiny"}})
+    folder = tmp_path / "degraded"
+    folder.mkdir()
+    Image.fromarray(utils.to_uint8(image).permute(1, 2, 0).numpy()).save(folder / "0.png")
+    scanned = inference.scan_inputs(folder)
+    ensemble = inference.Ensemble([adair_run / "best.pth", promptir], inference.load_model, together=True)
+    members = [inference.load_model(adair_run / "best.pth"), inference.load_model(promptir)]
+    restored = dict(inference.restore_folder(ensemble, scanned, progress=False))["0.png"]
+    expected = sum(inference.restore(m, scanned.image("0.png")) for m in members) / 2
+    torch.testing.assert_close(restored, expected, rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match="another"):
+        avg_checkpoints.average_checkpoints([adair_run / "best.pth", promptir])

@@ -21,7 +21,7 @@ from augment import NUM_VIEWS, dihedral
 from conftest import ROOT
 from dataloader import find_pairs, read_image, stratified_split
 from GFL_Loss import CharbonnierLoss
-from model import STAGE2_MODULES
+from model import SECOND_STAGE, STAGE2_MODULES
 
 README_COMMANDS = [
     "python trainer.py --data_dir datasets --batch_size 2 --accum_steps 4 --epochs 250 --lr 2e-4 --fp16 --warmup 10  "
@@ -109,7 +109,7 @@ def test_the_original_readme_commands_parse_as_written(command):
         assert (args.epochs, args.lr, args.warmup_epochs, args.checkpoint) == (100, 1.5e-4, 5, "best.pth")
         assert args.augment == "views"
     if words[1] == "second_stage_ft.py":
-        assert args.trainable == list(STAGE2_MODULES)
+        assert args.trainable == [SECOND_STAGE]
 
 
 def test_defaults_are_the_original_recipe():
@@ -584,7 +584,7 @@ def test_first_stage_starts_from_the_checkpoint_with_a_fresh_schedule(data, tmp_
     t = trainer.Trainer(parse("--data_dir", data, "--save_dir", tmp_path / "ft1", "--checkpoint", trained / "best.pth",
                               "--device", "cpu", "--num_workers", 0, "--epochs", 1, "--warmup", 0, "--patch_size", 16,
                               "--val_per_type", 0, script=first_stage_ft))
-    assert t.model_config == {"preset": "tiny"} and not t.policy.strong and t.state.step == 0
+    assert t.model_config == {"arch": "promptir", "preset": "tiny"} and not t.policy.strong and t.state.step == 0
     assert_same_state(t.model.state_dict(), start)
     assert sum(p.numel() for g in t.optimizer.param_groups for p in g["params"]) == \
         sum(p.numel() for p in t.model.parameters())
