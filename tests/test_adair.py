@@ -22,8 +22,8 @@ from fast_path import disable_fast_path, enable_fast_path
 from model import (SECOND_STAGE, build_model, freeze_except, load_weights, model_config, model_from_checkpoint,
                    trainable_summary, weights_arch)
 from test_model import assert_same_weights, conv2d_by_shifts, parity_value, rel_err
-from test_trainer import assert_same_state, data, weights  # noqa: F401 (data: a fixture)
-from test_trainer import tiny as tiny_run
+from conftest import assert_same_state, weights
+from conftest import tiny as tiny_run
 from utils import ConfigError
 
 OFFICIAL_PARAMS = 28_766_086  # the released network's 28,784,824 minus its dead modules' 18,738
