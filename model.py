@@ -1,4 +1,5 @@
-"""PromptIR (Potlapalli et al., NeurIPS 2023): a Restormer encoder-decoder with prompt blocks in the decoder.
+"""PromptIR (Potlapalli et al., NeurIPS 2023): a Restormer encoder-decoder with prompt blocks in the decoder; and
+building either network this project trains (``ARCHS``: PromptIR, or AdaIR from ``adair.py``) by name.
 
 ``PromptIR()`` is the official network as released (``PromptIR(decoder=True)``): the same module names, tensor shapes
 and forward function, checked number for number against ``../shared/fixtures/promptir_parity``. The six modules the
@@ -8,8 +9,8 @@ This file holds the official formulation only. ``fast_path.enable_fast_path(mode
 less memory traffic (and optionally compiled, or recomputing activations in backward) on the same parameters.
 
 Besides the network this file owns the presets for tests and the demo, the one weight loader for every checkpoint
-layout we meet, the rules for which weights and which model size a checkpoint gives (``checkpoint_weights``,
-``model_config``, ``model_from_checkpoint``), and freezing modules by name for fine-tuning.
+layout we meet, the rules for which weights and which network and size a checkpoint gives (``checkpoint_weights``,
+``model_config``, ``model_from_checkpoint``), the ``--arch`` option, and freezing modules by name for fine-tuning.
 """
 from __future__ import annotations
 
@@ -27,11 +28,18 @@ from utils import CheckpointError, ConfigError, listing, load_checkpoint
 
 log = logging.getLogger(__name__)
 
-# Official modules that its forward never calls (215,296 parameters): dropped from checkpoints without a word.
+# Official modules that its forward never calls (215,296 parameters): dropped from checkpoints without a word (and
+# AdaIR's, adair.DEAD_MODULES, likewise).
 DEAD_MODULES = ("chnl_reduce1", "chnl_reduce2", "chnl_reduce3",
                 "reduce_noise_channel_1", "reduce_noise_channel_2", "reduce_noise_channel_3")
 # The modules the second fine-tuning stage trains; everything else stays frozen.
 STAGE2_MODULES = ("refinement", "output", "decoder_level1", "noise_level1", "reduce_noise_level1", "up2_1")
+# A --trainable name that stands for the network's own second-stage modules (PromptIR's STAGE2_MODULES, AdaIR's
+# adair.STAGE2_MODULES), so one default serves both networks.
+SECOND_STAGE = "second_stage"
+
+# The networks by --arch name; the first is the default.
+ARCHS = ("promptir", "adair")
 
 PAD_MULTIPLE = 8  # three 2x downsamplings
 # Reflection cannot add as many pixels as the side has: sides of 1 to 4 pixels would need 7 to 4 more, 5 needs 3.
@@ -208,6 +216,22 @@ class PromptGenBlock(nn.Module):
         return self.conv3x3(prompt)
 
 
+def reflect_pad(x: torch.Tensor, network: str) -> torch.Tensor:
+    """A batch (B, C, H, W) reflect-padded at the bottom and right to a multiple of ``PAD_MULTIPLE``.
+
+    Raises:
+        ValueError: not a batch of images, or a side under ``MIN_SIZE`` (the message names ``network``).
+    """
+    if x.ndim != 4:
+        raise ValueError(f"{network} expects (B, C, H, W) or (C, H, W), got shape {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    pad_h, pad_w = -h % PAD_MULTIPLE, -w % PAD_MULTIPLE
+    if pad_h >= h or pad_w >= w:
+        raise ValueError(f"{network} needs images of at least {MIN_SIZE}x{MIN_SIZE} pixels (they are reflect-padded "
+                         f"to a multiple of {PAD_MULTIPLE}), got {h}x{w}")
+    return F.pad(x, (0, pad_w, 0, pad_h), mode="reflect") if pad_h or pad_w else x
+
+
 def _stage(dim: int, num_heads: int, ffn_expansion_factor: float, depth: int) -> nn.Sequential:
     return nn.Sequential(*(TransformerBlock(dim, num_heads, ffn_expansion_factor) for _ in range(depth)))
 
@@ -238,6 +262,10 @@ class PromptIR(nn.Module):
         prompt_len: number of learned prompts per prompt block.
         prompt_sizes: height and width of the learned prompts of ``prompt1``, ``prompt2``, ``prompt3``.
     """
+
+    arch = "promptir"
+    STAGE2_MODULES = STAGE2_MODULES
+    FROZEN_MODULES: tuple[str, ...] = ()  # modules that never train (see AdaIR's)
 
     def __init__(self, *, channels: int = 3, dim: int = 48, num_blocks: Sequence[int] = (4, 6, 6, 8),
                  num_refinement_blocks: int = 4, heads: Sequence[int] = (1, 2, 4, 8),
@@ -296,14 +324,8 @@ class PromptIR(nn.Module):
         """Restore a batch (B, C, H, W) or one image (C, H, W); the result has the input's shape."""
         if x.ndim == 3:
             return self(x.unsqueeze(0)).squeeze(0)
-        if x.ndim != 4:
-            raise ValueError(f"PromptIR expects (B, C, H, W) or (C, H, W), got shape {tuple(x.shape)}")
         h, w = x.shape[-2:]
-        pad_h, pad_w = -h % PAD_MULTIPLE, -w % PAD_MULTIPLE
-        if pad_h >= h or pad_w >= w:
-            raise ValueError(f"PromptIR needs images of at least {MIN_SIZE}x{MIN_SIZE} pixels (they are reflect-padded "
-                             f"to a multiple of {PAD_MULTIPLE}), got {h}x{w}")
-        inp = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect") if pad_h or pad_w else x
+        inp = reflect_pad(x, "PromptIR")
 
         enc1 = self.encoder_level1(self.patch_embed(inp))
         enc2 = self.encoder_level2(self.down1_2(enc1))
@@ -321,19 +343,39 @@ class PromptIR(nn.Module):
         return out[..., :h, :w]
 
 
-def build_model(preset: str = "official", **overrides: Any) -> PromptIR:
-    """A PromptIR of a named size (``PRESETS``), with any constructor argument overridden.
+def _network(arch: str) -> tuple[type[nn.Module], dict[str, dict[str, Any]]]:
+    """The class and presets of the ``arch`` network."""
+    if arch == "adair":
+        import adair  # here, not at the top: adair.py builds on this file's blocks
+        return adair.AdaIR, adair.PRESETS
+    if arch != "promptir":
+        raise ValueError(f"unknown network {arch!r}; choose one of {', '.join(ARCHS)}")
+    return PromptIR, PRESETS
+
+
+def build_model(preset: str = "official", *, arch: str = "promptir", **overrides: Any) -> nn.Module:
+    """A network (``ARCHS``: PromptIR by default, or AdaIR) of a named size, with any constructor argument overridden.
 
     Args:
-        preset: a key of ``PRESETS``.
-        overrides: ``PromptIR`` keyword arguments that replace the preset's.
+        preset: a key of ``PRESETS`` (AdaIR's presets have the same names and size classes: ``adair.PRESETS``).
+        arch: which network, a name of ``ARCHS``.
+        overrides: keyword arguments of the network's constructor that replace the preset's.
 
     Raises:
-        ValueError: an unknown preset (the message lists the known ones).
+        ValueError: an unknown network or preset (the message lists the known ones).
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    return PromptIR(**{**PRESETS[preset], **overrides})
+    network, presets = _network(arch)
+    if preset not in presets:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(presets)}")
+    return network(**{**presets[preset], **overrides})
+
+
+def add_arch_argument(parser: Any) -> None:
+    """Add ``--arch`` (default None: PromptIR for a new model, else the checkpoint's) to an argparse parser or group;
+    ``model_config`` and ``model_from_checkpoint`` take its value."""
+    parser.add_argument("--arch", choices=ARCHS, default=None,
+                        help="network: promptir or adair (default promptir; with a checkpoint its own is used, and an "
+                             "--arch given must match it)")
 
 
 # ------------------------------------------------------------------------------------------------------- weights
@@ -345,6 +387,12 @@ WRAPPER_KEYS = ("params_ema", "ema", "params", "model", "state_dict", "net")
 KEY_PREFIXES = ("net.", "module.", "_orig_mod.")
 # (EMA copy, plain weights) as our trainer and BasicSR store them side by side.
 EMA_LAYOUTS = (("ema", "model"), ("params_ema", "params"))
+
+
+# "module." for each dead module of either network (adair.DEAD_MODULES written out: this file cannot import adair.py
+# at the top). The networks share no top-level name that could make one's dead module the other's live one.
+_DEAD_PREFIXES = tuple(f"{name}." for name in DEAD_MODULES + tuple(f"fre{i}.{m}" for i in (1, 2, 3)
+                                                                    for m in ("conv", "score_gen")))
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -362,13 +410,13 @@ def _strip_prefixes(key: str) -> str:
 
 
 def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
-    """The PromptIR weights inside a loaded checkpoint, named as in our model.
+    """The network weights inside a loaded checkpoint, named as in our models.
 
     Accepts a plain state dict, a module, or a dict that holds one under a key of ``WRAPPER_KEYS`` (first match wins,
     wrappers may nest). Strips ``KEY_PREFIXES`` from the start of each key, as often as they are stacked, and drops
-    the official network's ``DEAD_MODULES``. An EMA copy wins over the plain weights (``params_ema``, our trainer's
-    ``ema``: the weights it validated and chose ``best.pth`` by); ``checkpoint_weights(use_ema=False)`` takes the
-    plain ones.
+    the official networks' dead modules (``DEAD_MODULES``, ``adair.DEAD_MODULES``). An EMA copy wins over the plain
+    weights (``params_ema``, our trainer's ``ema``: the weights it validated and chose ``best.pth`` by);
+    ``checkpoint_weights(use_ema=False)`` takes the plain ones.
 
     Args:
         obj: a loaded checkpoint, state dict or module.
@@ -392,7 +440,7 @@ def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
         name = _strip_prefixes(key)
         if name in state:
             raise CheckpointError(f"two weights are both named {name!r} once prefixes are stripped")
-        if name.split(".", 1)[0] not in DEAD_MODULES:
+        if not name.startswith(_DEAD_PREFIXES):
             state[name] = value
     return state
 
@@ -475,34 +523,54 @@ def checkpoint_weights(checkpoint: Any, *, use_ema: bool = True,
         raise CheckpointError(f"{source}: {err}") from None
 
 
-def model_config(checkpoint: Any, preset: str | None = None, *, source: str) -> dict[str, Any]:
-    """The ``build_model`` keyword arguments for the weights of ``checkpoint``.
+def weights_arch(checkpoint: Any) -> str | None:
+    """Which network (a name of ``ARCHS``) the weights of ``checkpoint`` are for, by their names; None when they
+    hold no weights or none that tell (the loader says what is wrong when they are loaded)."""
+    try:
+        names = checkpoint_weights(checkpoint)
+    except CheckpointError:
+        return None
+    tops = {name.split(".", 1)[0] for name in names}
+    return "adair" if "fre1" in tops else "promptir" if "prompt1" in tops else None
 
-    A checkpoint's own ``"model_config"`` (written by trainer.py) wins; a ``preset`` asked for explicitly must agree
-    with it. A checkpoint without one (a bare state dict, a foreign layout) is built as ``preset``, by default the
-    official size.
+
+def model_config(checkpoint: Any, preset: str | None = None, *, arch: str | None = None,
+                 source: str) -> dict[str, Any]:
+    """The ``build_model`` keyword arguments for the weights of ``checkpoint``: the network (``"arch"``) and size.
+
+    A checkpoint's own ``"model_config"`` (written by trainer.py; one without ``"arch"`` is PromptIR's) wins; an
+    ``arch`` or ``preset`` asked for explicitly must agree with it. A checkpoint without one (a bare state dict, an
+    official release, a foreign layout) is built as ``preset``, by default the official size, and as the network its
+    weights' names show (``weights_arch``; official AdaIR checkpoints load without ``--arch``), else as ``arch``, by
+    default PromptIR. No checkpoint (None: a new model) gives ``arch`` and ``preset`` or their defaults.
 
     Args:
-        checkpoint: a loaded checkpoint (or state dict, or module).
+        checkpoint: a loaded checkpoint (or state dict, or module), or None.
         preset: the ``--preset`` given, or None where none was.
+        arch: the ``--arch`` given, or None where none was.
         source: what the checkpoint is called in messages (its path, say).
 
     Raises:
-        ConfigError: ``preset`` conflicts with the checkpoint's own.
+        ConfigError: ``arch`` or ``preset`` conflicts with the checkpoint's own.
     """
     saved = checkpoint.get("model_config") if isinstance(checkpoint, Mapping) else None
     if not saved:
-        return {"preset": preset or "official"}
-    saved_preset = saved.get("preset", "official")
-    if preset and preset != saved_preset:
-        raise ConfigError(f"{source} holds a model of preset {saved_preset!r}, not --preset {preset}: drop --preset "
-                          "(the checkpoint's is used) or start a new run")
-    return dict(saved)
+        found = weights_arch(checkpoint) if checkpoint is not None else None
+        if arch and found and arch != found:
+            raise ConfigError(f"{source} holds {found} weights, not --arch {arch}: drop --arch (the weights' "
+                              "network is used) or give another checkpoint")
+        return {"arch": found or arch or ARCHS[0], "preset": preset or "official"}
+    saved = {"arch": ARCHS[0], **saved}
+    for option, given in (("arch", arch), ("preset", preset)):
+        if given and given != saved.get(option, "official"):
+            raise ConfigError(f"{source} holds a model of {option} {saved.get(option, 'official')!r}, not --{option} "
+                              f"{given}: drop --{option} (the checkpoint's is used) or start a new run")
+    return saved
 
 
-def model_from_checkpoint(checkpoint: Any, *, preset: str | None = None, use_ema: bool = True,
-                          source: str | None = None) -> PromptIR:
-    """A PromptIR of the checkpoint's size (``model_config``) holding its weights (``checkpoint_weights``).
+def model_from_checkpoint(checkpoint: Any, *, preset: str | None = None, arch: str | None = None,
+                          use_ema: bool = True, source: str | None = None) -> nn.Module:
+    """A network of the checkpoint's kind and size (``model_config``) holding its weights (``checkpoint_weights``).
 
     Reading the file stays ``utils.load_checkpoint``'s job: pass what it returned. The model is on the CPU, in
     training mode, on the official formulation (``fast_path.enable_fast_path`` for the fast one).
@@ -510,22 +578,31 @@ def model_from_checkpoint(checkpoint: Any, *, preset: str | None = None, use_ema
     Args:
         checkpoint: a loaded checkpoint, state dict or module.
         preset: the ``--preset`` given, or None; used where the checkpoint has no ``"model_config"``.
+        arch: the ``--arch`` given, or None; likewise.
         use_ema: take the checkpoint's EMA copy where there is one.
         source: what the checkpoint is called in messages (its path, say); None for "the given weights".
 
     Raises:
-        ConfigError: ``preset`` conflicts with the checkpoint's own.
+        ConfigError: ``arch`` or ``preset`` conflicts with the checkpoint's own.
         CheckpointError: no weights found, or they do not fit the model (every such key is listed).
     """
     source = source or "the given weights"
-    model = build_model(**model_config(checkpoint, preset, source=source))
+    model = build_model(**model_config(checkpoint, preset, arch=arch, source=source))
     return _fit(model, checkpoint_weights(checkpoint, use_ema=use_ema, source=source), where=source, strict=True)
 
 
 # ------------------------------------------------------------------------------------------------------- freezing
 def freeze_except(model: nn.Module, names: Sequence[str]) -> None:
-    """Train only the named top-level modules of ``model`` (for example ``STAGE2_MODULES``); freeze the rest."""
+    """Train only the named top-level modules of ``model`` (for example ``STAGE2_MODULES``); freeze the rest.
+
+    The name ``SECOND_STAGE`` stands for the network's own second-stage modules (its ``STAGE2_MODULES``), which are
+    logged. Modules the network never trains (its ``FROZEN_MODULES``) stay frozen.
+    """
     names = [names] if isinstance(names, str) else list(names)
+    if SECOND_STAGE in names:
+        stage2 = getattr(model, "STAGE2_MODULES", STAGE2_MODULES)
+        names = list(dict.fromkeys(stage2 + tuple(n for n in names if n != SECOND_STAGE)))
+        log.info("%s: the second stage trains %s", type(model).__name__, ", ".join(stage2))
     valid = [name for name, _ in model.named_children()]
     unknown = sorted(set(names) - set(valid))
     if not names:
@@ -537,6 +614,8 @@ def freeze_except(model: nn.Module, names: Sequence[str]) -> None:
     for name, child in model.named_children():
         if name in names:
             child.requires_grad_(True)
+    for name in getattr(model, "FROZEN_MODULES", ()):
+        model.get_submodule(name).requires_grad_(False)
 
 
 def trainable_summary(model: nn.Module) -> str:

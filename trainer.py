@@ -42,7 +42,8 @@ from dataloader import DataError, build_loaders
 from ema import ModelEma
 from fast_path import enable_fast_path
 from GFL_Loss import LOSSES, WithFFT, build_loss, fft_weight_option
-from model import MIN_SIZE, PRESETS, build_model, freeze_except, model_config, model_from_checkpoint, trainable_summary
+from model import (MIN_SIZE, PRESETS, add_arch_argument, build_model, freeze_except, model_config,
+                   model_from_checkpoint, trainable_summary)
 from schedule import MIN_LR, MIN_PATCH, Phase, PhasePlan, lr_at, training_phases  # noqa: F401 (Phase: the API)
 from utils import ConfigError
 
@@ -129,6 +130,7 @@ def build_parser(defaults=None, *, fine_tune=False, description=None):
                      help="model size (default official; with --resume or --checkpoint the checkpoint's own "
                           "config is used, and a --preset given must match it)")
     recipes.add_recipe_argument(folder)
+    add_arch_argument(folder)
     folder.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     folder.add_argument("--val_interval", type=int, default=1, help="validate every this many epochs (default 1)")
     folder.add_argument("--keep_last", type=int, default=0, metavar="K",
@@ -608,7 +610,7 @@ def build_network(args, config, start, device):
     fine-tuning run, its EMA weights where it has some) when given, frozen but for --trainable, on the fast path
     unless --plain."""
     if start is not None:
-        model = model_from_checkpoint(start, preset=args.preset, source=args.checkpoint)
+        model = model_from_checkpoint(start, preset=args.preset, arch=args.arch, source=args.checkpoint)
     else:
         model = build_model(**config)
     if args.trainable:
@@ -763,7 +765,8 @@ class Trainer:
         args, self.policy = self.args, policy
         start = (utils.load_checkpoint(args.checkpoint, trusted=args.trust_checkpoint)
                  if args.fine_tune and resumed is None else None)
-        self.model_config = model_config(resumed or start, args.preset, source=args.resume or args.checkpoint)
+        self.model_config = model_config(resumed or start, args.preset, arch=args.arch,
+                                         source=args.resume or args.checkpoint)
         self.model = build_network(args, self.model_config, start, self.device)
         self.ddp_model = wrap_ddp(self.model, self.device) if self.processes.distributed else None
         self.ema = ModelEma(self.model, decay=args.ema, warmup=not args.ema_no_warmup) if args.ema else None
