@@ -54,6 +54,7 @@ import inference
 import trainer
 import utils
 from dataloader import degradation_type, read_image_uint8
+from run import read_log
 from scoring import score_image
 from utils import positive_int, run_cli, setup_logging
 
@@ -208,7 +209,7 @@ def _finished_run(run: Path, argv: list[str]) -> tuple | None:
     args.json, every epoch logged), else None."""
     try:
         saved = json.loads((run / "args.json").read_text())
-        records = utils.read_log(run)
+        records = read_log(run)
     except (OSError, ValueError, utils.ToolkitError):
         return None
     args = trainer.parse_args(trainer.build_parser(), argv)
@@ -262,7 +263,7 @@ def training_pixels(run: Path, accum: int, tile: int) -> float:
     """Megapixels of degraded input the run trained on, from its log: per epoch, its updates x micro-batch x
     accumulation x the patch's area (the tile's for whole images)."""
     total, step = 0.0, 0
-    for record in utils.read_log(run):
+    for record in read_log(run):
         side = record.get("patch_size") or tile
         total += (record["step"] - step) * record["batch_size"] * accum * side * side
         step = record["step"]

@@ -300,6 +300,7 @@ def case_torchrun(bench, log: Path) -> None:
     from an earlier call) trains first."""
     import numpy as np
 
+    import run
     import utils
     from benchmarks.bench_speed import FAILED, PENDING
 
@@ -358,7 +359,7 @@ def case_torchrun(bench, log: Path) -> None:
             text, seconds = step(torchrun + ["--data_dir", str(data), "--resume", str(run_dir), "--epochs", "3",
                                              "--num_workers", "0"], "the resume")
             state = utils.load_checkpoint(run_dir / "last.pth")
-            records = utils.read_log(run_dir)
+            records = run.read_log(run_dir)
             if state["epoch"] != 3 or len(records) != 3 or state["step"] <= first["step"]:
                 raise RuntimeError(f"after the resume last.pth holds epoch {state['epoch']} (step {state['step']}) "
                                    f"and the log {len(records)} epochs; expected 3 and 3")

@@ -333,7 +333,7 @@ def test_trainer_uses_the_fast_path_and_plain_trains_the_same_weights(tmp_path):
     """trainer.py runs the fast path by default; --plain runs the official formulation; a short run on each ends
     with the same weights within float32 rounding, and --compile/--plain conflicts fail before any work."""
     import trainer
-    from test_trainer import make_homework_set, tiny
+    from conftest import make_homework_set, tiny
 
     data = make_homework_set(tmp_path / "data", per_kind=4, size=16)
     fast = trainer.Trainer(tiny(data, tmp_path / "fast"))
