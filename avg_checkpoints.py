@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from model import build_model, checkpoint_weights, load_weights, model_config
+from model import model_config, model_from_checkpoint
 from utils import ConfigError, listing, load_checkpoint, run_cli, save_checkpoint, setup_logging
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,8 @@ def average_checkpoints(paths: Sequence[str | os.PathLike], *, use_ema: bool = T
     configs, total, reference = [], None, None
     for path in paths:
         checkpoint = load_checkpoint(path, trusted=trusted)
-        config = model_config(checkpoint, source=str(path))
-        weights = load_weights(build_model(**config), checkpoint_weights(checkpoint, use_ema=use_ema,
-                                                                          source=str(path))).state_dict()
+        model = model_from_checkpoint(checkpoint, use_ema=use_ema, source=str(path))  # checked where it is read
+        config, weights = model_config(checkpoint, source=str(path)), model.state_dict()
         if reference is None:
             reference, total = (config, weights), {k: v.double() for k, v in weights.items()}
         else:
@@ -110,8 +109,15 @@ def _chosen(args: argparse.Namespace) -> list[Path]:
         if args.last is not None and args.last < 1:
             raise ConfigError(f"--last must be at least 1, got {args.last}")
         paths += snapshots[-args.last:] if args.last else snapshots
+        if args.last and args.last > len(snapshots):
+            log.warning("--run %s holds %d snapshot(s), fewer than --last %d: averaging those %d", args.run,
+                        len(snapshots), args.last, len(snapshots))
     elif args.last is not None:
         raise ConfigError("--last goes with --run")
+    twice = sorted({str(p) for p in paths if sum(_same(p, q) for q in paths) > 1})
+    if twice:
+        raise ConfigError(f"{listing(twice)} given more than once: each checkpoint is averaged once; name it once "
+                          "(to weight it more, copy it under another name)")
     out = Path(args.out)
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder: give a file name, e.g. {out / 'averaged.pth'}")
@@ -120,6 +126,13 @@ def _chosen(args: argparse.Namespace) -> list[Path]:
     if out.resolve() in {p.resolve() for p in paths}:
         raise ConfigError(f"--out {out} is one of the checkpoints being averaged: write elsewhere")
     return paths
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.absolute() == b.absolute()
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
