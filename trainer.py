@@ -52,7 +52,8 @@ from dataloader import DataError, build_loaders, make_train_loader
 from ema import ModelEma
 from fast_path import enable_fast_path
 from GFL_Loss import LOSSES, build_loss
-from model import PRESETS, build_model, freeze_except, model_config, model_from_checkpoint, trainable_summary
+from model import (PRESETS, build_model, freeze_except, load_weights, model_config, model_from_checkpoint,
+                   trainable_summary)
 from utils import ConfigError
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,9 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 # What --resume needs from a checkpoint (weights alone start a fine-tuning run instead).
 TRAINING_STATE = ("model", "optimizer", "epoch", "step", "rng")
-MIN_LR = 1e-6  # where the cosine ends
+MIN_LR = 1e-6  # where the cosine ends (a tenth of the peak for --lr below 1e-5: see schedule_floor)
+# The largest --seed: the generators take seed + epoch (the sampler) and seed + rank, and torch's take at most 2**64-1.
+MAX_SEED = 2**63 - 1
 TRAIN_DEFAULTS = {"lr": 2e-4, "epochs": 250, "warmup_epochs": 10, "loss": "gfl", "augment": "strong",
                   "save_dir": "checkpoints"}
 # What a run writes into its folder (a folder holding any of them holds a run); the files written whole, through
@@ -257,6 +260,7 @@ def check_args(args):
         if not Path(args.checkpoint).is_file():
             raise ConfigError(f"--checkpoint {args.checkpoint} does not exist")
     args.save_dir = str(args.save_dir or (Path(args.resume).parent if args.resume else args.default_save_dir))
+    check_run_folder_outside_data(args)
     check_run_folder(args)
     device = utils.resolve_device(args.device)
     utils.resolve_precision(args, device, training=True)
@@ -278,6 +282,9 @@ def _check_numbers(args):
                       ("seed", 0)):
         if getattr(args, name) < low:
             raise ConfigError(f"--{name} must be at least {low}, got {getattr(args, name)}")
+    if args.seed > MAX_SEED:
+        raise ConfigError(f"--seed must be at most {MAX_SEED} (2**63 - 1: the random generators take the seed plus "
+                          f"the epoch), got {args.seed}")
     if args.warmup_epochs >= args.epochs:
         raise ConfigError(f"--warmup_epochs ({args.warmup_epochs}) must be smaller than --epochs ({args.epochs}): "
                           "lower the warm-up or train longer")
@@ -291,6 +298,14 @@ def _check_numbers(args):
         raise ConfigError(f"--grad_clip must be at least 0 (0: no clipping), got {args.grad_clip}")
     if args.ema is not None and not 0 < args.ema < 1:
         raise ConfigError(f"--ema is a decay between 0 and 1 (e.g. 0.999), got {args.ema}")
+
+
+def check_run_folder_outside_data(args):
+    """Refuse a --save_dir inside --data_dir: its checkpoints and pictures would join the data set."""
+    save, data = Path(args.save_dir).resolve(), Path(args.data_dir).resolve()
+    if save == data or data in save.parents:
+        raise ConfigError(f"--save_dir {args.save_dir} is inside --data_dir {args.data_dir}: the run's files would "
+                          "join the data set; choose a folder outside it")
 
 
 def check_run_folder(args):
@@ -599,6 +614,12 @@ class StopRequest:
 
 
 # -------------------------------------------------------------------------------------------- the update
+def schedule_floor(lr):
+    """Where the cosine ends for the peak ``lr``: ``MIN_LR``, or a tenth of the peak when that is lower (a gentle
+    fine-tuning stage's --lr 1e-7 must decay, not climb to ``MIN_LR``)."""
+    return min(MIN_LR, lr / 10)
+
+
 def lr_at(step, *, peak_lr, warmup_steps, total_steps, min_lr):
     """The learning rate of update ``step`` (0-based): a linear warm-up to ``peak_lr`` over ``warmup_steps``
     updates, then a cosine decay that reaches ``min_lr`` at ``total_steps`` and stays there."""
@@ -870,7 +891,7 @@ class TrainingState:
             ConfigError: the checkpoint was trained with other modules or another precision.
         """
         self.check(checkpoint, source=source)
-        self.model.load_state_dict(checkpoint["model"])
+        load_weights(self.model, checkpoint["model"], name=source)  # checked: keys, shapes, finite values
         try:
             load_optimizer_state(self.optimizer, checkpoint["optimizer"])
         except ValueError as err:
@@ -882,8 +903,8 @@ class TrainingState:
         if self.scaler is not None:
             self.scaler.load_state_dict(checkpoint["scaler"])
         if self.ema is not None:
-            self.ema.module.load_state_dict(checkpoint["ema"] if checkpoint.get("ema") is not None
-                                            else checkpoint["model"])
+            load_weights(self.ema.module, checkpoint["ema"] if checkpoint.get("ema") is not None
+                         else checkpoint["model"], name=f"{source} (EMA weights)")
         self.epoch, self.step, self.best_psnr = checkpoint["epoch"], checkpoint["step"], checkpoint["best_psnr"]
         self.bad_steps_in_a_row = checkpoint.get("bad_run", 0)
         saved = checkpoint.get("partial") or {}
@@ -1039,6 +1060,34 @@ def check_resume(checkpoint, state, args, *, layout, done, updates):
                           "(other batches would skip or repeat images of the epoch and stretch the schedule)")
 
 
+def pair_names(train_loader, val_loader, data_dir):
+    """The run's pairs as ``[degraded, clean]`` paths relative to --data_dir, sorted: what a checkpoint records so
+    that a resume can tell the same data set from another one of as many pairs."""
+    pairs = [*train_loader.dataset.pairs, *(val_loader.dataset.pairs if val_loader is not None else ())]
+    return sorted([os.path.relpath(p.degraded, data_dir), os.path.relpath(p.clean, data_dir)] for p in pairs)
+
+
+def check_same_pairs(saved, now, args):
+    """Refuse a resume on pairs other than those the run started with (``pair_names``): with other names the split
+    into training and validation changes, and an image trained on could be validated on. Checkpoints that record no
+    pairs are not checked.
+
+    Raises:
+        ConfigError: saying which pairs were added and which are gone.
+    """
+    if not isinstance(saved, list) or saved == now:
+        return
+    old, new = ({" -> ".join(map(str, pair)) for pair in pairs} for pairs in (saved, now))
+    added, gone = sorted(new - old), sorted(old - new)
+    if not added and not gone:
+        return
+    changes = "; ".join(f"{what} ({len(names)}): {utils.listing(names, limit=5)}"
+                        for what, names in (("added", added), ("gone", gone)) if names)
+    raise ConfigError(f"--resume {args.resume} was trained on other pairs than --data_dir {args.data_dir} holds "
+                      f"({changes}): resume with the data set the run started with (the split into training and "
+                      "validation follows the names), or start a new run")
+
+
 def sum_over_processes(sums, processes):
     """An epoch's sums with the ``EpochSums.SUMMED`` entries added over the processes."""
     totals = torch.tensor([float(getattr(sums, k)) for k in EpochSums.SUMMED], dtype=torch.float64,
@@ -1126,7 +1175,10 @@ class Trainer:
             patch_size=phases[0].patch_size, val_per_type=args.val_per_type, seed=args.seed, cache=args.cache,
             distributed=self.processes.distributed)
         self.plan = PhasePlan(phases, first_loader, args=args, processes=self.processes)
+        self.data_pairs = pair_names(first_loader, self.val_loader, args.data_dir)
         resumed = read_resume(args)
+        if resumed is not None:
+            check_same_pairs(resumed.get("data_pairs"), self.data_pairs, args)
         self._phase = self.plan.phase_of(resumed["epoch"] if resumed is not None else 0)
         self.train_loader = self.plan.loaders[self._phase]
         start = (utils.load_checkpoint(args.checkpoint, trusted=args.trust_checkpoint)
@@ -1146,7 +1198,10 @@ class Trainer:
                              autocast_dtype=utils.PRECISIONS[args.precision], grad_clip=args.grad_clip, scaler=scaler,
                              ema=self.ema, policy=self.policy, ddp_model=self.ddp_model)
         self.schedule = {"peak_lr": args.lr, "warmup_steps": self.plan.start_of(args.warmup_epochs),
-                         "total_steps": self.plan.start_of(args.epochs), "min_lr": MIN_LR}
+                         "total_steps": self.plan.start_of(args.epochs), "min_lr": schedule_floor(args.lr)}
+        if self.schedule["min_lr"] < MIN_LR:
+            log.info(f"--lr {args.lr:g} is below ten times the usual floor of the cosine ({MIN_LR:g}): it decays to "
+                     f"{self.schedule['min_lr']:g}, a tenth of the peak")
         self.state = TrainingState(self.model, self.optimizer, vars(args), self.model_config, ema=self.ema,
                                    scaler=scaler, loader_generator=self.train_loader.generator)
         if resumed is not None:
@@ -1330,6 +1385,7 @@ class Trainer:
             dist.all_gather_object(rng, utils.get_rng_state())
         if self.is_primary:
             checkpoint = self.state.state_dict(rng=rng, epoch_layout=self.plan.layout(self.state.epoch))
+            checkpoint["data_pairs"] = self.data_pairs  # a resume must find the same pairs (check_same_pairs)
             for path in sorted(self.run_dir / name for name in names):
                 try:
                     utils.save_checkpoint(path, checkpoint)
