@@ -264,6 +264,7 @@ def degradation_type(degraded: str | Path) -> str:
 def _set_pairs(folder: Path, halves: tuple[str, str], *, set_kind: str | None = None, prefix: str = "") -> list[Pair]:
     """Pairs of one set; ``set_kind`` overrides the kind taken from names (folder-of-sets layout)."""
     degraded_folder, clean_folder = folder / halves[0], folder / halves[1]
+    _check_halves_apart(degraded_folder, clean_folder)
     degraded_by_stem, problems = _by_stem(degraded_folder)
     clean_by_stem, clean_problems = _by_stem(clean_folder)
     _raise_problems(problems + clean_problems, f"the file names of {folder}")
@@ -273,12 +274,31 @@ def _set_pairs(folder: Path, halves: tuple[str, str], *, set_kind: str | None = 
         clean = clean_by_stem.get(stem, clean_folder / (stem + degraded.suffix))
         kind = set_kind or degradation_type(degraded)
         pairs.append(Pair(degraded, clean, kind, prefix + degraded.name))
+    same = [p.name for p in pairs if _same_file(p.degraded, p.clean)]
+    if same:
+        raise DataError(f"{len(same)} degraded image(s) in {degraded_folder} are the same file as their clean partner "
+                        f"in {clean_folder} (links?): {listing(same, limit=5)}; every image would be trained "
+                        "against itself. Give the clean images themselves")
     used = {p.clean for p in pairs}
     unused = [p.name for p in sorted(clean_by_stem.values(), key=lambda p: natural_key(p.name)) if p not in used]
     if unused:
         log.warning("%d clean image(s) in %s have no degraded partner and are ignored: %s", len(unused), clean_folder,
                     listing(unused, limit=10))
     return pairs
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_halves_apart(degraded_folder: Path, clean_folder: Path) -> None:
+    """Refuse a set whose clean folder is its degraded folder (a link to it): every image would be its own target."""
+    if _same_file(degraded_folder, clean_folder):
+        raise DataError(f"{clean_folder} and {degraded_folder} are the same folder (a link?): every image would be "
+                        "trained or scored against itself. Put the clean images in a folder of their own")
 
 
 def _folder_of_sets(root: Path) -> list[Pair]:

@@ -40,13 +40,13 @@ from torch import nn
 from tqdm import tqdm
 
 from augment import VIEW_NAMES, dihedral, dihedral_inverse
-from dataloader import DataError, degradation_type, list_images, read_image_uint8
+from dataloader import PAIRED_FOLDERS, DataError, degradation_type, list_images, read_image_uint8
 from fast_path import enable_fast_path
 from model import MIN_SIZE, PRESETS, model_config, model_from_checkpoint
 from scoring import evaluate, find_clean, format_table, write_csv
-from utils import (CheckpointError, ConfigError, ToolkitError, add_precision_args, atomic_write, listing,
-                   load_checkpoint, positive_int, remove_stale_temporaries, resolve_device, resolve_precision, run_cli,
-                   setup_logging, to_uint8)
+from utils import (CheckpointError, ConfigError, ToolkitError, add_precision_args, atomic_write,
+                   check_not_an_input, listing, load_checkpoint, output_lock, positive_int, remove_stale_temporaries,
+                   resolve_device, resolve_precision, run_cli, setup_logging, to_uint8)
 
 log = logging.getLogger(__name__)
 
@@ -824,16 +824,28 @@ def _resolve_outputs(args: argparse.Namespace) -> None:
         if _same_file(args.csv, args.output_npz):
             raise ConfigError(f"--csv {args.csv} is the prediction file itself: give the scores another name")
     for option, path in outputs.items():
+        check_not_an_input(path, option)
         clash = next((c for c in args.checkpoint if Path(c).is_file() and _same_file(c, path)), None)
         if clash is not None:
             raise ConfigError(f"{option} {path} is the checkpoint {clash}: writing it would destroy the weights; "
                               "give another file name")
     if args.save_images:
         args.save_images = check_output_folder(args.save_images, "--save_images")
+        check_not_a_data_set_half(args.save_images, "--save_images")
         for option, folder in (("--input_folder", args.input_folder), ("--gt_folder", args.gt_folder)):
             if folder and Path(folder).is_dir() and args.save_images.is_dir() and _same_file(folder, args.save_images):
                 raise ConfigError(f"--save_images {args.save_images} is the {option} itself: the restored PNGs would "
                                   "overwrite or join the images read from it; give another folder")
+
+
+def check_not_a_data_set_half(folder: Path, option: str) -> None:
+    """Refuse an output folder that is one half of a paired data set (``SET/clean`` beside ``SET/degraded``): its
+    images would be overwritten or joined by outputs."""
+    parent = folder.absolute().parent
+    for degraded, clean in PAIRED_FOLDERS:
+        if folder.name in (degraded, clean) and (parent / degraded).is_dir() and (parent / clean).is_dir():
+            raise ConfigError(f"{option} {folder} is the {folder.name}/ folder of the data set {parent}: the restored "
+                              "PNGs would overwrite or join its images; give another folder")
 
 
 def _check_against_inputs(args: argparse.Namespace, inputs: InputSet) -> None:
@@ -886,6 +898,14 @@ def main(argv: Sequence[str] | None = None) -> list | None:
 
 def _run(args: argparse.Namespace) -> list | None:
     args = _resolve_args(args)
+    with contextlib.ExitStack() as held:  # one run at a time writes each output, so they all come from one run
+        for option, path in (("--output_npz", args.output_npz), ("--csv", args.csv)):
+            if path is not None:
+                held.enter_context(output_lock(path, option))
+        return _predict_and_score(args)
+
+
+def _predict_and_score(args: argparse.Namespace) -> list | None:
     inputs = scan_inputs(args.input_folder, args.gt_folder)
     _check_against_inputs(args, inputs)
     for path in (args.output_npz, args.csv):

@@ -607,7 +607,7 @@ class StopRequest:
         if self.signum is not None:
             if time.monotonic() - self._first < self.REPEAT_S:
                 return
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt if signum == signal.SIGINT else utils.Interrupted(signum)  # said by its name
         self.signum, self._first = signum, time.monotonic()
         log.info(f"{signal.Signals(signum).name}: stopping after this optimizer update and writing last.pth "
                  "(send it again to quit at once, without saving)")

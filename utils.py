@@ -8,21 +8,29 @@ Run as a script to draw the curves of a run folder::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import tempfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: outputs are not locked
+    fcntl = None
 
 LOG_NAME = "log.jsonl"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -39,6 +47,34 @@ class ConfigError(ToolkitError, ValueError):
     """Options that contradict each other, are out of range or point at nothing; the message says what to do."""
 
     exit_code = 2
+
+
+class Interrupted(KeyboardInterrupt):
+    """The work stopped by a signal other than Ctrl-C's (SIGTERM): handled as Ctrl-C is (clean-ups run, exit 130),
+    and said by its name."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Within, SIGTERM ends the work as Ctrl-C does: the clean-ups of ``finally`` and ``except BaseException`` run
+    (a half-made output is removed) instead of the process dying where it stands. Main thread only; the handler
+    found is restored on leaving."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _os_error_message(err: OSError) -> str:
@@ -70,8 +106,9 @@ def run_cli(prog: str, fn: Callable[[], Any], *, expected: tuple[type[BaseExcept
         return fn()
     except ToolkitError as err:
         code, text = err.exit_code, str(err)
-    except KeyboardInterrupt:
-        code, text = 130, "interrupted (Ctrl-C); files already written are complete, the one in progress was not written"
+    except KeyboardInterrupt as err:
+        name = err.args[0] if isinstance(err, Interrupted) else "Ctrl-C"
+        code, text = 130, f"interrupted ({name}); files already written are complete, the one in progress was not written"
     except MemoryError:
         code, text = 1, "out of memory: use smaller images or batches (--batch_size, --patch_size, --tile)"
     except OSError as err:
@@ -330,6 +367,79 @@ def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str]) ->
 def glob_escape(text: str) -> str:
     """``text`` with glob's special characters escaped, for ``Path.glob``."""
     return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
+# ------------------------------------------------------------------------------------------- outputs and inputs
+# The files of a training run's folder (trainer.py), and the suffixes of checkpoints and images: an output path
+# naming an existing one of them is refused, whatever command writes it.
+RUN_FILE_NAMES = ("args.json", LOG_NAME, "last.pth", "best.pth", ".lock")
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors", ".bin")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def check_not_an_input(path: str | os.PathLike, option: str) -> None:
+    """Refuse an output path that would replace a file of a training run, a checkpoint or an image: an output never
+    replaces an input (a CSV over a run's log.jsonl, say). A file that does not exist yet, or an earlier output of
+    another kind, is fine.
+
+    Raises:
+        ConfigError: naming the option, the file and what it is.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return
+    if path.name in RUN_FILE_NAMES and any((path.parent / name).is_file() for name in RUN_FILE_NAMES[:4]):
+        what = f"the {path.name} of the training run in {path.parent}"
+    elif path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        what = "a checkpoint"
+    elif path.suffix.lower() in IMAGE_SUFFIXES:
+        what = "an image"
+    else:
+        return
+    raise ConfigError(f"{option} {path} is {what}: an output never replaces it; give another file name")
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike, option: str) -> Iterator[None]:
+    """Hold ``.NAME.lock`` beside the output ``path`` while a command makes it, so that two runs never write one
+    output (the file of one beside the scores of the other). A second run is refused while the first holds it; the
+    lock ends with the process however it ends, and its file is removed on leaving.
+
+    Raises:
+        ConfigError: another process holds it (its process id is given when known).
+    """
+    path = Path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    if fcntl is None:
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        file = open(lock, "a+")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            file.seek(0)
+            holder = file.read().strip() or "unknown"
+            file.close()
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise ConfigError(f"{option} {path} is being written by another run (process {holder}): wait for it to "
+                              "end, or write elsewhere") from None
+        try:
+            if os.fstat(file.fileno()).st_ino == os.stat(lock).st_ino:
+                break  # else a run that just ended removed the file this one locked: lock the new one
+        except FileNotFoundError:
+            pass
+        file.close()
+    try:
+        file.truncate(0)
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        file.close()
 
 
 # ---------------------------------------------------------------------------------------------------------- run logs
