@@ -718,7 +718,8 @@ class Update:
             epoch (int): the 0-based epoch, for losses that change with it.
             step (int | None): the 0-based number of this update in the run (skipped ones included), which sets the
                 EMA's decay; required with an EMA.
-            stop_requested (bool): this process was asked to stop.
+            stop_requested (bool | Callable[[], bool]): this process was asked to stop; a callable is asked at the
+                end of the update, so that a stop during it ends the run after it.
 
         Returns:
             UpdateResult
@@ -748,8 +749,10 @@ class Update:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf"))
+        if callable(stop_requested):  # read now, at the end of the update in flight, not when it started
+            stop_requested = stop_requested()
         flags = torch.stack([~torch.isfinite(norm) | ~torch.isfinite(loss_sum),
-                             torch.tensor(stop_requested, device=self.device)]).float()
+                             torch.tensor(bool(stop_requested), device=self.device)]).float()
         if self.ddp_model is not None:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         skipped, stop, value = torch.cat([flags, loss_sum.view(1).float()]).tolist()
@@ -1105,7 +1108,7 @@ def _unwritten(path, err, run_dir):
 
 
 @torch.no_grad()
-def validate(network, loader, loss_fn, *, epoch, processes):
+def validate(network, loader, loss_fn, *, epoch, processes, stopping=None):
     """Validation loss and the grader's PSNR (clamped, uint8-rounded), per degradation type and overall. Each process
     scores its share of ``loader``; the sums are combined. Outputs that are not finite give no PSNR: they would
     score as black images.
@@ -1116,14 +1119,19 @@ def validate(network, loader, loss_fn, *, epoch, processes):
         loss_fn (Callable): the training loss, ``loss_fn(pred, gt, epoch)``.
         epoch (int): epochs finished (the loss is that of the last one).
         processes (Processes): the processes validating together.
+        stopping (Callable[[], bool] | None): asked before each batch; True skips the rest of the validation.
 
     Returns:
-        dict: val_loss, and unless the outputs were not finite val_psnr and val_psnr_<kind> per type.
+        dict: val_loss, and unless the outputs were not finite val_psnr and val_psnr_<kind> per type; with
+        ``val_skipped`` and no scores when a stop skipped it.
     """
     network.eval()
     sums = defaultdict(lambda: [0.0, 0])  # kind -> [PSNR sum, images]; "" holds the validation loss
     for batch in tqdm(loader, desc="validation", unit="batch", leave=False, dynamic_ncols=True,
                       disable=processes.rank != 0):
+        if stopping is not None and stopping():
+            log.info(f"epoch {epoch}: stopping; validation skipped (this epoch is not compared for best.pth)")
+            return {"val_skipped": True}
         lq, gt = batch["lq"].to(processes.device), batch["gt"].to(processes.device)
         pred = network(lq).float()
         sums[""][0] += float(loss_fn(pred, gt, epoch - 1)) * lq.shape[0]
@@ -1241,7 +1249,8 @@ class Trainer:
                     state.epoch_sums = sum_over_processes(state.epoch_sums, self.processes)
                     self._save({"last.pth"})
                     break
-                self._end_epoch(run_log)
+                self._end_epoch(run_log, stop)
+                stopped = stopped or stop.signum is not None  # asked during validation: the next epoch waits
         if stopped:
             log.info(f"stopped after update {state.step}; continue with --resume {self.run_dir}")
         elif self.is_primary:
@@ -1310,7 +1319,8 @@ class Trainer:
     def _take_step(self, group, stop):
         """One optimizer update (``self.update``) at the learning rate of its step."""
         self._set_lr(self.state.step)
-        return self.update(group, epoch=self.state.epoch, step=self.state.step, stop_requested=stop.signum is not None)
+        return self.update(group, epoch=self.state.epoch, step=self.state.step,
+                           stop_requested=lambda: stop.signum is not None)
 
     def _set_lr(self, step):
         """Give every parameter group the learning rate of update ``step``."""
@@ -1339,7 +1349,7 @@ class Trainer:
         return DataError(f"{err}. last.pth holds the run after update {self.state.step}: continue it with "
                          f"--resume {self.run_dir} once the file is back")
 
-    def _end_epoch(self, run_log):
+    def _end_epoch(self, run_log, stop=None):
         """Validate when it is time; write last.pth (and best.pth when validation improved, or every epoch without
         validation); log the epoch and say how it went."""
         sums, state = sum_over_processes(self.state.epoch_sums, self.processes), self.state
@@ -1356,7 +1366,7 @@ class Trainer:
                   "skipped_steps": sums.skipped, "time_s": sums.time_s, "val_loss": None, "val_psnr": None}
         if self.val_loader is not None and (state.epoch % self.args.val_interval == 0
                                             or state.epoch == self.args.epochs):
-            record.update(self.validate())
+            record.update(self.validate(stop))
         improved = record["val_psnr"] is not None and record["val_psnr"] > state.best_psnr
         if improved:
             state.best_psnr = record["val_psnr"]
@@ -1369,10 +1379,12 @@ class Trainer:
         log.info(f"epoch {state.epoch}/{self.args.epochs}: {shown}" + (" (best)" if improved else ""))
 
     # ----------------------------------------------------------------------------------------- validation
-    def validate(self):
-        """Validate the EMA weights when they are kept, else the model's (see ``validate``)."""
+    def validate(self, stop=None):
+        """Validate the EMA weights when they are kept, else the model's (see ``validate``); a stop asked for before
+        or during it skips the rest (one process: with several, all must take part in each batch)."""
+        stopping = (lambda: stop.signum is not None) if stop is not None and not self.processes.distributed else None
         record = validate(self.ema.module if self.ema else self.model, self.val_loader, self.loss_fn,
-                          epoch=self.state.epoch, processes=self.processes)
+                          epoch=self.state.epoch, processes=self.processes, stopping=stopping)
         self.model.train()
         return record
 
@@ -1406,7 +1418,11 @@ def main(argv=None, *, parser=None):
     """Command-line entry point; the fine-tuning scripts pass their own ``parser`` (see ``build_parser``)."""
     utils.setup_logging()
     parser = parser or build_parser()
-    result = utils.run_cli(parser.prog, lambda: train(parse_args(parser, argv)))
+    def work():
+        with utils.terminate_as_interrupt():  # a SIGTERM before the loop (the data check) ends with one line
+            return train(parse_args(parser, argv))
+
+    result = utils.run_cli(parser.prog, work)
     if result.signal is not None:
         sys.exit(128 + result.signal)
 

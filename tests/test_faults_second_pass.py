@@ -410,6 +410,50 @@ def test_a_second_sigterm_to_a_training_run_is_said_as_sigterm_not_ctrl_c(monkey
     assert exit_info.value.code == 130 and "interrupted (SIGTERM)" in capsys.readouterr().err
 
 
+def _stopping_run(data, run, monkeypatch, where):
+    """A tiny run that gets SIGTERM during its first update (``where="update"``) or its first validation batch."""
+    import signal
+    args = trainer.build_parser().parse_args([str(a) for a in train_argv(data, run, "--batch_size", 1,
+                                                                         "--val_per_type", 2)])
+    t = trainer.Trainer(args)
+    sent = []
+    if where == "update":
+        loss_fn = t.update.loss_fn
+
+        def loss(*a):
+            if not sent:
+                sent.append(os.kill(os.getpid(), signal.SIGTERM))
+            return loss_fn(*a)
+        t.update.loss_fn = loss
+    else:
+        def scored(*a, **k):
+            if not sent:
+                sent.append(os.kill(os.getpid(), signal.SIGTERM))
+            return original(*a, **k)
+        original = trainer.scoring.psnr_per_image
+        monkeypatch.setattr(trainer.scoring, "psnr_per_image", scored)
+    return t.fit()
+
+
+def test_a_stop_during_an_update_ends_the_run_after_that_update(data, tmp_path, monkeypatch):
+    """The stop flag was read when an update started, so SIGTERM during an update cost one more update; now the run
+    stops at the end of the update in flight, and last.pth holds the state after it."""
+    result = _stopping_run(data, tmp_path / "r", monkeypatch, "update")
+    assert result.signal is not None and result.step == 1
+    assert utils.load_checkpoint(tmp_path / "r" / "last.pth")["step"] == 1
+
+
+def test_a_stop_during_validation_skips_the_rest_and_starts_no_next_epoch(data, tmp_path, monkeypatch):
+    """SIGTERM during validation cost the whole validation plus an update of the next epoch; now the rest of the
+    validation is skipped (said in the log), last.pth holds the finished epoch and no update of the next one, and
+    the resume continues from there."""
+    result = _stopping_run(data, tmp_path / "r", monkeypatch, "validation")
+    records = utils.read_log(tmp_path / "r")
+    assert result.signal is not None and result.epoch == 1 and len(records) == 1
+    assert records[0]["val_skipped"] is True and records[0]["val_psnr"] is None
+    assert utils.load_checkpoint(tmp_path / "r" / "last.pth")["step"] == records[0]["step"]
+
+
 def test_seed_of_the_sampler_fits_every_epoch_of_the_largest_seed():
     """The sampler takes seed + epoch: at the largest accepted seed every epoch's order is drawn."""
     from dataloader import SeededSampler
