@@ -18,6 +18,7 @@ import random
 import signal
 import sys
 import threading
+import warnings
 import tempfile
 import zipfile
 from collections.abc import Sequence
@@ -213,6 +214,13 @@ def setup_logging(level: int = logging.INFO) -> None:
         root.addHandler(handler)
     root.setLevel(level)
     logging.captureWarnings(True)
+    warnings.formatwarning = _warning_text
+
+
+def _warning_text(message: Any, category: type, filename: str, lineno: int, line: str | None = None) -> str:
+    """A library's warning as its user reads it: the kind and the message, without the library's file path and
+    source line (which name no file of the user's and nothing to do)."""
+    return f"{category.__name__}: {message}"
 
 
 # ----------------------------------------------------------------------------------------------------------- metrics
@@ -321,6 +329,9 @@ def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_locat
                               f"checkpoint {path} is not a file: give a .pth file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): a write that never finished? Use another file")
+    foreign = _foreign_format(path)
+    if foreign:
+        raise CheckpointError(f"{path} is {foreign}")
     try:
         if mmap and zipfile.is_zipfile(path):
             return torch.load(path, map_location=map_location, weights_only=not trusted, mmap=True)
@@ -338,6 +349,26 @@ def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_locat
         detail = type(err).__name__ + (f": {detail}" if detail and "Weights only load failed" not in detail else "")
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: it is damaged (truncated or corrupt) or "
                               f"another kind of file ({detail}). Use an intact copy or another checkpoint") from err
+
+
+def _foreign_format(path: Path) -> str:
+    """What ``path`` is when it is a known kind of file that holds no checkpoint ``torch.load`` reads, with the fix;
+    else an empty string."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+            return ("a safetensors file, which this toolkit does not read: convert it with "
+                    "safetensors.torch.load_file and torch.save into a .pth file")
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                if any(name.split("/", 1)[-1] in ("constants.pkl", "code/") or "/code/" in name
+                       for name in archive.namelist()):
+                    return ("a TorchScript archive (a compiled model), not a checkpoint of weights: give the .pth "
+                            "that trainer.py wrote, or save the model's state_dict() with torch.save")
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return ""  # torch.load says what is wrong with it
+    return ""
 
 
 def _first_line(text: str, containing: str = "") -> str:

@@ -104,8 +104,8 @@ def cli(main, argv, capsys, *, whole=False):
     return code, err if whole else errors[0] if errors else ""
 
 
-def infer(argv, capsys):
-    return cli(inference.main, [*argv, "--device", "cpu", "--no_progress", "--tta", "1"], capsys)
+def infer(argv, capsys, **kwargs):
+    return cli(inference.main, [*argv, "--device", "cpu", "--no_progress", "--tta", "1"], capsys, **kwargs)
 
 
 def copy_run(run, tmp_path):
@@ -452,6 +452,37 @@ def test_a_stop_during_validation_skips_the_rest_and_starts_no_next_epoch(data, 
     assert result.signal is not None and result.epoch == 1 and len(records) == 1
     assert records[0]["val_skipped"] is True and records[0]["val_psnr"] is None
     assert utils.load_checkpoint(tmp_path / "r" / "last.pth")["step"] == records[0]["step"]
+
+
+def test_a_torchscript_or_safetensors_file_gets_one_message_and_no_library_warning(inputs, tmp_path, capsys):
+    """A TorchScript file leaked torch.load's warning with its file path, then a long message about weights_only; a
+    safetensors file got two contradicting fixes. Each now gets one line saying what the file is and what to do."""
+    scripted = tmp_path / "scripted.pth"
+    torch.jit.save(torch.jit.trace(torch.nn.Conv2d(3, 3, 1), torch.zeros(1, 3, 4, 4)), scripted)
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    safetensors = tmp_path / "w.safetensors"
+    safetensors.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    for path, what in ((scripted, "TorchScript"), (safetensors, "safetensors")):
+        code, err = infer(["--checkpoint", path, "--input_folder", inputs, "--output_npz", tmp_path / "p.npz"], capsys,
+                          whole=True)
+        assert code == 2 and err.count("\n") == 1 and str(path) in err and what in err, err
+
+
+def test_library_warnings_reach_the_user_without_their_file_paths(capsys):
+    """A library's warning (the DataLoader's on --num_workers 64, torch.load's) showed the library's file path and
+    source line; it now shows its kind and message only."""
+    import logging
+    import warnings
+    with warnings.catch_warnings():  # pytest records warnings: route them as a command's set-up does
+        warnings.simplefilter("always")
+        logging.captureWarnings(False)
+        utils.setup_logging()
+        warnings.warn_explicit("This DataLoader will create 64 worker processes", UserWarning,
+                               "/site-packages/torch/utils/data/dataloader.py", 1)
+        logging.captureWarnings(False)
+    err = capsys.readouterr().err
+    assert "warning: UserWarning: This DataLoader will create 64 worker processes" in err, err
+    assert "site-packages" not in err
 
 
 def test_seed_of_the_sampler_fits_every_epoch_of_the_largest_seed():
