@@ -824,18 +824,17 @@ def _resolve_outputs(args: argparse.Namespace) -> None:
         if _same_file(args.csv, args.output_npz):
             raise ConfigError(f"--csv {args.csv} is the prediction file itself: give the scores another name")
     for option, path in outputs.items():
-        check_not_an_input(path, option)
         clash = next((c for c in args.checkpoint if Path(c).is_file() and _same_file(c, path)), None)
         if clash is not None:
             raise ConfigError(f"{option} {path} is the checkpoint {clash}: writing it would destroy the weights; "
                               "give another file name")
     if args.save_images:
         args.save_images = check_output_folder(args.save_images, "--save_images")
-        check_not_a_data_set_half(args.save_images, "--save_images")
         for option, folder in (("--input_folder", args.input_folder), ("--gt_folder", args.gt_folder)):
             if folder and Path(folder).is_dir() and args.save_images.is_dir() and _same_file(folder, args.save_images):
                 raise ConfigError(f"--save_images {args.save_images} is the {option} itself: the restored PNGs would "
                                   "overwrite or join the images read from it; give another folder")
+        check_not_a_data_set_half(args.save_images, "--save_images")
 
 
 def check_not_a_data_set_half(folder: Path, option: str) -> None:
@@ -856,6 +855,8 @@ def _check_against_inputs(args: argparse.Namespace, inputs: InputSet) -> None:
             clash = next((f for f in files if _same_file(f, path)), None)
             if clash is not None:
                 raise ConfigError(f"{option} {path} is the input image {clash}: give another file name")
+        if path is not None:
+            check_not_an_input(path, option)  # nor a run's file, another checkpoint or another image
     if args.save_images:
         stems = [Path(name).stem for name in inputs]
         clashes = sorted({s for s in stems if stems.count(s) > 1})
