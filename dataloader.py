@@ -353,6 +353,17 @@ def _too_large(path: str | Path, detail: str) -> str:
             "bombs): downscale it or remove it")
 
 
+_SAID_FIRST_FRAME: set[str] = set()
+
+
+def _say_first_frame(path: str | Path, img: Image.Image) -> None:
+    """Say once per file that only the first frame of a multi-page or animated image (TIFF, WebP, GIF) is used."""
+    if getattr(img, "is_animated", False) and str(path) not in _SAID_FIRST_FRAME:
+        _SAID_FIRST_FRAME.add(str(path))
+        log.warning("%s holds %d frames (a multi-page or animated image): only the first is used", path,
+                    getattr(img, "n_frames", 2))
+
+
 def _open(path: str | Path, fn: Callable):
     """``fn(image)`` on the opened file; every failure (Pillow raises many types) becomes a DataError naming the file
     and the fix."""
@@ -364,6 +375,7 @@ def _open(path: str | Path, fn: Callable):
             if limit and img.width * img.height > limit:
                 raise DataError(_too_large(path, f"{img.width}x{img.height} (WxH), {img.width * img.height:,} "
                                                  f"pixels, more than {limit:,}"))
+            _say_first_frame(path, img)
             return fn(img)
     except DataError:
         raise

@@ -44,7 +44,7 @@ from dataloader import PAIRED_FOLDERS, DataError, degradation_type, list_images,
 from fast_path import enable_fast_path
 from model import MIN_SIZE, PRESETS, model_config, model_from_checkpoint
 from scoring import evaluate, find_clean, format_table, write_csv
-from utils import (CheckpointError, ConfigError, ToolkitError, add_precision_args, atomic_write,
+from utils import (CheckpointError, ConfigError, ToolkitError, add_precision_args, atomic_write, check_name_length,
                    check_not_an_input, listing, load_checkpoint, output_lock, positive_int, remove_stale_temporaries,
                    resolve_device, resolve_precision, run_cli, setup_logging, to_uint8)
 
@@ -59,6 +59,7 @@ TTA_VIEWS = {
     8: tuple(VIEW_NAMES),
 }
 DEFAULT_OVERLAP = 32
+SMALL_TILE = 64  # --tile below this is said to be slow (a tile of 5 ran 26 times slower than whole images)
 MIN_RETRY_TILE = 16  # out-of-memory retries halve the tile down to this size, then give up
 # How an allocation failure reads: PyTorch's own error, and the plain RuntimeErrors of cuBLAS, cuDNN and the CPU
 # allocator when they cannot get memory.
@@ -150,6 +151,7 @@ def check_output_file(path: str | os.PathLike, option: str) -> Path:
         raise ConfigError(f"{option} {path} is a folder, where a file is expected: give a file name (such as "
                           f"{path / 'pred.npz'})")
     _check_writable_folder(_existing_ancestor(path.parent), option, path)
+    check_name_length(path.parent, path.name, f"{option} {path}")
     return path
 
 
@@ -800,6 +802,9 @@ def _resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     args.device = resolve_device(args.device)
     if args.tile is not None and args.tile < MIN_SIZE:
         raise ConfigError(f"--tile must be at least {MIN_SIZE} pixels (the network's smallest input), got {args.tile}")
+    if args.tile is not None and args.tile < SMALL_TILE:
+        log.warning(f"--tile {args.tile} is small: every tile is one network call (and tiles overlap), so this runs "
+                    f"many times slower than tiles of {SMALL_TILE} pixels or more; use the largest tile that fits")
     if args.compile and args.device.type != "cuda":
         raise ConfigError("--compile needs a CUDA device: on the CPU the fast path without it is the quicker one")
     if args.compile and args.plain:
@@ -858,6 +863,8 @@ def _check_against_inputs(args: argparse.Namespace, inputs: InputSet) -> None:
         if path is not None:
             check_not_an_input(path, option)  # nor a run's file, another checkpoint or another image
     if args.save_images:
+        for name in inputs:  # every PNG name fits the file system, before the work
+            check_name_length(args.save_images, f"{Path(name).stem}.png", f"--save_images, for the input {name}")
         stems = [Path(name).stem for name in inputs]
         clashes = sorted({s for s in stems if stems.count(s) > 1})
         if clashes:

@@ -161,10 +161,12 @@ def build_parser(defaults=None, *, fine_tune=False, description=None):
     speed.add_argument("--recompute", nargs="+", default=(), metavar="STAGE",
                        help="recompute these stages' blocks in backward instead of keeping their activations "
                             "(less GPU memory, more time), e.g. decoder_level1 refinement")
-    p.set_defaults(fine_tune=fine_tune, default_save_dir=d["save_dir"], checkpoint=None, trainable=None)
+    p.set_defaults(fine_tune=fine_tune, default_save_dir=d["save_dir"], checkpoint=None, trainable=None, no_ema=False)
     if fine_tune:
         ft = p.add_argument_group("fine-tuning")
         ft.add_argument("--checkpoint", help="weights to start from (required unless --resume)")
+        ft.add_argument("--no_ema", action="store_true", help="start from the plain weights of a --checkpoint that "
+                        "also holds EMA weights (by default its EMA weights, as inference.py uses)")
         ft.add_argument("--trainable", nargs="+", default=d.get("trainable"), metavar="MODULE",
                         help="train only these top-level modules (default: "
                              f"{' '.join(d['trainable']) if d.get('trainable') else 'all'})")
@@ -186,9 +188,11 @@ class _Parser(argparse.ArgumentParser):
 # folder is given every time; the run folder defaults to the --resume folder (wherever it lies now); the device, the
 # data loader processes and the speed options belong to the machine (they do not change what is computed, and a
 # carried-over flag such as --compile could not be switched off again); trusting pickle is asked for each time; and
-# fine_tune, default_save_dir and checkpoint belong to the script (--checkpoint only seeds a new fine-tuning run).
+# fine_tune, default_save_dir, checkpoint and no_ema belong to the script (--checkpoint and --no_ema only seed a new
+# fine-tuning run).
 PER_INVOCATION = frozenset({"resume", "save_dir", "data_dir", "device", "trust_checkpoint", "num_workers", "cache",
-                            "plain", "compile", "recompute", "fine_tune", "default_save_dir", "checkpoint"})
+                            "plain", "compile", "recompute", "fine_tune", "default_save_dir", "checkpoint",
+                            "no_ema"})
 PRECISION_OPTIONS = ("precision", "fp16", "bf16")
 
 
@@ -241,6 +245,8 @@ def check_args(args):
                       alphas=dict(zip(STRONG_AUGMENTATIONS, args.aug_alphas)))
     except ValueError as err:
         raise ConfigError(f"--aug_rates / --aug_alphas: {err}") from None
+    if args.progressive and args.patch_size is not None:
+        log.warning(f"--patch_size {args.patch_size} is not used: the --progressive phases set the crops")
     if args.patch_size is not None and args.patch_size < MIN_PATCH:
         raise ConfigError(f"--patch_size must be at least {MIN_PATCH} pixels, got {args.patch_size}")
     check_schedule_args(args)
@@ -946,7 +952,7 @@ def build_network(args, config, start, device):
     fine-tuning run, its EMA weights where it has some) when given, frozen but for --trainable, on the fast path
     unless --plain."""
     if start is not None:
-        model = model_from_checkpoint(start, preset=args.preset, source=args.checkpoint)
+        model = model_from_checkpoint(start, preset=args.preset, use_ema=not args.no_ema, source=args.checkpoint)
     else:
         model = build_model(**config)
     if args.trainable:

@@ -109,7 +109,8 @@ def run_cli(prog: str, fn: Callable[[], Any], *, expected: tuple[type[BaseExcept
         code, text = err.exit_code, str(err)
     except KeyboardInterrupt as err:
         name = err.args[0] if isinstance(err, Interrupted) else "Ctrl-C"
-        code, text = 130, f"interrupted ({name}); files already written are complete, the one in progress was not written"
+        code, text = 130, (f"interrupted ({name}); files already written are complete, the one in progress was not "
+                           "written")
     except MemoryError:
         code, text = 1, "out of memory: use smaller images or batches (--batch_size, --patch_size, --tile)"
     except OSError as err:
@@ -430,6 +431,30 @@ def check_not_an_input(path: str | os.PathLike, option: str) -> None:
     raise ConfigError(f"{option} {path} is {what}: an output never replaces it; give another file name")
 
 
+# What utils.atomic_write adds to a file's name for its temporary: "." before, ".XXXXXXXX.tmp" after.
+TEMPORARY_NAME_EXTRA = 14
+
+
+def check_name_length(folder: str | os.PathLike, name: str, what: str) -> None:
+    """Refuse, before the work, a file name too long for the file system once ``atomic_write`` makes its temporary
+    name of it (the write would fail after the work, naming a hidden temporary).
+
+    Raises:
+        ConfigError: naming ``what`` (an option and its path, or the input image) and the limit.
+    """
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = 255
+    length = len(name.encode(errors="surrogateescape"))
+    if length + TEMPORARY_NAME_EXTRA > limit:
+        raise ConfigError(f"{what}: the file name {name[:40]}... is {length} bytes long, and the file system takes "
+                          f"{limit} (less {TEMPORARY_NAME_EXTRA} for the temporary written first): shorten it")
+
+
 @contextlib.contextmanager
 def output_lock(path: str | os.PathLike, option: str) -> Iterator[None]:
     """Hold ``.NAME.lock`` beside the output ``path`` while a command makes it, so that two runs never write one
@@ -579,6 +604,9 @@ def plot_curves(run_dir: str | os.PathLike) -> list[Path]:
         fig.savefig(run_dir / name, dpi=120)
         plt.close(fig)
         written.append(run_dir / name)
+    if not written:
+        raise RunFolderError(f"{run_dir / LOG_NAME} holds {len(records)} epoch record(s) but no loss, PSNR or learning "
+                             "rate to draw: is it the log of a trainer.py run?")
     return written
 
 

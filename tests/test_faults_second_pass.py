@@ -485,6 +485,82 @@ def test_library_warnings_reach_the_user_without_their_file_paths(capsys):
     assert "site-packages" not in err
 
 
+# ------------------------------------------------------------------------------ checks that came after the work
+def test_file_names_too_long_for_the_file_system_are_refused_before_the_work(weights_file, tmp_path, monkeypatch,
+                                                                            capsys):
+    """A very long --output_npz, or an input whose PNG name under --save_images is too long once the temporary
+    name is made of it, failed after the work naming a hidden temporary; now refused before any work."""
+    ckpt, folder = weights_file(), tmp_path / "in"
+    folder.mkdir()
+    Image.new("RGB", (SIZE, SIZE)).save(folder / ("x" * 240 + ".png"))
+    monkeypatch.setattr(inference, "_run_model", lambda *a: pytest.fail("the model ran before the error"))
+    code, error = infer(["--checkpoint", ckpt, "--input_folder", folder, "--output_npz",
+                         tmp_path / ("p" * 240 + ".npz")], capsys)
+    assert code == 2 and "--output_npz" in error and "shorten it" in error, error
+    code, error = infer(["--checkpoint", ckpt, "--input_folder", folder, "--output_npz", tmp_path / "p.npz",
+                         "--save_images", tmp_path / "out"], capsys)
+    assert code == 2 and "--save_images" in error and "shorten it" in error, error
+    assert not (tmp_path / "p.npz").exists()
+
+
+# --------------------------------------------------------------------------------------------- silent choices
+def test_the_first_frame_of_a_multi_page_image_is_said(tmp_path, caplog):
+    """The first frame of a multi-page TIFF (or an animated WebP) was used without a word; now it is said once."""
+    from dataloader import read_image
+    path = tmp_path / "pages.tif"
+    Image.new("RGB", (SIZE, SIZE)).save(path, save_all=True, append_images=[Image.new("RGB", (SIZE, SIZE), "red")])
+    with caplog.at_level("WARNING"):
+        read_image(path)
+        read_image(path)
+    said = [r.getMessage() for r in caplog.records if "frames" in r.getMessage()]
+    assert len(said) == 1 and str(path) in said[0] and "only the first is used" in said[0], said
+
+
+def test_patch_size_beside_progressive_and_a_tiny_tile_are_said(data, tmp_path, caplog):
+    """--progressive ignored --patch_size and --tile 5 ran 26 times slower, both without a word; each is said now."""
+    args = trainer.build_parser().parse_args([str(a) for a in train_argv(data, tmp_path / "r", "--progressive",
+                                                                         "8:2:2")])
+    with caplog.at_level("WARNING"):
+        trainer.check_args(args)
+        parsed = inference.build_parser().parse_args(["--checkpoint", "w.pth", "--input_folder", str(tmp_path),
+                                                      "--tile", "8", "--device", "cpu",
+                                                      "--output_npz", str(tmp_path / "p.npz")])
+        inference._resolve_args(parsed)
+    said = " | ".join(r.getMessage() for r in caplog.records)
+    assert "--patch_size 8 is not used" in said and "--tile 8 is small" in said, said
+
+
+def test_curves_of_a_log_without_training_records_are_refused(tmp_path, capsys):
+    """utils.py RUN on a log holding epochs but nothing to draw exited 0 and drew nothing, saying nothing."""
+    (tmp_path / "log.jsonl").write_text('{"epoch": 1}\n')
+    code, error = cli(utils.main, [tmp_path], capsys)
+    assert code in (1, 2) and "no loss, PSNR or learning rate" in error, error
+
+
+def test_fine_tuning_takes_no_ema_as_the_log_advises(weights_state, data, tmp_path):
+    """The fine-tuning log advised --no_ema for the plain weights of an EMA checkpoint, an option the fine-tuning
+    scripts refused; they take it now, and start from the plain weights."""
+    torch.manual_seed(1)
+    plain = build_model("tiny").state_dict()
+    path = tmp_path / "ema.pth"
+    utils.save_checkpoint(path, {"model": plain, "ema": dict(weights_state), "model_config": {"preset": "tiny"}})
+    argv = [str(a) for a in train_argv(data, tmp_path / "ft", "--checkpoint", path, "--plain")]
+    for flags, expected in (([], weights_state), (["--no_ema"], plain)):
+        model = trainer.Trainer(first_stage_ft.build_parser().parse_args(argv + flags)).model
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_avg_checkpoints_says_when_a_run_holds_fewer_snapshots_than_asked(weights_file, tmp_path, capsys, caplog):
+    """--run R --last 5 with two snapshots averaged the two without a word; it now says so."""
+    run = tmp_path / "run"
+    (run / "snapshots").mkdir(parents=True)
+    for epoch in (1, 2):
+        shutil.copy(weights_file(f"w{epoch}.pth"), run / "snapshots" / f"epoch_{epoch:04d}.pth")
+    with caplog.at_level("WARNING"):
+        code, _ = cli(avg_checkpoints.main, ["--run", run, "--last", 5, "--out", tmp_path / "avg.pth"], capsys)
+    assert code == 0 and "holds 2 snapshot(s), fewer than --last 5" in caplog.text
+
+
 def test_seed_of_the_sampler_fits_every_epoch_of_the_largest_seed():
     """The sampler takes seed + epoch: at the largest accepted seed every epoch's order is drawn."""
     from dataloader import SeededSampler
