@@ -561,6 +561,55 @@ def test_avg_checkpoints_says_when_a_run_holds_fewer_snapshots_than_asked(weight
     assert code == 0 and "holds 2 snapshot(s), fewer than --last 5" in caplog.text
 
 
+# ------------------------------------------------------------------------------------------------------ the demo
+def test_the_demo_into_a_link_an_interrupted_step_and_a_rerun_over_a_users_files(tmp_path, monkeypatch, capsys,
+                                                                                 caplog):
+    """demo.py --out LINK said "Cannot call rmtree on a symbolic link" twice, naming no path; an interrupted step
+    advised a --resume the demo does not have; a rerun into an earlier demo's folder removed the user's own files
+    there without naming them. Now: the link is refused naming it (exit 2), a stopped step ends the demo with the
+    step's exit code and "run demo.py again", and the files removed with an earlier demo are named."""
+    import demo
+    target = tmp_path / "earlier"
+    target.mkdir()
+    (target / "demo.json").write_text("{}")
+    (tmp_path / "link").symlink_to(target)
+    code, error = cli(demo.main, ["--out", tmp_path / "link"], capsys)
+    assert code == 2 and str(tmp_path / "link") in error and "is a link" in error, error
+    assert (target / "demo.json").exists()
+
+    def stopped(argv):
+        raise SystemExit(130)
+    monkeypatch.setattr(demo.synthetic, "make_dataset", lambda out, **kwargs: out.mkdir())
+    monkeypatch.setattr(demo.trainer, "main", stopped)
+    (target / "notes.txt").write_text("mine")
+    with caplog.at_level("WARNING"):
+        code, error = cli(demo.main, ["--out", target], capsys)
+    assert code == 130 and "step 2/6" in error and "run demo.py again" in error, error
+    assert "notes.txt" in caplog.text
+
+
+def test_sigterm_during_the_start_up_data_check_ends_with_one_line(data, tmp_path, monkeypatch, capsys):
+    """SIGTERM while the trainer checked its data (before the loop) killed it without a word; now one line, exit
+    130, and no run files."""
+    import signal
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the data check")  # pragma: no cover
+
+    def ignore(*args):
+        pass
+    monkeypatch.setattr(trainer, "build_loaders", terminated)
+    previous = signal.signal(signal.SIGTERM, ignore)  # never the default here: it would end pytest
+    try:
+        code, error = cli(trainer.main, train_argv(data, tmp_path / "r"), capsys)
+        assert signal.getsignal(signal.SIGTERM) is ignore
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 130 and "interrupted (SIGTERM)" in error, error
+    assert not (tmp_path / "r" / "last.pth").exists()
+
+
 def test_seed_of_the_sampler_fits_every_epoch_of_the_largest_seed():
     """The sampler takes seed + epoch: at the largest accepted seed every epoch's order is drawn."""
     from dataloader import SeededSampler
