@@ -610,6 +610,29 @@ def test_sigterm_during_the_start_up_data_check_ends_with_one_line(data, tmp_pat
     assert not (tmp_path / "r" / "last.pth").exists()
 
 
+def test_vis_draws_a_tall_strip_pillow_opens_and_leaves_no_earlier_grids(tmp_path):
+    """vis.py on a 6x3000 strip wrote a 640 x 320,100 picture that Pillow itself refuses to open, and left the
+    previous run's extra grids beside the new one. Now a panel is at most four times as tall as wide, and the grids
+    of an earlier run are removed (files named grid_N.png only)."""
+    import vis
+    folder = tmp_path / "in"
+    folder.mkdir()
+    strip = np.random.default_rng(0).integers(0, 255, (3000, 6, 3), dtype=np.uint8)
+    Image.fromarray(strip).save(folder / "strip.png")
+    np.savez(tmp_path / "pred.npz", **{"strip.png": strip.transpose(2, 0, 1)})
+    out = tmp_path / "vis"
+    out.mkdir()
+    for name in ("grid_2.png", "mine.png"):
+        (out / name).write_bytes(b"earlier")
+    written = vis.main(["--pred_npz", str(tmp_path / "pred.npz"), "--input_folder", str(folder), "--out_dir",
+                        str(out)])
+    assert [p.name for p in written] == ["grid_1.png"] and sorted(p.name for p in out.iterdir()) == ["grid_1.png",
+                                                                                                     "mine.png"]
+    with Image.open(written[0]) as picture:
+        assert picture.width * picture.height < Image.MAX_IMAGE_PIXELS
+        picture.load()
+
+
 def test_seed_of_the_sampler_fits_every_epoch_of_the_largest_seed():
     """The sampler takes seed + epoch: at the largest accepted seed every epoch's order is drawn."""
     from dataloader import SeededSampler
