@@ -16,31 +16,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from model import model_config, model_from_checkpoint
-from utils import ConfigError, listing, load_checkpoint, run_cli, save_checkpoint, setup_logging
+from run import SNAPSHOT_DIR, checkpoint_file, run_snapshots
+from utils import (ConfigError, check_output_path, listing, load_checkpoint, run_cli, same_path, save_checkpoint,
+                   setup_logging)
 
 log = logging.getLogger(__name__)
-SNAPSHOT_DIR = "snapshots"
-SNAPSHOT_NAME = re.compile(r"^epoch_(?P<epoch>[0-9]+)\.pth$")
 FORMAT_VERSION = 1
-
-
-def snapshot_name(epoch: int) -> str:
-    """The file name of the snapshot of epoch ``epoch`` (``trainer.py --keep_last``): ``epoch_0012.pth``."""
-    return f"epoch_{epoch:04d}.pth"
-
-
-def run_snapshots(run_dir: str | os.PathLike) -> list[Path]:
-    """The weight snapshots ``trainer.py --keep_last`` wrote in a run folder, oldest first."""
-    folder = Path(run_dir) / SNAPSHOT_DIR
-    found = [p for p in folder.glob("epoch_*.pth") if SNAPSHOT_NAME.match(p.name)] if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(SNAPSHOT_NAME.match(p.name)["epoch"]))
 
 
 def average_checkpoints(paths: Sequence[str | os.PathLike], *, use_ema: bool = True,
@@ -86,7 +73,8 @@ def _check_same_model(reference: tuple[dict, dict], other: tuple[dict, dict], fi
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoints", nargs="*", help="checkpoint files to average (two or more)")
+    parser.add_argument("checkpoints", nargs="*", help="checkpoint files to average (two or more; a run folder "
+                        "stands for its best.pth)")
     parser.add_argument("--run", help="a run folder: average its newest --last snapshots (trainer.py --keep_last)")
     parser.add_argument("--last", type=int, default=None, help="with --run: how many of its newest snapshots "
                         "(default: all)")
@@ -100,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _chosen(args: argparse.Namespace) -> list[Path]:
-    paths = [Path(p) for p in args.checkpoints]
+    """The checkpoint files to average (a run folder given as a checkpoint stands for its best.pth), the --out file
+    checked: writable, not one of them, not replacing a file without --overwrite."""
+    paths = [checkpoint_file(p, option="checkpoint") for p in args.checkpoints]
     if args.run:
         snapshots = run_snapshots(args.run)
         if not snapshots:
@@ -114,25 +104,14 @@ def _chosen(args: argparse.Namespace) -> list[Path]:
                         len(snapshots), args.last, len(snapshots))
     elif args.last is not None:
         raise ConfigError("--last goes with --run")
-    twice = sorted({str(p) for p in paths if sum(_same(p, q) for q in paths) > 1})
+    twice = sorted({str(p) for p in paths if sum(same_path(p, q) for q in paths) > 1})
     if twice:
         raise ConfigError(f"{listing(twice)} given more than once: each checkpoint is averaged once; name it once "
                           "(to weight it more, copy it under another name)")
-    out = Path(args.out)
-    if out.is_dir():
-        raise ConfigError(f"--out {out} is a folder: give a file name, e.g. {out / 'averaged.pth'}")
+    out = check_output_path(args.out, "--out", inputs=paths)
     if out.exists() and not args.overwrite:
         raise ConfigError(f"--out {out} exists: choose another name or pass --overwrite")
-    if out.resolve() in {p.resolve() for p in paths}:
-        raise ConfigError(f"--out {out} is one of the checkpoints being averaged: write elsewhere")
     return paths
-
-
-def _same(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return a.absolute() == b.absolute()
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

@@ -36,7 +36,8 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from utils import ConfigError, positive_int, run_cli, setup_logging, terminate_as_interrupt, to_uint8
+from run import terminate_as_interrupt
+from utils import ConfigError, positive_int, run_cli, setup_logging, to_uint8
 
 KINDS = ("rain", "snow")
 SPLITS = ("train", "test")

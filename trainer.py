@@ -15,66 +15,53 @@ newest K epochs (snapshots/epoch_N.pth, for ``avg_checkpoints.py``). One run at 
 from __future__ import annotations
 
 import argparse
-import bisect
-import errno
-import itertools
-import json
 import logging
 import math
 import os
 import re
 import signal
 import sys
-import threading
 import time
 import warnings
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
-
-try:
-    import fcntl
-except ImportError:  # Windows: no lock on the run folder
-    fcntl = None
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import run
 import scoring
 import utils
 from augment import DEFAULT_ALPHAS, DEFAULT_RATES, STRONG_AUGMENTATIONS, AugmentPolicy
-from avg_checkpoints import SNAPSHOT_DIR, SNAPSHOT_NAME, run_snapshots, snapshot_name
-from dataloader import DataError, build_loaders, make_train_loader
+from dataloader import DataError, build_loaders
 from ema import ModelEma
 from fast_path import enable_fast_path
 from GFL_Loss import LOSSES, build_loss
 from model import (PRESETS, build_model, freeze_except, load_weights, model_config, model_from_checkpoint,
                    trainable_summary)
+from schedule import (MIN_LR, MIN_PATCH, Phase, PhasePlan, lr_at, schedule_floor,  # noqa: F401 (Phase: API)
+                      training_phases)
 from utils import ConfigError
 
 log = logging.getLogger(__name__)
 
-# 2: the learning rate is a function of the step (no "scheduler" entry). Format 1 files resume as well.
+# 2: the learning rate is a function of the step (no "scheduler" entry). Format 1 training states do not resume;
+# their weights load wherever weights are read.
 FORMAT_VERSION = 2
 # What --resume needs from a checkpoint (weights alone start a fine-tuning run instead).
-TRAINING_STATE = ("model", "optimizer", "epoch", "step", "rng")
-MIN_LR = 1e-6  # where the cosine ends (a tenth of the peak for --lr below 1e-5: see schedule_floor)
+TRAINING_STATE = ("model", "optimizer", "epoch", "step", "rng", "args")
 # The largest --seed: the generators take seed + epoch (the sampler) and seed + rank, and torch's take at most 2**64-1.
 MAX_SEED = 2**63 - 1
 TRAIN_DEFAULTS = {"lr": 2e-4, "epochs": 250, "warmup_epochs": 10, "loss": "gfl", "augment": "strong",
                   "save_dir": "checkpoints"}
-# What a run writes into its folder (a folder holding any of them holds a run); the files written whole, through
-# utils.atomic_write, whose temporaries a killed write leaves behind, come first.
-WRITTEN_WHOLE = ("args.json", "last.pth", "best.pth")
-RUN_FILES = (*WRITTEN_WHOLE, utils.LOG_NAME, SNAPSHOT_DIR)
-LOCK_NAME = ".lock"
 
 
-class TrainingError(utils.ToolkitError, RuntimeError):
+class TrainingError(utils.WorkError, RuntimeError):
     """Training cannot go on (for example, every step has a non-finite loss)."""
 
 
@@ -96,7 +83,7 @@ def build_parser(defaults=None, *, fine_tune=False, description=None):
     data.add_argument("--num_workers", type=int, default=4, help="data loader processes (default 4)")
     data.add_argument("--patch_size", type=int, default=None,
                       help="train on random square crops of this size (default: whole images)")
-    data.add_argument("--progressive", nargs="+", type=_phase_option, default=None, metavar="PATCH:BATCH:EPOCHS",
+    data.add_argument("--progressive", nargs="+", default=None, metavar="PATCH:BATCH:EPOCHS",
                       help="progressive training (Restormer's): phases of growing crops, e.g. 128:8:100 192:4:100 "
                            "whole:2:50 (PATCH pixels or 'whole' images, BATCH images per micro-batch per GPU, "
                            "EPOCHS of the phase; they sum to --epochs). The phases set the crop and micro-batch "
@@ -134,22 +121,24 @@ def build_parser(defaults=None, *, fine_tune=False, description=None):
     opt.add_argument("--max_bad_steps", type=int, default=20,
                      help="stop after this many steps in a row with a non-finite loss or gradient (default 20)")
     utils.add_precision_args(opt, training=True)
-    run = p.add_argument_group("run")
-    run.add_argument("--save_dir", default=None,
+    folder = p.add_argument_group("run")
+    folder.add_argument("--save_dir", default=None,
                      help=f"run folder (default: the --resume folder, else {d['save_dir']})")
-    run.add_argument("--resume", default=None,
+    folder.add_argument("--resume", default=None,
                      help="continue from a checkpoint, or a run folder (its last.pth), with the options it was "
                           "started with; options given on this command line override them (e.g. a larger --epochs)")
-    run.add_argument("--preset", choices=sorted(PRESETS), default=None,
+    folder.add_argument("--preset", choices=sorted(PRESETS), default=None,
                      help="model size (default official; with --resume or --checkpoint the checkpoint's own "
                           "config is used, and a --preset given must match it)")
-    run.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
-    run.add_argument("--val_interval", type=int, default=1, help="validate every this many epochs (default 1)")
-    run.add_argument("--keep_last", type=int, default=0, metavar="K",
+    folder.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
+    folder.add_argument("--val_interval", type=int, default=1, help="validate every this many epochs (default 1)")
+    folder.add_argument("--keep_last", type=int, default=0, metavar="K",
                      help="after every epoch write the weights (and EMA) to snapshots/epoch_N.pth and keep the "
                           "newest K, for avg_checkpoints.py (default 0: none)")
-    run.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
-    run.add_argument("--trust_checkpoint", action="store_true",
+    folder.add_argument("--no_curves", action="store_true",
+                        help="do not draw the curves at the end (python utils.py RUN_DIR draws them at any time)")
+    folder.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    folder.add_argument("--trust_checkpoint", action="store_true",
                      help="allow checkpoints that need pickle to load (only for files you trust)")
     speed = p.add_argument_group("speed")
     speed.add_argument("--plain", action="store_true",
@@ -192,82 +181,97 @@ class _Parser(argparse.ArgumentParser):
 # fine-tuning run).
 PER_INVOCATION = frozenset({"resume", "save_dir", "data_dir", "device", "trust_checkpoint", "num_workers", "cache",
                             "plain", "compile", "recompute", "fine_tune", "default_save_dir", "checkpoint",
-                            "no_ema"})
+                            "no_curves", "no_ema"})
 PRECISION_OPTIONS = ("precision", "fp16", "bf16")
 
 
-def parse_args(parser, argv=None):
-    """Parse the command line; with ``--resume``, the options recorded in the checkpoint (its ``args``) become the
-    defaults and the command line is parsed again, so only options given now override them (``PER_INVOCATION``
-    ones are never taken from the checkpoint). The precision is carried over as a whole unless one of
-    --precision, --fp16 or --bf16 is given now; a checkpoint that records only --fp16/--bf16 maps to it.
+def command_line(parser, argv=None):
+    """Parse the command line. With ``--resume`` (a checkpoint, or a run folder standing for its last.pth) the
+    checkpoint is read, once, and checked to hold a training state this code resumes; the options it recorded become
+    the defaults and the command line is parsed again, so only options given now override them (``PER_INVOCATION``
+    ones are never taken from it, and the precision is carried over as a whole unless one of --precision, --fp16 or
+    --bf16 is given now).
 
     Args:
         parser (argparse.ArgumentParser): from ``build_parser``.
         argv (Sequence[str] | None): the options (default ``sys.argv[1:]``).
 
     Returns:
-        argparse.Namespace: the options of the run.
+        tuple[argparse.Namespace, dict | None]: the options of the run, and the --resume checkpoint.
     """
     args = parser.parse_args(argv)
-    if not args.resume or not _run_file(args.resume).is_file():  # a missing file is reported by check_args
-        return args
-    # mapped, not read: only the options are wanted here (the Trainer reads the whole file once)
-    checkpoint = utils.load_checkpoint(_run_file(args.resume), trusted=args.trust_checkpoint, mmap=True)
-    saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
-    if not isinstance(saved, dict):
-        return args
-    known = set(vars(args)) - PER_INVOCATION - set(PRECISION_OPTIONS)
-    defaults = {key: value for key, value in saved.items() if key in known}
-    if not any(getattr(args, name) for name in PRECISION_OPTIONS):
-        name = saved.get("precision") or ("fp16" if saved.get("fp16") else "bf16" if saved.get("bf16") else "fp32")
-        defaults.update(precision=name, fp16=name == "fp16", bf16=name == "bf16")
-    parser.set_defaults(**defaults)
-    return parser.parse_args(argv)
+    if not args.resume:
+        return args, None
+    resumed = read_resume(args)
+    given_precision = any(getattr(args, name) for name in PRECISION_OPTIONS)
+    known = set(vars(args)) - PER_INVOCATION - (set(PRECISION_OPTIONS) if given_precision else set())
+    parser.set_defaults(**{key: value for key, value in resumed["args"].items() if key in known})
+    resume, args = args.resume, parser.parse_args(argv)
+    args.resume = resume
+    return args, resumed
 
 
-def _run_file(path):
-    """A checkpoint path, or a run folder standing for its last.pth."""
-    path = Path(path)
-    return path / "last.pth" if path.is_dir() else path
+def parse_args(parser, argv=None):
+    """The options of ``command_line`` alone (for callers that build the ``Trainer`` themselves)."""
+    return command_line(parser, argv)[0]
+
+
+def read_resume(args):
+    """The checkpoint --resume names (``args.resume`` becomes the file), read whole and checked to hold a training
+    state this code resumes."""
+    args.resume = str(run.checkpoint_file(args.resume, prefer=run.LAST, option="--resume"))
+    checkpoint = utils.load_checkpoint(args.resume, trusted=args.trust_checkpoint)
+    TrainingState.check(checkpoint, source=args.resume)
+    return checkpoint
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What ``check_args`` builds from the options while checking them, for the run to use as built.
+
+    Args:
+        phases (list[Phase]): the run's phases (``training_phases``).
+        policy (AugmentPolicy): the augmentation policy of --augment, --aug_rates and --aug_alphas.
+    """
+    phases: list
+    policy: AugmentPolicy
 
 
 def check_args(args):
     """Fail on options that contradict each other or point at nothing, before any work starts; fills in
-    ``save_dir``, ``device`` and ``precision``. Checking checked options again changes nothing.
+    ``save_dir``, ``device`` and ``precision``.
+
+    Returns:
+        Checked: the phases and the augmentation policy, built once.
 
     Raises:
         ConfigError: with what to do.
     """
     _check_numbers(args)
     try:
-        AugmentPolicy(rates=dict(zip(STRONG_AUGMENTATIONS, args.aug_rates)),
-                      alphas=dict(zip(STRONG_AUGMENTATIONS, args.aug_alphas)))
+        policy = AugmentPolicy(strong=args.augment == "strong", rates=dict(zip(STRONG_AUGMENTATIONS, args.aug_rates)),
+                               alphas=dict(zip(STRONG_AUGMENTATIONS, args.aug_alphas)))
     except ValueError as err:
         raise ConfigError(f"--aug_rates / --aug_alphas: {err}") from None
     if args.progressive and args.patch_size is not None:
         log.warning(f"--patch_size {args.patch_size} is not used: the --progressive phases set the crops")
     if args.patch_size is not None and args.patch_size < MIN_PATCH:
         raise ConfigError(f"--patch_size must be at least {MIN_PATCH} pixels, got {args.patch_size}")
-    check_schedule_args(args)
+    if args.keep_last < 0:
+        raise ConfigError(f"--keep_last is a number of snapshots, 0 for none; got {args.keep_last}")
+    phases = training_phases(args)
     if not Path(args.data_dir).is_dir():
         raise ConfigError(f"--data_dir {args.data_dir} is not a folder: point it at the dataset root")
     if args.resume:
-        args.resume = str(_run_file(args.resume))
-        if not Path(args.resume).is_file():
-            best = Path(args.resume).parent / "best.pth"
-            hint = f" (--resume {best} continues from its best epoch)" if best.is_file() else ""
-            raise ConfigError(f"--resume {args.resume} does not exist: give a checkpoint or a run folder with "
-                              f"last.pth{hint}")
-    if args.fine_tune and not args.resume:
+        args.resume = str(run.checkpoint_file(args.resume, prefer=run.LAST, option="--resume"))
+    elif args.fine_tune:
         if not args.checkpoint:
             raise ConfigError("fine-tuning starts from weights: pass --checkpoint PATH (or --resume to continue a "
                               "fine-tuning run)")
-        if not Path(args.checkpoint).is_file():
-            raise ConfigError(f"--checkpoint {args.checkpoint} does not exist")
+        args.checkpoint = str(run.checkpoint_file(args.checkpoint, prefer=run.BEST, option="--checkpoint"))
     args.save_dir = str(args.save_dir or (Path(args.resume).parent if args.resume else args.default_save_dir))
     check_run_folder_outside_data(args)
-    check_run_folder(args)
+    run.check_run_folder(args.save_dir, resume=args.resume)
     device = utils.resolve_device(args.device)
     utils.resolve_precision(args, device, training=True)
     if args.plain and (args.compile or args.recompute):
@@ -275,6 +279,7 @@ def check_args(args):
     if args.compile and device.type != "cuda":
         raise ConfigError("--compile needs a CUDA device: on the CPU the fast path without it is the quicker one")
     args.device = str(device)
+    return Checked(phases, policy)
 
 
 def _check_numbers(args):
@@ -314,328 +319,7 @@ def check_run_folder_outside_data(args):
                           "join the data set; choose a folder outside it")
 
 
-def check_run_folder(args):
-    """Refuse a --save_dir that holds files of another run (a run continues only in its own folder, with --resume),
-    or that cannot be written."""
-    folder = Path(args.save_dir)
-    resuming_here = bool(args.resume) and Path(args.resume).parent.resolve() == folder.resolve()
-    found = [] if resuming_here or not folder.is_dir() else sorted(p.name for p in folder.iterdir()
-                                                                  if p.name in RUN_FILES)
-    if found:
-        if (folder / "last.pth").is_file():
-            how = f"continue it with --resume {folder}"
-        elif (folder / "best.pth").is_file():
-            how = f"its last.pth is gone: continue from its best epoch with --resume {folder / 'best.pth'}"
-        else:
-            how = "remove them if that run is of no use"
-        raise ConfigError(f"{folder} already holds a run ({utils.listing(found)}): {how}, or choose another "
-                          "--save_dir")
-    existing = folder.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"--save_dir {folder}: {existing} is a file, not a folder: choose another --save_dir")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--save_dir {folder}: {existing} cannot be written (permission denied): choose another "
-                          "--save_dir, or change the folder's permissions")
-
-
-# ----------------------------------------------------------------------------------------- phases and snapshots
-MIN_PATCH = 8  # the smallest crop side --patch_size and --progressive accept
-
-
-@dataclass(frozen=True)
-class Phase:
-    """A stretch of the run trained on one crop size and one micro-batch size: a phase of ``--progressive``, or
-    the whole run without it.
-
-    Args:
-        patch_size (int | None): side of the square training crops; None for whole images.
-        batch_size (int): images per micro-batch and process.
-        epochs (int): how many epochs the phase lasts.
-    """
-    patch_size: int | None
-    batch_size: int
-    epochs: int
-
-    @classmethod
-    def parse(cls, text):
-        """The phase ``PATCH:BATCH:EPOCHS`` names (PATCH a number of pixels or "whole").
-
-        Raises:
-            ConfigError: a malformed or out-of-range phase, with the expected form.
-        """
-        parts = str(text).split(":")
-        try:
-            if len(parts) != 3:
-                raise ValueError
-            patch = None if parts[0].strip().lower() == "whole" else int(parts[0])
-            batch, epochs = int(parts[1]), int(parts[2])
-        except ValueError:
-            raise ConfigError(f"--progressive {text}: a phase is PATCH:BATCH:EPOCHS, e.g. 128:8:100 or whole:2:50")
-        if patch is not None and patch < MIN_PATCH:
-            raise ConfigError(f"--progressive {text}: the patch must be at least {MIN_PATCH} pixels, or 'whole'")
-        if batch < 1 or epochs < 1:
-            raise ConfigError(f"--progressive {text}: the batch size and the epochs must be at least 1")
-        return cls(patch, batch, epochs)
-
-    @property
-    def crops(self):
-        """The crops in words: "128 px crops" or "whole images"."""
-        return "whole images" if self.patch_size is None else f"{self.patch_size} px crops"
-
-
-def _phase_option(text):
-    """argparse type of --progressive's words: the text itself, once ``Phase.parse`` accepts it."""
-    try:
-        Phase.parse(text)
-    except ConfigError as err:
-        raise argparse.ArgumentTypeError(str(err).removeprefix(f"--progressive {text}: ")) from None
-    return text
-
-
-def training_phases(args):
-    """The phases of the run: those of --progressive, or one of --patch_size and --batch_size for all --epochs.
-
-    Raises:
-        ConfigError: a malformed phase, or phases whose epochs do not sum to --epochs.
-    """
-    if not args.progressive:
-        return [Phase(args.patch_size, args.batch_size, args.epochs)]
-    phases = [Phase.parse(text) for text in args.progressive]
-    total = sum(phase.epochs for phase in phases)
-    if total != args.epochs:
-        raise ConfigError(f"the --progressive phases last {' + '.join(str(p.epochs) for p in phases)} = {total} "
-                          f"epochs, but --epochs is {args.epochs}: make the phases' epochs sum to --epochs")
-    return phases
-
-
-def check_schedule_args(args):
-    """Refuse a malformed --progressive schedule or a negative --keep_last (part of ``check_args``).
-
-    Raises:
-        ConfigError: with what to do.
-    """
-    if args.keep_last < 0:
-        raise ConfigError(f"--keep_last is a number of snapshots, 0 for none; got {args.keep_last}")
-    training_phases(args)
-
-
-def write_snapshot(run_dir, state, *, keep):
-    """Write the weights of the epoch ``state`` has just finished to ``run_dir/snapshots/epoch_N.pth`` (atomically;
-    ``avg_checkpoints.py`` averages them) and delete the snapshots beyond the newest ``keep``, and those of later
-    epochs (left by a run that continued from an earlier checkpoint). Only files named as snapshots are touched.
-
-    Args:
-        run_dir (Path): the run folder.
-        state (TrainingState): the run's state at the end of an epoch.
-        keep (int): how many snapshots to keep, at least 1.
-
-    Returns:
-        Path: the snapshot written.
-    """
-    path = Path(run_dir) / SNAPSHOT_DIR / snapshot_name(state.epoch)
-    try:
-        utils.save_checkpoint(path, {"format_version": FORMAT_VERSION, "model": state.model.state_dict(),
-                                     "ema": state.ema.module.state_dict() if state.ema else None,
-                                     "model_config": state.model_config, "epoch": state.epoch})
-    except OSError as err:
-        raise TrainingError(_unwritten(path, err, run_dir)) from err
-    snapshots = run_snapshots(run_dir)  # oldest first
-    current = [p for p in snapshots if int(SNAPSHOT_NAME.match(p.name)["epoch"]) <= state.epoch]
-    for old in set(snapshots) - set(current[-keep:]):
-        old.unlink(missing_ok=True)
-    return path
-
-
-class PhasePlan:
-    """The phases of a run with their training loaders, and the optimizer updates of every epoch: what the schedule
-    and a resume count in.
-
-    Args:
-        phases (list[Phase]): the run's phases (``training_phases``).
-        first (DataLoader): build_loaders' training loader, of the first phase's sizes; it serves every phase of
-            its sizes, and the others get loaders of their own, each checked now (crops larger than an image, a
-            micro-batch larger than a process's share of the data).
-        args (argparse.Namespace): the run's options (--accum_steps, --progressive, --num_workers, --seed).
-        processes (Processes): the processes training together.
-    """
-
-    def __init__(self, phases, first, *, args, processes):
-        self.phases, self.progressive, self.accum_steps = phases, bool(args.progressive), args.accum_steps
-        self.world, self.train_pairs = processes.world, len(first.dataset)
-        self.loaders = []
-        for i, phase in enumerate(phases):
-            if (phase.patch_size, phase.batch_size) == (first.dataset.patch_size, first.batch_size):
-                self.loaders.append(first)
-                continue
-            try:
-                self.loaders.append(make_train_loader(
-                    first.dataset.with_patch_size(phase.patch_size), batch_size=phase.batch_size,
-                    num_workers=args.num_workers, seed=args.seed, world=processes.world, rank=processes.rank))
-            except DataError as err:
-                raise DataError(f"--progressive phase {i + 1} ({phase.crops}, micro-batch {phase.batch_size}): "
-                                f"{err}") from None
-        self.batches = [len(loader) for loader in self.loaders]  # micro-batches per epoch, kept past a phase's end
-        self.epoch_updates = [math.ceil(batches / args.accum_steps)
-                              for batches, phase in zip(self.batches, phases) for _ in range(phase.epochs)]
-        self.epoch_starts = list(itertools.accumulate(self.epoch_updates, initial=0))
-
-    def phase_of(self, epoch):
-        """The index of the phase that epoch ``epoch`` (0-based) belongs to (the last one past the end)."""
-        ends = list(itertools.accumulate(phase.epochs for phase in self.phases))
-        return min(bisect.bisect_right(ends, epoch), len(self.phases) - 1)
-
-    def start_of(self, epoch):
-        """The update epoch ``epoch`` (0-based) starts at; past the last epoch, the run's total."""
-        return self.epoch_starts[min(epoch, len(self.epoch_updates))]
-
-    def updates_of(self, epoch):
-        """The updates of epoch ``epoch`` (0-based; past the end, those of the last)."""
-        return self.epoch_updates[min(epoch, len(self.epoch_updates) - 1)]
-
-    def layout(self, epoch):
-        """How epoch ``epoch`` is cut into updates (``EPOCH_LAYOUT``)."""
-        return {"batch_size": self.phases[self.phase_of(epoch)].batch_size, "accum_steps": self.accum_steps,
-                "processes": self.world, "train_pairs": self.train_pairs, "epoch_start": self.start_of(epoch)}
-
-    def release(self, index):
-        """Let go of phase ``index``'s loader (its worker processes end with it) unless a later phase shares it."""
-        loader = self.loaders[index]
-        if all(other is not loader for other in self.loaders[index + 1:]):
-            self.loaders = [None if other is loader else other for other in self.loaders]
-
-    def describe(self):
-        """The run's batches and updates in words."""
-        total = self.epoch_starts[-1]
-        if not self.progressive:
-            return f"effective batch: {self.effective_batch(0)}, {total} in all"
-        phases = ", ".join(f"{p.crops} x {p.batch_size} for {p.epochs} epoch(s)" for p in self.phases)
-        return f"progressive training in {len(self.phases)} phases ({phases}): {total} updates in all"
-
-    def describe_phase(self, index):
-        """Phase ``index``'s epochs, crops and effective batch in words."""
-        phase, first = self.phases[index], sum(p.epochs for p in self.phases[:index]) + 1
-        return (f"phase {index + 1}/{len(self.phases)}, epochs {first}-{first + phase.epochs - 1}: {phase.crops}; "
-                f"effective batch: {self.effective_batch(index)}")
-
-    def effective_batch(self, index):
-        """The effective batch of phase ``index`` in words (saying so when --accum_steps exceeds its epoch)."""
-        phase, batches = self.phases[index], self.batches[index]
-        accum = min(self.accum_steps, batches)
-        if accum < self.accum_steps:
-            log.info(f"--accum_steps {self.accum_steps} is more than the {batches} batches of an epoch: each update "
-                     f"takes the whole epoch, {accum} batches")
-        return (f"{phase.batch_size} images x {accum} accumulation steps x {self.world} process(es) = "
-                f"{phase.batch_size * accum * self.world} per update; {math.ceil(batches / self.accum_steps)} updates "
-                "per epoch")
-
-
-# ---------------------------------------------------------------------------------------------------- processes
-@dataclass(frozen=True)
-class Processes:
-    """The processes that train together and this one's place among them.
-
-    Args:
-        device (torch.device): this process's device.
-        rank (int): this process's number, 0 for the primary one (it writes the run folder and reports).
-        world (int): how many processes train.
-        distributed (bool): started by torchrun: gradients and results are combined through torch.distributed.
-    """
-    device: torch.device
-    rank: int = 0
-    world: int = 1
-    distributed: bool = False
-
-
-@contextmanager
-def process_group(device):
-    """The processes of a run. Under torchrun (RANK and WORLD_SIZE set) this starts torch.distributed (NCCL on
-    CUDA, each process on GPU LOCAL_RANK; gloo on the CPU) and ends it on leaving, however the run ends; only the
-    primary process reports progress. Otherwise a single process on ``device``.
-
-    Args:
-        device (str | None): the --device option (see ``utils.resolve_device``).
-
-    Yields:
-        Processes
-    """
-    device = utils.resolve_device(device)
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        yield Processes(device)
-        return
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    console, level = logging.getLogger(), logging.getLogger().level
-    try:
-        rank = dist.get_rank()
-        if rank:
-            console.setLevel(logging.WARNING)
-        yield Processes(device, rank, dist.get_world_size(), distributed=True)
-    finally:
-        console.setLevel(level)
-        dist.destroy_process_group()
-
-
-class StopRequest:
-    """Turns SIGINT and SIGTERM into a request to stop after the current optimizer update (a second signal stops
-    at once, without saving). Installs its handlers only in the main thread; data loader workers forked from it
-    ignore the signals, so a Ctrl-C in the terminal leaves them serving the update in flight.
-
-    A repeat within ``REPEAT_S`` seconds of the first signal is the same request, not a second one: torchrun forwards
-    the signal it receives to every worker, so a Ctrl-C or a scheduler's SIGTERM to the process group reaches each
-    worker twice within milliseconds, and must still save last.pth.
-    """
-
-    REPEAT_S = 1.0
-
-    def __init__(self):
-        self.signum = None  # the signal that asked this process to stop
-        self._previous = {}
-        self._pid = os.getpid()
-        self._first = None  # time.monotonic() of the first signal
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if os.getpid() != self._pid:
-            return
-        if self.signum is not None:
-            if time.monotonic() - self._first < self.REPEAT_S:
-                return
-            raise KeyboardInterrupt if signum == signal.SIGINT else utils.Interrupted(signum)  # said by its name
-        self.signum, self._first = signum, time.monotonic()
-        log.info(f"{signal.Signals(signum).name}: stopping after this optimizer update and writing last.pth "
-                 "(send it again to quit at once, without saving)")
-
-
 # -------------------------------------------------------------------------------------------- the update
-def schedule_floor(lr):
-    """Where the cosine ends for the peak ``lr``: ``MIN_LR``, or a tenth of the peak when that is lower (a gentle
-    fine-tuning stage's --lr 1e-7 must decay, not climb to ``MIN_LR``)."""
-    return min(MIN_LR, lr / 10)
-
-
-def lr_at(step, *, peak_lr, warmup_steps, total_steps, min_lr):
-    """The learning rate of update ``step`` (0-based): a linear warm-up to ``peak_lr`` over ``warmup_steps``
-    updates, then a cosine decay that reaches ``min_lr`` at ``total_steps`` and stays there."""
-    if step < warmup_steps:
-        return peak_lr * ((step + 1) / warmup_steps)
-    progress = min((step - warmup_steps) / max(1, total_steps - warmup_steps), 1.0)
-    min_factor = min_lr / peak_lr
-    return peak_lr * (min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def build_optimizer(params, *, lr, weight_decay, device):
     """AdamW over ``params`` in two parameter groups: weight decay on matrices and convolution kernels (ndim > 1),
     none on biases and norm weights; the fused implementation on CUDA.
@@ -804,13 +488,6 @@ class EpochSums:
     time_s: float = 0.0  # training time, validation excluded
 
 
-def rank_rng_state(saved, rank):
-    """The random state process ``rank`` resumes with: ``saved`` is a checkpoint's "rng", a list indexed by rank
-    (or, in checkpoints written before, rank 0's state alone). None when it holds none for this rank."""
-    states = saved if isinstance(saved, list) else [saved]
-    return states[rank] if rank < len(states) else None
-
-
 @dataclass
 class TrainingState:
     """Everything a checkpoint holds, saved (``state_dict``) and restored (``load_state_dict``) by this object
@@ -862,6 +539,12 @@ class TrainingState:
                 "rng": rng if rng is not None else [utils.get_rng_state()],
                 "loader_generator": self.loader_generator.get_state() if self.loader_generator is not None else None}
 
+    def weights(self):
+        """The weights alone (and the EMA's), for a snapshot: a plain weights checkpoint."""
+        return {"format_version": FORMAT_VERSION, "model": self.model.state_dict(),
+                "ema": self.ema.module.state_dict() if self.ema else None, "model_config": self.model_config,
+                "epoch": self.epoch}
+
     def count(self, result):
         """Add an optimizer update (an ``UpdateResult``) to the step, the epoch's sums and the run of bad steps."""
         sums = self.epoch_sums
@@ -892,9 +575,14 @@ class TrainingState:
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise utils.CheckpointError(f"{source} is a checkpoint of format {version}; this trainer.py reads formats "
                                         f"up to {FORMAT_VERSION}: resume it with the newer code that wrote it")
+        if version < FORMAT_VERSION:
+            raise utils.CheckpointError(
+                f"--resume {source} is a training state of format {version}, which this trainer.py no longer "
+                f"resumes; its weights still load for fine-tuning and prediction (first_stage_ft.py --checkpoint "
+                f"{source}, inference.py --checkpoint {source})")
 
     def load_state_dict(self, checkpoint, *, rank=0, source="the checkpoint"):
-        """Restore what ``state_dict`` saved (format 1 files too), for process ``rank``.
+        """Restore what ``state_dict`` saved (a checkpoint ``check`` accepted), for process ``rank``.
 
         Raises:
             ConfigError: the checkpoint was trained with other modules or another precision.
@@ -906,24 +594,22 @@ class TrainingState:
         except ValueError as err:
             raise ConfigError(f"--resume {source}: the optimizer does not fit ({err}); resume with the same "
                               "--trainable modules") from None
-        if (self.scaler is None) != (checkpoint.get("scaler") is None):
+        if (self.scaler is None) != (checkpoint["scaler"] is None):
             raise ConfigError(f"--resume {source} was trained with{'out' if self.scaler else ''} --fp16: resume with "
                               "the same precision")
         if self.scaler is not None:
             self.scaler.load_state_dict(checkpoint["scaler"])
         if self.ema is not None:
-            load_weights(self.ema.module, checkpoint["ema"] if checkpoint.get("ema") is not None
+            load_weights(self.ema.module, checkpoint["ema"] if checkpoint["ema"] is not None
                          else checkpoint["model"], name=f"{source} (EMA weights)")
         self.epoch, self.step, self.best_psnr = checkpoint["epoch"], checkpoint["step"], checkpoint["best_psnr"]
-        self.bad_steps_in_a_row = checkpoint.get("bad_run", 0)
-        saved = checkpoint.get("partial") or {}
-        self.epoch_sums = EpochSums(**{f.name: saved.get(f.name, f.default) for f in fields(EpochSums)})
+        self.bad_steps_in_a_row = checkpoint["bad_run"]
+        self.epoch_sums = EpochSums(**checkpoint["partial"])
         if rank:  # the summed entries were summed over the processes when saved: rank 0 carries them on
             self.epoch_sums = replace(self.epoch_sums, **{k: 0 for k in EpochSums.SUMMED})
-        state = rank_rng_state(checkpoint["rng"], rank)
-        if state is not None:  # else this process keeps its fresh seed (--seed + rank)
-            utils.set_rng_state(state)
-        if checkpoint.get("loader_generator") is not None and self.loader_generator is not None:
+        if rank < len(checkpoint["rng"]):  # else this process keeps its fresh seed (--seed + rank)
+            utils.set_rng_state(checkpoint["rng"][rank])
+        if self.loader_generator is not None:
             self.loader_generator.set_state(checkpoint["loader_generator"])
 
 
@@ -938,15 +624,6 @@ class Result:
 
 
 # ------------------------------------------------------------------------------------------------------- set-up
-def read_resume(args):
-    """The checkpoint --resume names, read whole and checked to hold a training run's state; None without one."""
-    if not args.resume:
-        return None
-    checkpoint = utils.load_checkpoint(args.resume, trusted=args.trust_checkpoint)
-    TrainingState.check(checkpoint, source=args.resume)
-    return checkpoint
-
-
 def build_network(args, config, start, device):
     """The model of ``config`` on ``device``: holding the weights of ``start`` (the loaded --checkpoint of a
     fine-tuning run, its EMA weights where it has some) when given, frozen but for --trainable, on the fast path
@@ -978,69 +655,10 @@ def wrap_ddp(model, device):
     return DistributedDataParallel(model, device_ids=[device.index] if device.index is not None else None)
 
 
-@contextmanager
-def run_folder_lock(folder):
-    """Hold ``folder/.lock`` while a run writes into ``folder``: a second run there is refused for as long as this
-    one lasts. The lock is a POSIX record lock (``fcntl.lockf``): it belongs to this process alone (the data loader
-    workers forked from it do not hold it) and ends with the process however that ends, a SIGKILL included, so
-    nothing has to clean it up.
-
-    Raises:
-        ConfigError: another process holds it (the message gives its process id).
-    """
-    with open(Path(folder) / LOCK_NAME, "a+") as file:
-        if fcntl is not None:
-            try:
-                fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as err:
-                if err.errno not in (errno.EACCES, errno.EAGAIN):
-                    raise
-                file.seek(0)
-                holder = file.read().strip() or "unknown"
-                raise ConfigError(f"{folder} is in use by another training run (process {holder}): wait for it to "
-                                  "end, or choose another --save_dir") from None
-        file.truncate(0)
-        file.write(f"{os.getpid()}\n")
-        file.flush()
-        yield
-
-
-@contextmanager
-def open_run_folder(args, *, epoch):
-    """The run folder, taken for this run under its lock: checked again (another run may have started there since
-    check_args), cleared of the temporaries of writes a killed run left, args.json written, and log.jsonl cut after
-    ``epoch`` on a resume.
-
-    Yields:
-        utils.RunLog: the run's per-epoch log.
-    """
-    folder = Path(args.save_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    with run_folder_lock(folder):
-        check_run_folder(args)
-        utils.remove_stale_temporaries(folder, WRITTEN_WHOLE)
-        utils.remove_stale_temporaries(folder / SNAPSHOT_DIR, [snapshot_name(e) for e in range(1, args.epochs + 1)])
-        utils.atomic_write(folder / "args.json", lambda f: f.write((json.dumps(vars(args), indent=2) + "\n").encode()))
-        run_log = utils.RunLog(folder)
-        if args.resume and run_log.path.is_file():
-            run_log.truncate_after(epoch)
-        yield run_log
-
-
 # How the epoch in progress is cut into updates. A resume inside an epoch needs all of it again, or the rest of the
 # epoch would skip or repeat images; at an epoch's end, the update the next epoch starts at (the schedule's count).
 EPOCH_LAYOUT = {"batch_size": "--batch_size", "accum_steps": "--accum_steps", "processes": "processes",
                 "train_pairs": "training pairs", "epoch_start": "the epoch starting at update"}
-
-
-def saved_epoch_layout(checkpoint):
-    """The ``EPOCH_LAYOUT`` of a checkpoint; for format 1 files, from its options and its random states (one per
-    process), without the number of training pairs and the epoch's start."""
-    if checkpoint.get("epoch_layout"):
-        return checkpoint["epoch_layout"]
-    args, rng = checkpoint.get("args") or {}, checkpoint.get("rng")
-    return {"batch_size": args.get("batch_size"), "accum_steps": args.get("accum_steps"),
-            "processes": len(rng) if isinstance(rng, list) else 1}
 
 
 def check_resume(checkpoint, state, args, *, layout, done, updates):
@@ -1058,10 +676,10 @@ def check_resume(checkpoint, state, args, *, layout, done, updates):
     if state.epoch >= args.epochs:
         raise ConfigError(f"--resume {args.resume} has already completed {state.epoch} of --epochs {args.epochs}: "
                           "pass a larger --epochs to train longer")
-    saved = saved_epoch_layout(checkpoint)
-    inside = state.step != saved["epoch_start"] if "epoch_start" in saved else done != 0
+    saved = checkpoint["epoch_layout"]
+    inside = state.step != saved["epoch_start"]
     changed = [f"{EPOCH_LAYOUT[key]} {saved[key]}, not {layout[key]}" for key in EPOCH_LAYOUT
-               if (inside or key == "epoch_start") and saved.get(key) is not None and saved[key] != layout[key]]
+               if (inside or key == "epoch_start") and saved[key] != layout[key]]
     if changed or not 0 <= done < updates:
         raise ConfigError(f"--resume {args.resume} stopped at update {state.step} of epoch {state.epoch + 1}, which "
                           f"has {updates} updates here{', with ' if changed else ''}{', '.join(changed)}: resume "
@@ -1106,13 +724,6 @@ def sum_over_processes(sums, processes):
     return replace(sums, **dict(zip(EpochSums.SUMMED, totals.tolist())))
 
 
-def _unwritten(path, err, run_dir):
-    """The message for a checkpoint that could not be written (``utils.atomic_write`` left the old one in place)."""
-    reason = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else err.strerror or str(err)
-    return (f"{path} could not be written ({reason}); the {path.name} that was there, if any, is unchanged: make "
-            f"room, then continue with --resume {run_dir}")
-
-
 @torch.no_grad()
 def validate(network, loader, loss_fn, *, epoch, processes, stopping=None):
     """Validation loss and the grader's PSNR (clamped, uint8-rounded), per degradation type and overall. Each process
@@ -1124,7 +735,7 @@ def validate(network, loader, loss_fn, *, epoch, processes, stopping=None):
         loader (DataLoader): validation batches with "lq", "gt" and "kind".
         loss_fn (Callable): the training loss, ``loss_fn(pred, gt, epoch)``.
         epoch (int): epochs finished (the loss is that of the last one).
-        processes (Processes): the processes validating together.
+        processes (run.Processes): the processes validating together.
         stopping (Callable[[], bool] | None): asked before each batch; True skips the rest of the validation.
 
     Returns:
@@ -1167,50 +778,59 @@ class Trainer:
     """One training run: from scratch, fine-tuning from ``--checkpoint``, or resumed from ``--resume``.
 
     Args:
-        args (argparse.Namespace): parsed options of ``build_parser`` (checked here with ``check_args``).
-        processes (Processes | None): the processes training together (``process_group``); default: this one alone,
-            on --device.
+        args (argparse.Namespace): parsed options of ``build_parser``.
+        processes (run.Processes | None): the processes training together (``run.process_group``); default: this
+            one alone, on --device.
+        checked (Checked | None): what ``check_args(args)`` returned; default: the options are checked here.
+        resumed (dict | None): the --resume checkpoint as ``command_line`` read it; default: read here.
     """
 
-    def __init__(self, args, processes=None):
-        check_args(args)
+    def __init__(self, args, processes=None, *, checked=None, resumed=None):
+        checked = checked or check_args(args)
         self.args, self.run_dir = args, Path(args.save_dir)
-        self.processes = processes or Processes(torch.device(args.device))
+        self.processes = processes or run.Processes(torch.device(args.device))
         self.device, self.is_primary = self.processes.device, self.processes.rank == 0
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")
             torch.backends.cudnn.benchmark = True  # training shapes are fixed (whole images or --patch_size crops)
         utils.seed_everything(args.seed + self.processes.rank)
-        phases = training_phases(args)
         # The data are checked (every pair, every file) before anything big is loaded or built. Validation runs on
         # whole images in batches of the smallest micro-batch of the run (--batch_size without --progressive).
+        phases = checked.phases
         first_loader, self.val_loader = build_loaders(
             args.data_dir, batch_size=min(p.batch_size for p in phases), num_workers=args.num_workers,
             patch_size=phases[0].patch_size, val_per_type=args.val_per_type, seed=args.seed, cache=args.cache,
             distributed=self.processes.distributed)
         self.plan = PhasePlan(phases, first_loader, args=args, processes=self.processes)
+        if resumed is None and args.resume:
+            resumed = read_resume(args)
         self.data_pairs = pair_names(first_loader, self.val_loader, args.data_dir)
-        resumed = read_resume(args)
         if resumed is not None:
             check_same_pairs(resumed.get("data_pairs"), self.data_pairs, args)
         self._phase = self.plan.phase_of(resumed["epoch"] if resumed is not None else 0)
         self.train_loader = self.plan.loaders[self._phase]
+        self._build(resumed, checked.policy)
+        if resumed is not None:
+            self._restore(resumed)
+        self._set_lr(self.state.step)
+
+    def _build(self, resumed, policy):
+        """The network (from the --checkpoint of a new fine-tuning run), its EMA, loss, optimizer, update, schedule
+        and state."""
+        args, self.policy = self.args, policy
         start = (utils.load_checkpoint(args.checkpoint, trusted=args.trust_checkpoint)
                  if args.fine_tune and resumed is None else None)
         self.model_config = model_config(resumed or start, args.preset, source=args.resume or args.checkpoint)
         self.model = build_network(args, self.model_config, start, self.device)
         self.ddp_model = wrap_ddp(self.model, self.device) if self.processes.distributed else None
         self.ema = ModelEma(self.model, decay=args.ema, warmup=not args.ema_no_warmup) if args.ema else None
-        self.policy = AugmentPolicy(  # draws from the global RNG (checkpointed)
-            strong=args.augment == "strong", rates=dict(zip(STRONG_AUGMENTATIONS, args.aug_rates)),
-            alphas=dict(zip(STRONG_AUGMENTATIONS, args.aug_alphas)))
         self.loss_fn = build_loss(args.loss, num_epochs=args.epochs)
         self.optimizer = build_optimizer((p for p in self.model.parameters() if p.requires_grad), lr=args.lr,
                                          weight_decay=args.weight_decay, device=self.device)
         scaler = torch.amp.GradScaler("cuda") if args.precision == "fp16" else None
-        self.update = Update(self.model, self.optimizer, loss_fn=self.loss_fn,
+        self.update = Update(self.model, self.optimizer, loss_fn=self.loss_fn,  # the policy draws from the global RNG
                              autocast_dtype=utils.PRECISIONS[args.precision], grad_clip=args.grad_clip, scaler=scaler,
-                             ema=self.ema, policy=self.policy, ddp_model=self.ddp_model)
+                             ema=self.ema, policy=policy, ddp_model=self.ddp_model)
         self.schedule = {"peak_lr": args.lr, "warmup_steps": self.plan.start_of(args.warmup_epochs),
                          "total_steps": self.plan.start_of(args.epochs), "min_lr": schedule_floor(args.lr)}
         if self.schedule["min_lr"] < MIN_LR:
@@ -1218,13 +838,14 @@ class Trainer:
                      f"{self.schedule['min_lr']:g}, a tenth of the peak")
         self.state = TrainingState(self.model, self.optimizer, vars(args), self.model_config, ema=self.ema,
                                    scaler=scaler, loader_generator=self.train_loader.generator)
-        if resumed is not None:
-            self.state.load_state_dict(resumed, rank=self.processes.rank, source=args.resume)
-            check_resume(resumed, self.state, args, layout=self.plan.layout(self.state.epoch),
-                         done=self._updates_done_in_epoch(), updates=self.updates_per_epoch)
-            for group, decay in zip(self.optimizer.param_groups, (args.weight_decay, 0.0)):
-                group["weight_decay"] = decay  # a --weight_decay given now holds (unchanged, it is the saved one)
-        self._set_lr(self.state.step)
+
+    def _restore(self, resumed):
+        """Continue the state of the --resume checkpoint, once it is known to fit this run."""
+        self.state.load_state_dict(resumed, rank=self.processes.rank, source=self.args.resume)
+        check_resume(resumed, self.state, self.args, layout=self.plan.layout(self.state.epoch),
+                     done=self._updates_done_in_epoch(), updates=self.updates_per_epoch)
+        for group, decay in zip(self.optimizer.param_groups, (self.args.weight_decay, 0.0)):
+            group["weight_decay"] = decay  # a --weight_decay given now holds (unchanged, it is the saved one)
 
     @property
     def updates_per_epoch(self):
@@ -1246,8 +867,9 @@ class Trainer:
             Result: the run folder, epochs and updates done, best validation PSNR, and the signal that stopped it.
         """
         last_epoch, state, stopped = min(until_epoch or self.args.epochs, self.args.epochs), self.state, False
-        folder = open_run_folder(self.args, epoch=state.epoch) if self.is_primary else nullcontext()
-        with folder as run_log, StopRequest() as stop:
+        folder = run.open_run_folder(self.args.save_dir, vars(self.args), resume=self.args.resume, epoch=state.epoch,
+                                     epochs=self.args.epochs) if self.is_primary else nullcontext()
+        with folder as run_log, run.StopRequest() as stop:
             self._describe_run()
             while state.epoch < last_epoch and not stopped:
                 stopped = self._train_epoch(stop)
@@ -1259,7 +881,7 @@ class Trainer:
                 stopped = stopped or stop.signum is not None  # asked during validation: the next epoch waits
         if stopped:
             log.info(f"stopped after update {state.step}; continue with --resume {self.run_dir}")
-        elif self.is_primary:
+        elif self.is_primary and not self.args.no_curves:
             utils.plot_curves(self.run_dir)
         return Result(self.run_dir, state.epoch, state.step, state.best_psnr,
                       (stop.signum or signal.SIGTERM) if stopped else None)
@@ -1350,9 +972,9 @@ class Trainer:
         """The error that ends a run whose data loader met a file it cannot read, after saving the state of the
         last finished update as a stop does (one process; with several, the others cannot join the save)."""
         if self.processes.distributed:
-            return DataError(f"{err} (last.pth keeps the state of the last finished epoch)")
+            return TrainingError(f"{err} (last.pth keeps the state of the last finished epoch)")
         self._save({"last.pth"})
-        return DataError(f"{err}. last.pth holds the run after update {self.state.step}: continue it with "
+        return TrainingError(f"{err}. last.pth holds the run after update {self.state.step}: continue it with "
                          f"--resume {self.run_dir} once the file is back")
 
     def _end_epoch(self, run_log, stop=None):
@@ -1378,7 +1000,7 @@ class Trainer:
             state.best_psnr = record["val_psnr"]
         self._save({"last.pth"} | ({"best.pth"} if improved or self.val_loader is None else set()))
         if self.args.keep_last and self.is_primary:
-            write_snapshot(self.run_dir, state, keep=self.args.keep_last)
+            run.write_snapshot(self.run_dir, state.epoch, state.weights(), keep=self.args.keep_last)
         if run_log is not None:
             run_log.append(record)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float) and k != "time_s")
@@ -1405,19 +1027,17 @@ class Trainer:
             checkpoint = self.state.state_dict(rng=rng, epoch_layout=self.plan.layout(self.state.epoch))
             checkpoint["data_pairs"] = self.data_pairs  # a resume must find the same pairs (check_same_pairs)
             for path in sorted(self.run_dir / name for name in names):
-                try:
-                    utils.save_checkpoint(path, checkpoint)
-                except OSError as err:
-                    raise TrainingError(_unwritten(path, err, self.run_dir)) from err
+                run.save(path, checkpoint, run_dir=self.run_dir)
         if self.processes.distributed:
             dist.barrier()
 
 
-def train(args, *, until_epoch=None):
+def train(args, *, resumed=None, until_epoch=None):
     """Run the training the options describe (see ``Trainer``) in the processes torchrun started, or in this one
     alone, and return its ``Result``."""
-    with process_group(args.device) as processes:
-        return Trainer(args, processes).fit(until_epoch=until_epoch)
+    checked = check_args(args)
+    with run.process_group(torch.device(args.device)) as processes:
+        return Trainer(args, processes, checked=checked, resumed=resumed).fit(until_epoch=until_epoch)
 
 
 def main(argv=None, *, parser=None):
@@ -1425,8 +1045,9 @@ def main(argv=None, *, parser=None):
     utils.setup_logging()
     parser = parser or build_parser()
     def work():
-        with utils.terminate_as_interrupt():  # a SIGTERM before the loop (the data check) ends with one line
-            return train(parse_args(parser, argv))
+        with run.terminate_as_interrupt():  # a SIGTERM before the loop (the data check) ends with one line
+            args, resumed = command_line(parser, argv)
+            return train(args, resumed=resumed)
 
     result = utils.run_cli(parser.prog, work)
     if result.signal is not None:

@@ -10,16 +10,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import json
 import logging
 import math
 import os
 import random
 import signal
 import sys
-import threading
-import warnings
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,49 +31,46 @@ try:
 except ImportError:  # Windows: outputs are not locked
     fcntl = None
 
-LOG_NAME = "log.jsonl"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ------------------------------------------------------------------------------------------------ errors a user sees
+# The one rule of exit codes (README, "Exit codes"): 2 when what the user gave is wrong (options, paths, data,
+# checkpoint files) and nothing was done; 1 when the work itself failed (a full disk, out of memory, a non-finite
+# training, a file that vanished mid-run); 130 on interruption. ``run_cli`` applies it, for every entry point.
 class ToolkitError(Exception):
     """An expected failure with a message a user can act on; ``exit_code`` is what the command exits with."""
 
     exit_code = 1
 
 
-class ConfigError(ToolkitError, ValueError):
-    """Options that contradict each other, are out of range or point at nothing; the message says what to do."""
+class UserError(ToolkitError):
+    """What the user gave is wrong (an option, a path, the data, a checkpoint file) and nothing was done: exit 2."""
 
     exit_code = 2
 
 
+class WorkError(ToolkitError):
+    """The work itself failed (a full disk, a non-finite training, a file that vanished mid-run): exit 1."""
+
+    exit_code = 1
+
+
+class ConfigError(UserError, ValueError):
+    """Options that contradict each other, are out of range or point at nothing; the message says what to do."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint file is missing, unreadable, damaged, or needs pickle to load."""
+
+
 class Interrupted(KeyboardInterrupt):
     """The work stopped by a signal other than Ctrl-C's (SIGTERM): handled as Ctrl-C is (clean-ups run, exit 130),
-    and said by its name."""
+    and said by its name (``run.terminate_as_interrupt``, a second SIGTERM to a training run)."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-
-
-@contextlib.contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """Within, SIGTERM ends the work as Ctrl-C does: the clean-ups of ``finally`` and ``except BaseException`` run
-    (a half-made output is removed) instead of the process dying where it stands. Main thread only; the handler
-    found is restored on leaving."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum: int, frame: Any) -> None:
-        raise Interrupted(signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _os_error_message(err: OSError) -> str:
@@ -93,15 +88,29 @@ def _os_error_message(err: OSError) -> str:
     return f"{where}: {hint}" if err.filename else f"{hint} ({err})"
 
 
-def run_cli(prog: str, fn: Callable[[], Any], *, expected: tuple[type[BaseException], ...] = ()) -> Any:
+# How an allocation failure reads: PyTorch's own error, and the plain RuntimeErrors of cuBLAS, cuDNN and the CPU
+# allocator when they cannot get memory.
+OUT_OF_MEMORY_TEXTS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                       "can't allocate memory")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is a failure to allocate memory: PyTorch's out-of-memory error, Python's MemoryError, or the
+    plain RuntimeError of cuBLAS, cuDNN or the CPU allocator (``OUT_OF_MEMORY_TEXTS``)."""
+    if isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and any(text in str(err) for text in OUT_OF_MEMORY_TEXTS)
+
+
+def run_cli(prog: str, fn: Callable[[], Any]) -> Any:
     """Run a command-line entry point's work, turning every expected failure into one line on stderr and an exit
-    code, never a traceback: ``ToolkitError`` (its ``exit_code``), the ``expected`` exception types (exit 1), a
-    file-system error (exit 1, naming the path), running out of memory (exit 1) and Ctrl-C (exit 130).
+    code by the one rule, never a traceback: ``ToolkitError`` (its ``exit_code``: 2 for a ``UserError``, 1 for a
+    ``WorkError``), Ctrl-C (130), running out of memory (1) and a file-system error during the work (1, naming the
+    path). Anything else is a bug and keeps its traceback.
 
     Args:
         prog: the command's name, as argparse shows it (``parser.prog``).
         fn: the work; its return value is returned.
-        expected: further exception types whose message is meant for the user.
     """
     try:
         return fn()
@@ -111,14 +120,177 @@ def run_cli(prog: str, fn: Callable[[], Any], *, expected: tuple[type[BaseExcept
         name = err.args[0] if isinstance(err, Interrupted) else "Ctrl-C"
         code, text = 130, (f"interrupted ({name}); files already written are complete, the one in progress was not "
                            "written")
-    except MemoryError:
-        code, text = 1, "out of memory: use smaller images or batches (--batch_size, --patch_size, --tile)"
     except OSError as err:
         code, text = 1, _os_error_message(err)
-    except expected as err:
-        code, text = 1, str(err)
+    except (MemoryError, RuntimeError) as err:
+        if not is_out_of_memory(err):
+            raise
+        code, text = 1, "out of memory: use smaller images or batches (--batch_size, --patch_size, --tile)"
     sys.stderr.write(f"{prog}: error: {text}\n")
     raise SystemExit(code)
+
+
+@contextlib.contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Give a file-system error raised while writing ``path`` that path, when it names none (a full disk during
+    ``write`` does not), so that the message a user sees says which file failed."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno or errno.EIO, err.strerror or str(err), str(path)) from err
+
+
+# ----------------------------------------------------------------------------------------------------- output paths
+def same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether ``a`` and ``b`` are one file or folder (through links); for missing paths, the same absolute path."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).absolute() == Path(b).absolute()
+
+
+def check_output_path(path: str | os.PathLike, option: str, *, folder: bool = False,
+                      inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """The one check of an output, before any work: it can be written (the nearest existing folder on its way takes
+    a new file: a temporary file is created there and removed, the only test that sees read-only mounts, quotas and
+    access lists alike; missing folders on the way are created on writing), it is of the right kind (a file where a
+    file goes, a folder where a folder goes), and it is none of ``inputs``.
+
+    Args:
+        path: the file to be written, or with ``folder`` the folder to be written into.
+        option: the command-line option that named it, for the message.
+        folder: ``path`` is a folder.
+        inputs: the files and folders the command reads; an output never replaces one.
+
+    Raises:
+        ConfigError: saying what is wrong and what to do.
+    """
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path} is a file, where a folder is expected: give a folder (it is created "
+                          "when missing)")
+    if not folder and path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder, where a file is expected: give a file name, such as "
+                          f"{path / ('output' + (path.suffix or '.pth'))}")
+    clash = next((p for p in inputs if Path(p).exists() and same_path(p, path)), None)
+    if clash is not None:
+        raise ConfigError(f"{option} {path} is one of the inputs ({clash}): an output never replaces an input; "
+                          "write elsewhere")
+    if not folder and path.is_file() and _run_file(path):
+        raise ConfigError(f"{option} {path} is the {path.name} of the training run in {path.parent}: an output never "
+                          "replaces a run's file; give another file name")
+    if not folder:
+        check_name_length(path.parent, path.name, f"{option} {path}")
+    existing = (path if folder else path.parent).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{option} {path}: {existing} is a file, where a folder is expected; choose another path")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{option} {path}: cannot write in {existing} ({err.strerror or err}); choose a folder "
+                          "you can write to") from None
+    return path
+
+
+# The files of a training run's folder (run.py's; utils cannot import it), and the suffixes of checkpoints and
+# images: an output path naming an existing one of them is refused.
+RUN_FILE_NAMES = ("args.json", "log.jsonl", "last.pth", "best.pth", ".lock")
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors", ".bin")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# What atomic_write adds to a file's name for its temporary: "." before, ".XXXXXXXX.tmp" after.
+TEMPORARY_NAME_EXTRA = 14
+
+
+def _run_file(path: Path) -> bool:
+    return path.name in RUN_FILE_NAMES and any((path.parent / name).is_file() for name in RUN_FILE_NAMES[:4])
+
+
+def check_not_an_input(path: str | os.PathLike, option: str) -> None:
+    """Refuse an output file that would replace a checkpoint or an image (``check_output_path`` refuses a run's
+    files for every output; a command whose outputs are never checkpoints or images adds this). A file that does
+    not exist yet, or an earlier output of another kind, is fine.
+
+    Raises:
+        ConfigError: naming the option, the file and what it is.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return
+    if path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        what = "a checkpoint"
+    elif path.suffix.lower() in IMAGE_SUFFIXES:
+        what = "an image"
+    else:
+        return
+    raise ConfigError(f"{option} {path} is {what}: an output never replaces it; give another file name")
+
+
+def check_name_length(folder: str | os.PathLike, name: str, what: str) -> None:
+    """Refuse, before the work, a file name too long for the file system once ``atomic_write`` makes its temporary
+    name of it (the write would fail after the work, naming a hidden temporary).
+
+    Raises:
+        ConfigError: naming ``what`` (an option and its path, or the input image) and the limit.
+    """
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = 255
+    length = len(name.encode(errors="surrogateescape"))
+    if length + TEMPORARY_NAME_EXTRA > limit:
+        raise ConfigError(f"{what}: the file name {name[:40]}... is {length} bytes long, and the file system takes "
+                          f"{limit} (less {TEMPORARY_NAME_EXTRA} for the temporary written first): shorten it")
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike, option: str) -> Iterator[None]:
+    """Hold ``.NAME.lock`` beside the output ``path`` while a command makes it, so that two runs never write one
+    output (the file of one beside the scores of the other). A second run is refused while the first holds it; the
+    lock ends with the process however it ends, and its file is removed on leaving.
+
+    Raises:
+        ConfigError: another process holds it (its process id is given when known).
+    """
+    path = Path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    if fcntl is None:
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        file = open(lock, "a+")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            file.seek(0)
+            holder = file.read().strip() or "unknown"
+            file.close()
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise ConfigError(f"{option} {path} is being written by another run (process {holder}): wait for it to "
+                              "end, or write elsewhere") from None
+        try:
+            if os.fstat(file.fileno()).st_ino == os.stat(lock).st_ino:
+                break  # else a run that just ended removed the file this one locked: lock the new one
+        except FileNotFoundError:
+            pass
+        file.close()
+    try:
+        file.truncate(0)
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        file.close()
 
 
 def listing(items: Sequence[Any], *, limit: int = 20, sep: str = ", ", prefix: str = "") -> str:
@@ -277,10 +449,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- checkpoints
-class CheckpointError(ToolkitError, RuntimeError):
-    """A checkpoint file is missing, unreadable, or needs pickle to load."""
-
-
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None],
                  check: Callable[[Path], None] | None = None) -> Path:
     """Write a file atomically: ``write(f)`` into a temporary file in the same folder, flushed to disk, then
@@ -377,188 +545,17 @@ def _first_line(text: str, containing: str = "") -> str:
     return next((line for line in lines if containing and containing in line), lines[0] if lines else "")
 
 
-def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
-    """Remove the temporary files :func:`atomic_write` leaves behind when killed mid-write (``.NAME.XXXX.tmp``) for
-    each file name in ``names``, in ``folder``; returns what was removed. Call it where nothing else is writing
-    these names (a run folder under its lock, a prediction file's folder before the work)."""
-    removed = []
-    folder = Path(folder)
-    if not folder.is_dir():
-        return removed
-    for name in names:
-        for tmp in folder.glob(f".{glob_escape(name)}.*.tmp"):
-            if tmp.is_file():
-                tmp.unlink(missing_ok=True)
-                removed.append(tmp)
-    if removed:
-        logging.getLogger(__name__).info("removed %d unfinished temporary file(s) of an interrupted write: %s",
-                                         len(removed), listing([p.name for p in removed], limit=5))
-    return removed
+def __getattr__(name: str) -> Any:
+    """Names that moved to ``run.py`` (a run folder's files), served from there until every caller imports them
+    from it."""
+    if name in ("LOG_NAME", "RunLog", "RunFolderError", "read_log", "remove_stale_temporaries"):
+        import run
+
+        return getattr(run, name)
+    raise AttributeError(f"module 'utils' has no attribute {name!r}")
 
 
-def glob_escape(text: str) -> str:
-    """``text`` with glob's special characters escaped, for ``Path.glob``."""
-    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
-
-
-# ------------------------------------------------------------------------------------------- outputs and inputs
-# The files of a training run's folder (trainer.py), and the suffixes of checkpoints and images: an output path
-# naming an existing one of them is refused, whatever command writes it.
-RUN_FILE_NAMES = ("args.json", LOG_NAME, "last.pth", "best.pth", ".lock")
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors", ".bin")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-
-def check_not_an_input(path: str | os.PathLike, option: str) -> None:
-    """Refuse an output path that would replace a file of a training run, a checkpoint or an image: an output never
-    replaces an input (a CSV over a run's log.jsonl, say). A file that does not exist yet, or an earlier output of
-    another kind, is fine.
-
-    Raises:
-        ConfigError: naming the option, the file and what it is.
-    """
-    path = Path(path)
-    if not path.is_file():
-        return
-    if path.name in RUN_FILE_NAMES and any((path.parent / name).is_file() for name in RUN_FILE_NAMES[:4]):
-        what = f"the {path.name} of the training run in {path.parent}"
-    elif path.suffix.lower() in CHECKPOINT_SUFFIXES:
-        what = "a checkpoint"
-    elif path.suffix.lower() in IMAGE_SUFFIXES:
-        what = "an image"
-    else:
-        return
-    raise ConfigError(f"{option} {path} is {what}: an output never replaces it; give another file name")
-
-
-# What utils.atomic_write adds to a file's name for its temporary: "." before, ".XXXXXXXX.tmp" after.
-TEMPORARY_NAME_EXTRA = 14
-
-
-def check_name_length(folder: str | os.PathLike, name: str, what: str) -> None:
-    """Refuse, before the work, a file name too long for the file system once ``atomic_write`` makes its temporary
-    name of it (the write would fail after the work, naming a hidden temporary).
-
-    Raises:
-        ConfigError: naming ``what`` (an option and its path, or the input image) and the limit.
-    """
-    folder = Path(folder)
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        limit = os.pathconf(folder, "PC_NAME_MAX")
-    except (OSError, ValueError, AttributeError):
-        limit = 255
-    length = len(name.encode(errors="surrogateescape"))
-    if length + TEMPORARY_NAME_EXTRA > limit:
-        raise ConfigError(f"{what}: the file name {name[:40]}... is {length} bytes long, and the file system takes "
-                          f"{limit} (less {TEMPORARY_NAME_EXTRA} for the temporary written first): shorten it")
-
-
-@contextlib.contextmanager
-def output_lock(path: str | os.PathLike, option: str) -> Iterator[None]:
-    """Hold ``.NAME.lock`` beside the output ``path`` while a command makes it, so that two runs never write one
-    output (the file of one beside the scores of the other). A second run is refused while the first holds it; the
-    lock ends with the process however it ends, and its file is removed on leaving.
-
-    Raises:
-        ConfigError: another process holds it (its process id is given when known).
-    """
-    path = Path(path)
-    lock = path.with_name(f".{path.name}.lock")
-    if fcntl is None:
-        yield
-        return
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        file = open(lock, "a+")
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            file.seek(0)
-            holder = file.read().strip() or "unknown"
-            file.close()
-            if err.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            raise ConfigError(f"{option} {path} is being written by another run (process {holder}): wait for it to "
-                              "end, or write elsewhere") from None
-        try:
-            if os.fstat(file.fileno()).st_ino == os.stat(lock).st_ino:
-                break  # else a run that just ended removed the file this one locked: lock the new one
-        except FileNotFoundError:
-            pass
-        file.close()
-    try:
-        file.truncate(0)
-        file.write(f"{os.getpid()}\n")
-        file.flush()
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-        file.close()
-
-
-# ---------------------------------------------------------------------------------------------------------- run logs
-class RunLog:
-    """Per-epoch log of a run: one JSON object per line in ``run_dir/log.jsonl``, flushed at once.
-
-    Args:
-        run_dir: the run folder.
-    """
-
-    def __init__(self, run_dir: str | os.PathLike):
-        self.path = Path(run_dir) / LOG_NAME
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def append(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, allow_nan=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    def truncate_after(self, epoch: int) -> None:
-        """Drop records of epochs after ``epoch`` (used when a run resumes from an earlier checkpoint)."""
-        kept = [r for r in read_log(self.path.parent) if r.get("epoch", 0) <= epoch]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
-
-
-class RunFolderError(ToolkitError):
-    """A run folder that is missing, not a run folder, or whose log holds no epochs."""
-
-
-def read_log(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The epoch records of ``run_dir/log.jsonl``: JSON objects with a whole-number ``epoch``. A torn line (a crash
-    while writing) is ignored; other lines that are not epoch records are skipped with a warning.
-
-    Raises:
-        RunFolderError: ``run_dir`` is not a folder, or holds no ``log.jsonl``.
-    """
-    run_dir = Path(run_dir)
-    path = run_dir / LOG_NAME
-    if not run_dir.is_dir():
-        raise RunFolderError(f"{run_dir} is not a folder: give a run folder written by trainer.py (its --save_dir)")
-    if not path.is_file():
-        raise RunFolderError(f"{path} does not exist: is {run_dir} a run folder written by trainer.py? (a run writes "
-                             "its log after its first epoch)")
-    lines = path.read_text(errors="replace").splitlines()
-    records, skipped = [], 0
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            skipped += number < len(lines)  # only a torn last line is expected
-            continue
-        if isinstance(record, dict) and isinstance(record.get("epoch"), int) and not isinstance(record["epoch"], bool):
-            records.append(record)
-        elif line.strip():
-            skipped += 1
-    if skipped:
-        logging.getLogger(__name__).warning("%s: skipped %d line(s) that are not epoch records", path, skipped)
-    return records
-
-
+# ------------------------------------------------------------------------------------------------------ curves
 def _series(records: Iterable[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
     xs, ys = [], []
     for r in records:
@@ -575,6 +572,8 @@ def plot_curves(run_dir: str | os.PathLike) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from run import LOG_NAME, RunFolderError, read_log
 
     run_dir = Path(run_dir)
     records = read_log(run_dir)
@@ -620,4 +619,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import utils  # the module whose errors run.py raises, not this __main__ copy of it
+
+    utils.main()

@@ -13,7 +13,8 @@ import trainer
 import utils
 from conftest import ROOT
 from model import build_model
-from test_trainer import SIGNAL_WRAPPER, make_homework_set
+from conftest import make_homework_set
+from test_trainer import SIGNAL_WRAPPER
 
 
 def _free_port():

@@ -43,7 +43,7 @@ def train_argv(data, run, *extra):
     """A tiny CPU run: 3 training pairs per kind, 1 per kind for validation, 3 updates per epoch."""
     return ["--data_dir", data, "--save_dir", run, "--preset", "tiny", "--device", "cpu", "--num_workers", 0,
             "--batch_size", 2, "--accum_steps", 1, "--epochs", 2, "--warmup_epochs", 1, "--patch_size", 8,
-            "--val_per_type", 1, "--lr", 1e-3, *extra]
+            "--val_per_type", 1, "--lr", 1e-3, "--no_curves", *extra]
 
 
 @pytest.fixture(scope="session")
@@ -402,8 +402,9 @@ def test_a_second_sigterm_to_a_training_run_is_said_as_sigterm_not_ctrl_c(monkey
     """A second SIGTERM (one that quits at once, without saving) was reported as "interrupted (Ctrl-C)"; it is now
     named as the signal it is, still with exit 130."""
     import signal
-    monkeypatch.setattr(trainer.StopRequest, "REPEAT_S", 0.0)
-    stop = trainer.StopRequest()
+    import run
+    monkeypatch.setattr(run.StopRequest, "REPEAT_S", 0.0)
+    stop = run.StopRequest()
     stop._handle(signal.SIGTERM, None)  # the first asks to stop after the update in flight
     with pytest.raises(SystemExit) as exit_info:
         utils.run_cli("trainer.py", lambda: stop._handle(signal.SIGTERM, None))

@@ -1,5 +1,5 @@
 """What goes wrong around a training run, each answered by one message that names the option or file and the fix (exit
-2 for options, 1 otherwise, never a traceback), with nothing already written lost or overwritten and no result
+2 for what the user gave: options, paths, data, checkpoint files; 1 when the work fails; never a traceback), with nothing already written lost or overwritten and no result
 silently wrong: numbers that are not finite or out of range, a folder holding files of another run or in use by one,
 a resume with other batches, a folder that cannot be written, a file deleted while training, temporaries of a killed
 checkpoint write, a full disk, a --data_dir that is a file and a damaged --resume."""
@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,21 +17,8 @@ import torch
 
 import trainer
 import utils
-from conftest import ROOT
-from test_trainer import assert_same_state, make_homework_set, tiny, weights
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """6 pairs per kind of 24x24 images: 1 per kind for validation, 10 for training (5 batches of 2)."""
-    return make_homework_set(tmp_path_factory.mktemp("data"), per_kind=6, size=24)
-
-
-def tiny_argv(data, run, *extra):
-    """The command line of test_trainer.tiny: a small, quick CPU run (3 updates per epoch); ``extra`` overrides."""
-    return ["--data_dir", data, "--save_dir", run, "--preset", "tiny", "--device", "cpu", "--num_workers", 0,
-            "--batch_size", 2, "--accum_steps", 2, "--epochs", 2, "--warmup_epochs", 1, "--patch_size", 16,
-            "--val_per_type", 1, "--lr", 1e-3, *extra]
+from conftest import ROOT, assert_same_state, make_homework_set, tiny, tiny_argv, weights
+from run import LOCK_NAME
 
 
 def run_main(argv, capsys):
@@ -147,8 +135,8 @@ def test_a_folder_holding_any_file_of_a_run_is_refused_unless_resumed(data, tmp_
 LOCK_HOLDER = """
 import sys, time
 sys.path.insert(0, {root!r})
-import trainer
-with trainer.run_folder_lock({folder!r}):
+import run
+with run.folder_lock({folder!r}):
     print("LOCKED", flush=True)
     time.sleep(120)
 """
@@ -169,7 +157,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_a_killed_run_leaves_no
         code, errors, _ = run_main(argv, capsys)
         assert code == 2 and len(errors) == 1
         assert f"{run} is in use by another training run (process {holder.pid})" in errors[0]
-        assert [p.name for p in run.iterdir()] == [trainer.LOCK_NAME]
+        assert [p.name for p in run.iterdir()] == [LOCK_NAME]
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
     finally:
@@ -216,13 +204,19 @@ def test_a_save_dir_that_cannot_be_written_is_refused_before_the_data_are_read(d
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     code, errors, _ = run_main(tiny_argv(data, blocker / "run"), capsys)
-    assert code == 2 and len(errors) == 1 and f"{blocker} is a file, not a folder" in errors[0]
+    assert code == 2 and len(errors) == 1 and f"{blocker} is a file, where a folder is expected" in errors[0]
     locked = tmp_path / "locked"
     locked.mkdir()
-    access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and access(path, mode, **kw))
+    temporary = tempfile.TemporaryFile
+
+    def refuse_in_locked(*args, dir=None, **kwargs):  # the check creates a file: refuse it there, as a mode would
+        if dir is not None and Path(dir) == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(locked))
+        return temporary(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse_in_locked)
     code, errors, _ = run_main(tiny_argv(data, locked / "run"), capsys)
-    assert code == 2 and len(errors) == 1 and f"{locked} cannot be written (permission denied)" in errors[0]
+    assert code == 2 and len(errors) == 1 and f"cannot write in {locked} (Permission denied)" in errors[0]
     assert not (locked / "run").exists() and blocker.read_text() == "not a folder"
 
 
@@ -302,7 +296,7 @@ def test_a_full_disk_while_writing_last_keeps_the_previous_one_and_says_so(data,
 
 def test_a_data_dir_that_is_a_file_and_a_damaged_resume_are_named(data, tmp_path, capsys):
     """--data_dir naming a file: exit 2, "is not a folder". --resume of a truncated last.pth or of a file of
-    garbage: exit 1, one line naming it as not a readable checkpoint; the folder is left as it was."""
+    garbage: exit 2 (a checkpoint file the user gave), one line naming it as not a readable checkpoint; the folder is left as it was."""
     (tmp_path / "data.txt").write_text("not a folder")
     code, errors, _ = run_main(tiny_argv(tmp_path / "data.txt", tmp_path / "r"), capsys)
     assert code == 2 and len(errors) == 1 and "--data_dir" in errors[0] and "is not a folder" in errors[0]
@@ -312,6 +306,6 @@ def test_a_data_dir_that_is_a_file_and_a_damaged_resume_are_named(data, tmp_path
     for damaged in (whole[: len(whole) // 2], b"\x00garbage" * 100):
         (run / "last.pth").write_bytes(damaged)
         code, errors, _ = run_main(resume_argv(data, run), capsys)
-        assert code == 1 and len(errors) == 1 and f"{run / 'last.pth'} is not a readable PyTorch checkpoint" in \
+        assert code == 2 and len(errors) == 1 and f"{run / 'last.pth'} is not a readable PyTorch checkpoint" in \
             errors[0]
         assert (run / "last.pth").read_bytes() == damaged

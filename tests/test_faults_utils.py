@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import run
 import utils
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,34 +21,39 @@ def curves(run_dir):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty folder", "half-written", "empty log", "not epoch records"])
-def test_curves_of_a_broken_run_folder_are_one_message(tmp_path, case):
+def test_curves_of_a_broken_run_folder_are_one_message(tmp_path, case, capsys):
     """An empty or half-written folder, an empty log.jsonl, or records that are not epoch objects: one line naming
-    the file, exit 1 (FileNotFoundError / ValueError / TypeError / KeyError tracebacks before)."""
-    run = tmp_path / "run"
+    the file, exit 2 (what the user gave is not a run folder with epochs; FileNotFoundError / ValueError / TypeError
+    / KeyError tracebacks before)."""
+    folder = tmp_path / "run"
     if case != "missing":
-        run.mkdir()
+        folder.mkdir()
     if case == "half-written":
-        (run / "args.json").write_text("{}")
+        (folder / "args.json").write_text("{}")
     if case == "empty log":
-        (run / "log.jsonl").write_text("")
+        (folder / "log.jsonl").write_text("")
     if case == "not epoch records":
-        (run / "log.jsonl").write_text('[1, 2]\n"text"\n{"step": 3}\n{"epoch": "one"}\n')
-    proc = curves(run)
-    assert proc.returncode == 1, proc.stderr
-    assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1, proc.stderr
-    assert str(run) in proc.stderr
+        (folder / "log.jsonl").write_text('[1, 2]\n"text"\n{"step": 3}\n{"epoch": "one"}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        utils.main([str(folder)])
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2, stderr
+    assert stderr.count("error:") == 1 and str(folder) in stderr, stderr
 
 
 def test_curves_skip_stray_lines_and_draw_the_epochs(tmp_path):
-    """Lines that are not epoch records are skipped with a warning; the epochs around them are drawn."""
-    run = tmp_path / "run"
-    run.mkdir()
+    """``python utils.py RUN_DIR`` as a user runs it (the script is its own __main__): lines that are not epoch
+    records are skipped with a warning, the epochs around them are drawn; a missing folder is one line, exit 2."""
+    folder = tmp_path / "run"
+    folder.mkdir()
     good = [{"epoch": e, "train_loss": 1.0 / e, "lr": 1e-4, "val_psnr": 20.0 + e} for e in (1, 2)]
-    (run / "log.jsonl").write_text(json.dumps(good[0]) + "\n[1]\n" + json.dumps(good[1]) + "\n")
-    proc = curves(run)
+    (folder / "log.jsonl").write_text(json.dumps(good[0]) + "\n[1]\n" + json.dumps(good[1]) + "\n")
+    proc = curves(folder)
     assert proc.returncode == 0, proc.stderr
-    assert "skipped 1 line(s)" in proc.stderr and (run / "curves_loss.png").is_file()
-    assert [r["epoch"] for r in utils.read_log(run)] == [1, 2]
+    assert "skipped 1 line(s)" in proc.stderr and (folder / "curves_loss.png").is_file()
+    assert [r["epoch"] for r in run.read_log(folder)] == [1, 2]
+    proc = curves(tmp_path / "missing")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1, proc.stderr
 
 
 def test_a_corrupt_file_is_not_called_a_pickled_one(tmp_path):
@@ -80,6 +86,6 @@ def test_stale_temporaries_of_our_naming_are_removed_and_nothing_else(tmp_path):
     kept = [tmp_path / "last.pth", tmp_path / ".other.pth.abc.tmp", tmp_path / "notes.tmp", tmp_path / ".last.pth"]
     for path in stale + kept:
         path.write_bytes(b"x")
-    removed = utils.remove_stale_temporaries(tmp_path, ["last.pth", "best.pth"])
+    removed = run.remove_stale_temporaries(tmp_path, ["last.pth", "best.pth"])
     assert sorted(removed) == sorted(stale)
     assert all(p.exists() for p in kept) and not any(p.exists() for p in stale)

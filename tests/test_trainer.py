@@ -6,22 +6,23 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import first_stage_ft
 import second_stage_ft
-import trainer
 import scoring
+import trainer
 import utils
-from augment import NUM_VIEWS, dihedral
-from conftest import ROOT
+from conftest import ROOT, assert_same_state, parse, tiny, weights
+from conftest import make_homework_set  # noqa: F401  (test_speed_path imports it from here until it switches)
 from dataloader import find_pairs, read_image, stratified_split
 from GFL_Loss import CharbonnierLoss
 from model import STAGE2_MODULES
+from run import StopRequest
 
 README_COMMANDS = [
     "python trainer.py --data_dir datasets --batch_size 2 --accum_steps 4 --epochs 250 --lr 2e-4 --fp16 --warmup 10  "
@@ -33,65 +34,6 @@ README_COMMANDS = [
 ]
 PARSERS = {"trainer.py": trainer.build_parser, "first_stage_ft.py": first_stage_ft.build_parser,
            "second_stage_ft.py": second_stage_ft.build_parser}
-
-
-def make_homework_set(root, *, per_kind, size, symmetric=False, seed=0):
-    """A homework-layout data set of random rain and snow pairs (degraded = clean + a brightening veil). With
-    ``symmetric`` every image looks the same in all 8 dihedral views, so the random view drawn for it cannot matter.
-    """
-    rng = np.random.default_rng(seed)
-    for side in ("degraded", "clean"):
-        (root / "train" / side).mkdir(parents=True, exist_ok=True)
-
-    def image(pixels):
-        if symmetric:
-            x = torch.from_numpy(pixels).permute(2, 0, 1)
-            pixels = (sum(dihedral(x, k) for k in range(NUM_VIEWS)) // NUM_VIEWS).permute(1, 2, 0).numpy()
-        return Image.fromarray(pixels.astype(np.uint8))
-
-    for kind in ("rain", "snow"):
-        for i in range(1, per_kind + 1):
-            clean = rng.integers(0, 200, (size, size, 3))
-            degraded = np.clip(clean + rng.integers(0, 56, (size, size, 1)), 0, 255)
-            image(clean).save(root / "train" / "clean" / f"{kind}_clean-{i}.png")
-            image(degraded).save(root / "train" / "degraded" / f"{kind}-{i}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """6 pairs per kind of 24x24 images: 1 per kind for validation, 10 for training (5 batches of 2: updates of
-    2, 2 and 1 batches with --accum_steps 2)."""
-    return make_homework_set(tmp_path_factory.mktemp("data"), per_kind=6, size=24)
-
-
-def parse(*argv, script=trainer):
-    return script.build_parser().parse_args([str(a) for a in argv])
-
-
-def tiny(data, run, *extra, script=trainer):
-    """Options of a small, quick CPU run in the folder ``run`` (None: not given); ``extra`` overrides them."""
-    return parse("--data_dir", data, *(("--save_dir", run) if run else ()), "--preset", "tiny", "--device", "cpu",
-                 "--num_workers", 0, "--batch_size", 2, "--accum_steps", 2, "--epochs", 2, "--warmup_epochs", 1,
-                 "--patch_size", 16, "--val_per_type", 1, "--lr", 1e-3, *extra, script=script)
-
-
-def weights(path, key="model"):
-    return utils.load_checkpoint(path)[key]
-
-
-def assert_same_state(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
-@pytest.fixture(scope="module")
-def trained(data, tmp_path_factory):
-    """A finished 2-epoch tiny run (its folder), the starting point of the fine-tuning tests."""
-    run = tmp_path_factory.mktemp("trained") / "run"
-    trainer.train(tiny(data, run, "--epochs", 2, "--warmup_epochs", 0))
-    return run
 
 
 # --------------------------------------------------------------------------------------------- command line
@@ -125,7 +67,8 @@ def test_defaults_are_the_original_recipe():
 
 
 def test_contradicting_or_missing_options_fail_before_any_work(data, tmp_path, trained):
-    """Each bad combination raises ConfigError saying what to do, and nothing is written."""
+    """Each bad combination raises a UserError (exit 2: ConfigError, or CheckpointError for a checkpoint path)
+    saying what to do, and nothing is written."""
     run = tmp_path / "run"
     cases = [
         (("--fp16", "--bf16"), "pick one"),
@@ -138,19 +81,19 @@ def test_contradicting_or_missing_options_fail_before_any_work(data, tmp_path, t
         (("--save_dir", trained), "already holds a run"),
     ]
     for extra, message in cases:
-        with pytest.raises(trainer.ConfigError, match=message):
+        with pytest.raises(utils.UserError, match=message):
             trainer.check_args(tiny(data, run, *extra))
-    with pytest.raises(trainer.ConfigError, match="--data_dir .* is not a folder"):
+    with pytest.raises(utils.UserError, match="--data_dir .* is not a folder"):
         trainer.check_args(tiny(tmp_path / "missing", run))
-    with pytest.raises(trainer.ConfigError, match="pass --checkpoint"):
+    with pytest.raises(utils.UserError, match="pass --checkpoint"):
         trainer.check_args(tiny(data, run, script=first_stage_ft))
-    with pytest.raises(trainer.ConfigError, match="--checkpoint .* does not exist"):
+    with pytest.raises(utils.UserError, match="--checkpoint .* does not exist"):
         trainer.check_args(tiny(data, run, "--checkpoint", tmp_path / "x.pth", script=second_stage_ft))
-    with pytest.raises(trainer.ConfigError, match="preset 'tiny', not --preset small"):
+    with pytest.raises(utils.UserError, match="preset 'tiny', not --preset small"):
         trainer.Trainer(tiny(data, run, "--resume", trained, "--preset", "small"))
-    with pytest.raises(trainer.ConfigError, match="already completed 2 of --epochs 2"):
+    with pytest.raises(utils.UserError, match="already completed 2 of --epochs 2"):
         trainer.Trainer(tiny(data, tmp_path / "run2", "--resume", trained))
-    with pytest.raises(trainer.ConfigError, match="unknown module name"):
+    with pytest.raises(utils.UserError, match="unknown module name"):
         trainer.Trainer(tiny(data, run, "--checkpoint", trained / "last.pth", "--trainable", "nope",
                              script=second_stage_ft))
     assert not run.exists()
@@ -212,7 +155,7 @@ def test_two_epochs_then_resume_equals_four_straight(data, tmp_path):
     assert utils.read_log(tmp_path / "a")[-1]["lr"] == pytest.approx(trainer.MIN_LR)
 
 
-def test_resume_takes_the_options_recorded_in_the_checkpoint(tmp_path):
+def test_resume_takes_the_options_recorded_in_the_checkpoint(tmp_path, trained):
     """parse_args with --resume: the checkpoint's options become the defaults (loss, ema, epochs, lr, batch_size,
     trainable, ...), options typed now override them (a larger --epochs), and per-invocation ones (save_dir,
     device, num_workers, ...) are not carried over."""
@@ -220,13 +163,13 @@ def test_resume_takes_the_options_recorded_in_the_checkpoint(tmp_path):
              "accum_steps": 1, "bf16": True, "patch_size": 16, "augment": "views", "trainable": ["refinement"],
              "save_dir": "elsewhere", "device": "cuda:3", "num_workers": 9, "compile": True, "data_dir": "old",
              "resume": "old/last.pth", "fine_tune": True, "not_an_option": 1}
-    utils.save_checkpoint(tmp_path / "last.pth", {"args": saved})
+    utils.save_checkpoint(tmp_path / "last.pth", {**utils.load_checkpoint(trained / "last.pth"), "args": saved})
     args = trainer.parse_args(trainer.build_parser(), ["--data_dir", "d", "--resume", str(tmp_path), "--epochs", "5"])
     assert (args.loss, args.ema, args.epochs, args.warmup_epochs, args.lr, args.batch_size, args.accum_steps) == \
         ("charbonnier", 0.9, 5, 1, 1e-3, 8, 1)
     assert (args.bf16, args.patch_size, args.augment, args.trainable) == (True, 16, "views", ["refinement"])
     assert (args.save_dir, args.device, args.num_workers, args.compile, args.data_dir) == (None, None, 4, False, "d")
-    assert args.resume == str(tmp_path) and not args.fine_tune and not hasattr(args, "not_an_option")
+    assert args.resume == str(tmp_path / "last.pth") and not args.fine_tune and not hasattr(args, "not_an_option")
     fresh = trainer.parse_args(trainer.build_parser(), ["--data_dir", "d"])
     assert (fresh.loss, fresh.ema, fresh.epochs) == ("gfl", None, 250)
 
@@ -235,7 +178,7 @@ def test_resume_takes_the_options_recorded_in_the_checkpoint(tmp_path):
 def test_the_readme_resume_command_continues_the_run_as_it_was_started(data, tmp_path, monkeypatch):
     """A charbonnier + EMA run of 3 epochs stopped after 2 and resumed through trainer.main with only --data_dir
     and --resume (the README's command) uses CharbonnierLoss and EMA again and ends with the weights and EMA of
-    the same run done straight (torch.equal)."""
+    the same run done straight (torch.equal); the resumed checkpoint is read once."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the resumed run picks its default device
     extra = ("--loss", "charbonnier", "--ema", 0.9, "--epochs", 3)
     trainer.train(tiny(data, tmp_path / "a", *extra))
@@ -243,12 +186,15 @@ def test_the_readme_resume_command_continues_the_run_as_it_was_started(data, tmp
     made = []
 
     class Recording(trainer.Trainer):
-        def __init__(self, args, processes=None):
-            super().__init__(args, processes)
+        def __init__(self, args, processes=None, **kwargs):
+            super().__init__(args, processes, **kwargs)
             made.append(self)
 
+    reads, load = [], utils.load_checkpoint
+    monkeypatch.setattr(utils, "load_checkpoint", lambda path, **kw: reads.append(Path(path)) or load(path, **kw))
     monkeypatch.setattr(trainer, "Trainer", Recording)
     trainer.main(["--data_dir", str(data), "--resume", str(tmp_path / "b")])
+    assert reads == [tmp_path / "b" / "last.pth"]
     (resumed,) = made
     assert isinstance(resumed.loss_fn, CharbonnierLoss) and resumed.ema is not None and resumed.ema.decay == 0.9
     assert (resumed.state.epoch, resumed.args.epochs) == (3, 3)
@@ -258,22 +204,25 @@ def test_the_readme_resume_command_continues_the_run_as_it_was_started(data, tmp
 
 
 def test_checkpoints_keep_one_random_state_per_process(data, tmp_path):
-    """The checkpoint's "rng" is a list indexed by rank that loads with weights_only=True; on resume each rank
-    takes its own entry, an old single-state checkpoint serves rank 0 only, and restoring rank 1's entry
-    reproduces rank 1's random draws, not rank 0's."""
+    """The checkpoint's "rng" is a list indexed by rank that loads with weights_only=True; restoring rank 1's entry
+    reproduces rank 1's random draws, not rank 0's, and a rank the checkpoint holds no state for keeps its seed."""
     t = trainer.Trainer(tiny(data, tmp_path / "r"))
     t._save({"last.pth"})
-    saved = torch.load(tmp_path / "r" / "last.pth", weights_only=True)["rng"]
-    assert isinstance(saved, list) and len(saved) == 1
+    checkpoint = torch.load(tmp_path / "r" / "last.pth", weights_only=True)
+    assert isinstance(checkpoint["rng"], list) and len(checkpoint["rng"]) == 1
     utils.seed_everything(1)
     rank0 = utils.get_rng_state()
     utils.seed_everything(2)
     rank1 = utils.get_rng_state()
     expected = torch.rand(4)
-    utils.set_rng_state(trainer.rank_rng_state([rank0, rank1], 1))
+    utils.seed_everything(1)
+    t.state.load_state_dict({**checkpoint, "rng": [rank0, rank1]}, rank=1)
     assert torch.equal(torch.rand(4), expected)
-    assert trainer.rank_rng_state(rank0, 0) is rank0 and trainer.rank_rng_state(rank0, 1) is None
-    assert trainer.rank_rng_state([rank0], 1) is None
+    utils.seed_everything(3)
+    expected = torch.rand(4)
+    utils.seed_everything(3)
+    t.state.load_state_dict({**checkpoint, "rng": [rank0]}, rank=1)
+    assert torch.equal(torch.rand(4), expected)
 
 
 def test_only_a_failed_batch_fetch_counts_as_a_stop(data, tmp_path, monkeypatch):
@@ -315,19 +264,25 @@ def test_only_a_failed_batch_fetch_counts_as_a_stop(data, tmp_path, monkeypatch)
 
 def test_a_forwarded_repeat_of_the_signal_still_saves_but_a_later_second_one_quits(monkeypatch):
     """A second signal within StopRequest.REPEAT_S of the first (torchrun forwarding the one the process group got)
-    is the same stop request; one that comes later (a user pressing Ctrl-C again) quits at once."""
+    is the same stop request; one that comes later (a user pressing Ctrl-C again) quits at once; on leaving, the
+    handlers found are back. The test installs Python's own SIGINT handler first, so it proves the same whatever
+    handler the suite was started with (an ignored SIGINT stays ignored: test_run.py)."""
     now = [100.0]
-    monkeypatch.setattr(trainer.time, "monotonic", lambda: now[0])
-    with trainer.StopRequest() as stop:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert stop.signum == signal.SIGINT
-        now[0] += 0.05
-        os.kill(os.getpid(), signal.SIGINT)  # the forwarded copy: no exception
-        assert stop.signum == signal.SIGINT
-        now[0] += 2.0
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGTERM)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    found = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with StopRequest() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.signum == signal.SIGINT
+            now[0] += 0.05
+            os.kill(os.getpid(), signal.SIGINT)  # the forwarded copy: no exception
+            assert stop.signum == signal.SIGINT
+            now[0] += 2.0
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGTERM)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler found is restored
+    finally:
+        signal.signal(signal.SIGINT, found)
 
 
 def _sigterm_args(data, run):
@@ -463,42 +418,23 @@ def test_resume_from_weights_alone_says_to_fine_tune_instead(data, tmp_path):
             trainer.Trainer(tiny(data, tmp_path / f"run_{name}", "--resume", tmp_path / name))
 
 
-def as_format_1(checkpoint):
-    """``checkpoint`` as trainer.py wrote it in format 1: the LambdaLR schedule's state under "scheduler" (its
-    last_epoch the step), "initial_lr" in the parameter groups, and the precision as the --fp16/--bf16 flags alone."""
-    old, peak = dict(checkpoint), checkpoint["args"]["lr"]
-    groups = [{**group, "initial_lr": peak} for group in old["optimizer"]["param_groups"]]
-    old.update(format_version=1, optimizer={**old["optimizer"], "param_groups": groups},
-               args={k: v for k, v in old["args"].items() if k != "precision"},
-               scheduler={"base_lrs": [peak] * len(groups), "last_epoch": old["step"], "_step_count": old["step"] + 1,
-                          "_is_initial": False, "_get_lr_called_within_step": False,
-                          "_last_lr": [g["lr"] for g in groups], "lr_lambdas": [None] * len(groups)})
-    return old
-
-
-def test_a_format_1_checkpoint_resumes_to_the_uninterrupted_weights(data, tmp_path):
-    """A last.pth in the layout of format 1 (a "scheduler" entry, no "precision" option) resumes through the README
-    command and ends with exactly the weights and EMA of the run done straight; its --bf16 flag becomes the
-    precision of the resumed run."""
-    extra = ("--epochs", 3, "--ema", 0.9, "--loss", "charbonnier")
-    trainer.train(tiny(data, tmp_path / "a", *extra))
-    trainer.Trainer(tiny(data, tmp_path / "b", *extra)).fit(until_epoch=2)
-    last = tmp_path / "b" / "last.pth"
-    utils.save_checkpoint(last, as_format_1(utils.load_checkpoint(last)))
-    argv = ["--data_dir", str(data), "--resume", str(tmp_path / "b"), "--num_workers", "0", "--device", "cpu"]
-    result = trainer.train(trainer.parse_args(trainer.build_parser(), argv))
-    assert (result.epoch, result.step) == (3, 9)
-    a, b = utils.load_checkpoint(tmp_path / "a" / "last.pth"), utils.load_checkpoint(last)
-    assert_same_state(a["model"], b["model"])
-    assert_same_state(a["ema"], b["ema"])
-    assert b["format_version"] == trainer.FORMAT_VERSION and "scheduler" not in b
-
-    old = as_format_1(utils.load_checkpoint(tmp_path / "a" / "last.pth"))
-    old["args"].update(bf16=True, epochs=5)
-    utils.save_checkpoint(tmp_path / "bf16" / "last.pth", old)
-    args = trainer.parse_args(trainer.build_parser(), ["--data_dir", str(data), "--resume", str(tmp_path / "bf16")])
-    trainer.check_args(args)
-    assert (args.precision, args.bf16, args.fp16) == ("bf16", True, False)
+def test_a_format_1_training_state_is_refused_saying_its_weights_still_load(data, tmp_path, trained, capsys):
+    """A last.pth of format 1 (a "scheduler" entry, no epoch layout) is not resumed: exit 2 before any work, with a
+    message that says its weights still load for fine-tuning and prediction; and they do (first_stage_ft.py starts
+    from it)."""
+    old = utils.load_checkpoint(trained / "last.pth")
+    old.update(format_version=1, scheduler={"last_epoch": old["step"]})
+    del old["epoch_layout"]
+    utils.save_checkpoint(tmp_path / "old" / "last.pth", old)
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.main(["--data_dir", str(data), "--resume", str(tmp_path / "old"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "format 1, which this trainer.py no longer resumes; its weights still " \
+        "load for fine-tuning and prediction" in err and f"first_stage_ft.py --checkpoint {tmp_path / 'old' / 'last.pth'}" in err
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["last.pth"]
+    result = trainer.train(tiny(data, tmp_path / "ft", "--checkpoint", tmp_path / "old" / "last.pth", "--epochs", 1,
+                                "--warmup_epochs", 0, script=first_stage_ft))
+    assert result.epoch == 1
 
 
 def test_a_checkpoint_of_a_newer_format_is_refused(data, tmp_path, trained):
@@ -543,8 +479,11 @@ def test_accumulation_longer_than_an_epoch_is_reported_as_it_runs(data, tmp_path
 
 
 def test_without_validation_best_follows_last(data, tmp_path):
-    """--val_per_type 0: no validation (val fields null in the log) and best.pth is written with last.pth."""
-    trainer.train(tiny(data, tmp_path / "r", "--val_per_type", 0, "--epochs", 1, "--warmup_epochs", 0))
+    """--val_per_type 0: no validation (val fields null in the log) and best.pth is written with last.pth; without
+    --no_curves the run draws its curves at the end."""
+    args = tiny(data, tmp_path / "r", "--val_per_type", 0, "--epochs", 1, "--warmup_epochs", 0)
+    args.no_curves = False  # the default: a run draws its curves at the end
+    trainer.train(args)
     assert_same_state(weights(tmp_path / "r" / "best.pth"), weights(tmp_path / "r" / "last.pth"))
     record = utils.read_log(tmp_path / "r")[0]
     assert record["val_psnr"] is None and record["train_loss"] > 0
@@ -578,12 +517,13 @@ def test_mixed_precision_on_cuda_trains_and_resumes(data, tmp_path, precision):
 
 # ------------------------------------------------------------------------------------------------ fine-tuning
 def test_first_stage_starts_from_the_checkpoint_with_a_fresh_schedule(data, tmp_path, trained):
-    """Stage 1 takes the model config and weights of --checkpoint (no --preset given), trains every parameter with
-    a new optimizer (its step count starts at 0) and no strong augmentation."""
+    """Stage 1 takes the model config and weights of --checkpoint (no --preset given; a run folder stands for its
+    best.pth), trains every parameter with a new optimizer (its step count starts at 0) and no strong augmentation."""
     start = weights(trained / "best.pth")
-    t = trainer.Trainer(parse("--data_dir", data, "--save_dir", tmp_path / "ft1", "--checkpoint", trained / "best.pth",
+    t = trainer.Trainer(parse("--data_dir", data, "--save_dir", tmp_path / "ft1", "--checkpoint", trained,
                               "--device", "cpu", "--num_workers", 0, "--epochs", 1, "--warmup", 0, "--patch_size", 16,
-                              "--val_per_type", 0, script=first_stage_ft))
+                              "--val_per_type", 0, "--no_curves", script=first_stage_ft))
+    assert t.args.checkpoint == str(trained / "best.pth")
     assert t.model_config == {"preset": "tiny"} and not t.policy.strong and t.state.step == 0
     assert_same_state(t.model.state_dict(), start)
     assert sum(p.numel() for g in t.optimizer.param_groups for p in g["params"]) == \
@@ -622,7 +562,8 @@ def test_training_on_real_rain_beats_the_degraded_input(shared, tmp_path):
     root = shared("data", "rain100h")
     args = parse("--data_dir", root, "--save_dir", tmp_path / "r", "--preset", "tiny", "--device", "cpu",
                  "--num_workers", 0, "--batch_size", 8, "--accum_steps", 1, "--epochs", 2, "--warmup_epochs", 0,
-                 "--patch_size", 32, "--val_per_type", 3, "--lr", 2e-3, "--loss", "charbonnier", "--augment", "views")
+                 "--patch_size", 32, "--val_per_type", 3, "--lr", 2e-3, "--loss", "charbonnier", "--augment", "views",
+                 "--no_curves")
     result = trainer.train(args)
     _, val_pairs = stratified_split(find_pairs(root), val_per_type=3, seed=42)
     inputs = [scoring.psnr(read_image(p.degraded), read_image(p.clean)) for p in val_pairs]

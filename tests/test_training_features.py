@@ -13,20 +13,13 @@ import avg_checkpoints
 import inference
 import trainer
 import utils
-from conftest import ROOT
+from conftest import ROOT, assert_same_state, make_homework_set, parse, tiny, weights
 from test_distributed import _free_port
-from test_trainer import assert_same_state, make_homework_set, parse, tiny, weights
 
 # 10 training pairs of 24x24: phase 1 has 2 batches of 5 8-px crops (1 update with --accum_steps 2), phase 2 5
 # batches of 2 16-px crops (3 updates), phase 3 10 whole images one at a time (5 updates): 1 + 3 + 3 + 5 = 12.
 PROGRESSIVE = ("--epochs", 4, "--progressive", "8:5:1", "16:2:2", "whole:1:1")
 EPOCH_UPDATES = [1, 3, 3, 5]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """6 pairs per kind of 24x24 images: 1 per kind for validation, 10 for training."""
-    return make_homework_set(tmp_path_factory.mktemp("data"), per_kind=6, size=24)
 
 
 def stop_after_update(t, n):
@@ -95,14 +88,17 @@ def test_the_warmed_up_ema_resumes_bit_exactly_inside_an_epoch(data, tmp_path):
 
 # -------------------------------------------------------------------------------------------------- progressive
 def test_progressive_options_are_checked_before_any_work(data, tmp_path, capsys):
-    """Malformed phases are argparse errors saying the form; phases that do not sum to --epochs, crops larger than
+    """Malformed phases are refused (exit 2) saying the form, checked once where the options are checked (the same
+    rule for phases read back from a checkpoint's options); phases that do not sum to --epochs, crops larger than
     the images and micro-batches larger than the data are refused naming the phase; nothing is written."""
-    for bad in ("16:2", "big:2:1", "4:2:1", "16:0:1", "16:2:x"):
+    for bad, message in (("16:2", "a phase is PATCH:BATCH:EPOCHS"), ("big:2:1", "a phase is PATCH:BATCH:EPOCHS"),
+                         ("4:2:1", "at least 8 pixels"), ("16:0:1", "at least 1"),
+                         ("16:2:x", "a phase is PATCH:BATCH:EPOCHS")):
         with pytest.raises(SystemExit) as exit_info:
-            parse("--data_dir", data, "--progressive", "whole:2:1", bad)
-        assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "a phase is PATCH:BATCH:EPOCHS" in err and "at least 8 pixels" in err
+            trainer.main([str(a) for a in ("--data_dir", data, "--save_dir", tmp_path / "run", "--epochs", 2,
+                                           "--warmup_epochs", 0, "--progressive", "whole:2:1", bad)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"--progressive {bad}: " in err and message in err, err
     run = tmp_path / "run"
     with pytest.raises(trainer.ConfigError, match=r"last 1 \+ 2 = 3 epochs, but --epochs is 4: make the phases"):
         trainer.check_args(tiny(data, run, "--epochs", 4, "--progressive", "8:2:1", "whole:2:2"))

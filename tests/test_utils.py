@@ -1,12 +1,14 @@
 """Metrics, checkpoint files, random state and run logs in utils.py."""
 import argparse
 import math
+import os
 import random
 
 import numpy as np
 import pytest
 import torch
 
+import run
 import utils
 
 
@@ -72,16 +74,16 @@ def test_load_checkpoint_mapped_equals_read_in_both_file_formats(tmp_path):
 
 def test_run_log_survives_a_torn_line_and_plots(tmp_path):
     """Records read back in order, a half-written last line is ignored, and the curves are drawn as PNGs."""
-    log = utils.RunLog(tmp_path)
+    log = run.RunLog(tmp_path)
     for epoch in range(1, 4):
         log.append({"epoch": epoch, "lr": 1e-4 * epoch, "train_loss": 1.0 / epoch, "val_loss": 1.1 / epoch,
                     "val_psnr": 20.0 + epoch, "val_psnr_rain": 19.0 + epoch, "val_psnr_snow": 21.0 + epoch})
     with open(tmp_path / "log.jsonl", "a") as f:
         f.write('{"epoch": 4, "lr"')
-    records = utils.read_log(tmp_path)
+    records = run.read_log(tmp_path)
     assert [r["epoch"] for r in records] == [1, 2, 3]
     log.truncate_after(2)
-    assert [r["epoch"] for r in utils.read_log(tmp_path)] == [1, 2]
+    assert [r["epoch"] for r in run.read_log(tmp_path)] == [1, 2]
     paths = utils.plot_curves(tmp_path)
     assert sorted(p.name for p in paths) == ["curves_loss.png", "curves_lr.png", "curves_psnr.png"]
     for p in paths:
@@ -90,7 +92,7 @@ def test_run_log_survives_a_torn_line_and_plots(tmp_path):
 
 def test_plot_curves_skips_panels_without_values(tmp_path):
     """A run without validation (val_psnr logged as null) gets no empty PSNR figure."""
-    log = utils.RunLog(tmp_path)
+    log = run.RunLog(tmp_path)
     for epoch in (1, 2):
         log.append({"epoch": epoch, "lr": 1e-4, "train_loss": 0.5, "val_loss": None, "val_psnr": None})
     assert sorted(p.name for p in utils.plot_curves(tmp_path)) == ["curves_loss.png", "curves_lr.png"]
@@ -132,22 +134,72 @@ def test_precision_resolver_takes_either_spelling_and_refuses_disagreement():
     assert utils.resolve_precision(parser.parse_args(["--fp16"]), cpu, training=False) is torch.float16
 
 
-def test_run_cli_turns_expected_failures_into_one_line_and_an_exit_code(tmp_path, capsys):
-    """ToolkitError keeps its code, a file-system error names the path (exit 1), Ctrl-C exits 130: no traceback."""
+def test_run_cli_applies_the_one_exit_code_rule(tmp_path, capsys):
+    """The rule of every entry point: what the user gave is wrong (an option, a checkpoint file, any UserError) exits
+    2; the work failing (WorkError, a file-system error naming the path, out of memory) exits 1; Ctrl-C exits 130;
+    each as one line and no traceback. Any other exception is a bug and keeps its traceback."""
     def fail(err):
         def fn():
             raise err
         return fn
 
     cases = [(utils.ConfigError("--lr must be > 0"), 2, "--lr must be > 0"),
-             (utils.CheckpointError("x.pth is corrupt"), 1, "x.pth is corrupt"),
+             (utils.CheckpointError("x.pth is corrupt"), 2, "x.pth is corrupt"),
+             (utils.UserError("data/a.png is unreadable"), 2, "data/a.png"),
+             (utils.WorkError("the weights are no longer finite"), 1, "no longer finite"),
              (PermissionError(13, "Permission denied", str(tmp_path / "run")), 1, f"{tmp_path / 'run'}: permission denied"),
              (OSError(28, "No space left on device", str(tmp_path / "last.pth")), 1, "the disk is full"),
+             (RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"), 1, "out of memory"),
+             (MemoryError(), 1, "out of memory"),
              (KeyboardInterrupt(), 130, "interrupted")]
     for err, code, text in cases:
         with pytest.raises(SystemExit) as exit_info:
             utils.run_cli("prog", fail(err))
-        assert exit_info.value.code == code
+        assert exit_info.value.code == code, err
         printed = capsys.readouterr().err
         assert printed.startswith("prog: error: ") and text in printed and "Traceback" not in printed
+    with pytest.raises(RuntimeError, match="a bug"):
+        utils.run_cli("prog", fail(RuntimeError("a bug")))
     assert utils.run_cli("prog", lambda: 7) == 7
+
+
+def test_check_output_path_is_the_one_rule_for_outputs(tmp_path):
+    """An output is refused before any work when it is of the wrong kind, one of the inputs, or in a place where no
+    file can be created (tested by creating one, so a read-only folder is seen even where os.access would not);
+    missing folders on the way are fine."""
+    (tmp_path / "file.txt").write_text("x")
+    assert utils.check_output_path(tmp_path / "new" / "deeper" / "out.pth", "--out") == tmp_path / "new/deeper/out.pth"
+    assert utils.check_output_path(tmp_path / "new_folder", "--save_dir", folder=True) == tmp_path / "new_folder"
+    with pytest.raises(utils.ConfigError, match="--out .* is a folder, where a file is expected"):
+        utils.check_output_path(tmp_path, "--out")
+    with pytest.raises(utils.ConfigError, match="--save_dir .* is a file, where a folder is expected"):
+        utils.check_output_path(tmp_path / "file.txt", "--save_dir", folder=True)
+    with pytest.raises(utils.ConfigError, match="file.txt is a file, where a folder is expected"):
+        utils.check_output_path(tmp_path / "file.txt" / "out.pth", "--out")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.txt").symlink_to(tmp_path / "file.txt")
+    for other_name in (tmp_path / "sub" / ".." / "file.txt", tmp_path / "link.txt"):
+        with pytest.raises(utils.ConfigError, match="is one of the inputs"):
+            utils.check_output_path(other_name, "--out", inputs=[tmp_path / "file.txt"])
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK) and os.geteuid() == 0:
+            pytest.skip("running as root: a read-only folder is writable")
+        with pytest.raises(utils.ConfigError, match="cannot write in"):
+            utils.check_output_path(locked / "out.pth", "--out")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_naming_gives_a_nameless_file_system_error_its_path(tmp_path):
+    """A write that fails without naming a file (a full disk during write) is reported with the path written."""
+    with pytest.raises(OSError) as err:
+        with utils.naming(tmp_path / "pred.npz"):
+            raise OSError(28, "No space left on device")
+    assert err.value.filename == str(tmp_path / "pred.npz") and err.value.errno == 28
+    with pytest.raises(OSError) as err:
+        with utils.naming(tmp_path / "pred.npz"):
+            raise FileNotFoundError(2, "No such file", "other")
+    assert err.value.filename == "other"
