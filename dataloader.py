@@ -23,11 +23,12 @@ an error naming the files, never a silent choice.
 
 Every image is read by ``read_image_uint8``: the EXIF orientation is applied (as image viewers do; the header check
 ``check_pairs`` reports the size as shown), grayscale and palette images become RGB, an alpha channel is dropped
-(the stored colours are kept, not composited), and 16-bit samples keep their high byte (``v >> 8``, which is what
-Pillow itself does for 16-bit RGB PNGs), so the same file gives the same pixels everywhere.
+(the stored colours are kept, not composited), and 16-bit samples keep their high byte (``to_8bit``: ``v >> 8``,
+which is what Pillow itself does for 16-bit RGB PNGs), so the same file gives the same pixels everywhere.
+
+The data need no network: the smallest whole image a network takes is given as ``min_size`` (``model.MIN_SIZE``).
 """
 import copy
-import functools
 import logging
 import math
 import os
@@ -46,8 +47,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from augment import NUM_VIEWS, SHAPE_PRESERVING_VIEWS, dihedral
-from model import MIN_SIZE
-from utils import ToolkitError, listing
+from utils import UserError, WorkError, listing, same_path
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,12 @@ _ORIENTATIONS = {
     8: lambda a: np.rot90(a, 1),  # shown rotated 90 degrees counter-clockwise
 }
 _EXIF_ORIENTATION = 0x0112
-_WORKER_ERROR = re.compile(r"^(?:[\w.]+\.)?DataError: ", re.MULTILINE)
+_WORKER_ERROR = re.compile(r"^(?:[\w.]+\.)?Data(?:Changed)?Error: ", re.MULTILINE)
 
 
-class DataError(ToolkitError, ValueError):
-    """A problem with the data on disk; the message names the files and what to do.
+class DataError(UserError, ValueError):
+    """A problem with the data on disk, found before any work (exit 2: what the user gave is wrong); the message
+    names the files and what to do.
 
     Args:
         message (str): the problem and its fix.
@@ -90,11 +91,18 @@ class DataError(ToolkitError, ValueError):
         # A DataLoader worker's exception is raised again in the main process as this type, built from the worker's
         # whole traceback ("Caught DataError in DataLoader worker process 0. Original Traceback ..."): keep only the
         # message, which is what a user needs.
-        if message.startswith("Caught DataError") and "Traceback" in message:
+        if message.startswith("Caught Data") and "Traceback" in message:
             found = list(_WORKER_ERROR.finditer(message))
             if found:
                 message = message[found[-1].end():].rstrip("\n")
         super().__init__(message)
+
+
+class DataChangedError(DataError, WorkError):
+    """A file that vanished or changed after the data were checked, met while the work runs (exit 1: the work
+    failed)."""
+
+    exit_code = 1
 
 
 @dataclass(frozen=True)
@@ -120,19 +128,6 @@ def natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"([0-9]+)", name)]
 
 
-def _file_system_errors(fn: Callable) -> Callable:
-    """Turn a file-system failure inside ``fn`` (a folder or file that cannot be accessed) into a DataError."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except DataError:
-            raise
-        except OSError as err:
-            raise DataError(_access_problem(Path(err.filename or "?"), err)) from err
-    return wrapper
-
-
 def _access_problem(path: Path, err: OSError, action: str = "read") -> str:
     """What is wrong when ``path`` cannot be read or listed, and the fix."""
     if isinstance(err, PermissionError):
@@ -153,7 +148,6 @@ def _hidden(path: Path) -> bool:
     return path.name.startswith(".")
 
 
-@_file_system_errors
 def list_images(folder: str | Path) -> list[Path]:
     """The image files in ``folder``, natural-sorted, hidden files skipped.
 
@@ -194,7 +188,8 @@ def _by_stem(folder: Path) -> tuple[dict[str, Path], list[str]]:
 
 
 def images_by_stem(folder: str | Path) -> dict[str, Path]:
-    """``{file stem: image}`` of the images in ``folder`` (as ``list_images`` finds them).
+    """``{file stem: image}`` of the images in ``folder`` (as ``list_images`` finds them): the rule ``find_pairs``
+    reads each half of a set by, for ``scoring.find_clean``'s folder of clean images.
 
     Raises:
         DataError: as ``list_images``, or naming every stem that several files share (``rain-1.png`` beside
@@ -274,7 +269,7 @@ def _set_pairs(folder: Path, halves: tuple[str, str], *, set_kind: str | None = 
         clean = clean_by_stem.get(stem, clean_folder / (stem + degraded.suffix))
         kind = set_kind or degradation_type(degraded)
         pairs.append(Pair(degraded, clean, kind, prefix + degraded.name))
-    same = [p.name for p in pairs if _same_file(p.degraded, p.clean)]
+    same = [p.name for p in pairs if same_path(p.degraded, p.clean)]
     if same:
         raise DataError(f"{len(same)} degraded image(s) in {degraded_folder} are the same file as their clean partner "
                         f"in {clean_folder} (links?): {listing(same, limit=5)}; every image would be trained "
@@ -287,16 +282,9 @@ def _set_pairs(folder: Path, halves: tuple[str, str], *, set_kind: str | None = 
     return pairs
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def _check_halves_apart(degraded_folder: Path, clean_folder: Path) -> None:
     """Refuse a set whose clean folder is its degraded folder (a link to it): every image would be its own target."""
-    if _same_file(degraded_folder, clean_folder):
+    if same_path(degraded_folder, clean_folder):
         raise DataError(f"{clean_folder} and {degraded_folder} are the same folder (a link?): every image would be "
                         "trained or scored against itself. Put the clean images in a folder of their own")
 
@@ -314,7 +302,6 @@ def _folder_of_sets(root: Path) -> list[Pair]:
     return [pair for d, halves in sets for pair in _set_pairs(d, halves, set_kind=d.name, prefix=f"{d.name}/")]
 
 
-@_file_system_errors
 def find_pairs(root: str | Path) -> list[Pair]:
     """All (degraded, clean) pairs under ``root`` in one of the layouts of the module docstring.
 
@@ -413,10 +400,15 @@ def _orientation(img: Image.Image) -> int:
     return value if value in _ORIENTATIONS else 1
 
 
+def to_8bit(samples: np.ndarray) -> np.ndarray:
+    """The one rule from 16-bit samples (0..65535) to 8 bits: the high byte (``v >> 8``), which is what Pillow
+    itself does for 16-bit RGB files, so 16-bit gray and colour files of one picture read alike."""
+    return (np.asarray(samples).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+
+
 def _to_rgb_array(img: Image.Image) -> np.ndarray:
     if img.mode == "I" or img.mode.startswith("I;16"):  # 16-bit grayscale
-        high_byte = (np.asarray(img).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
-        return np.repeat(high_byte[..., None], 3, axis=-1)
+        return np.repeat(to_8bit(img)[..., None], 3, axis=-1)
     return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
 
 
@@ -449,8 +441,9 @@ def _image_size(path: Path, decode: bool) -> tuple[int, int]:
     return _open(path, size)
 
 
-def _threaded(fn: Callable, items: Sequence) -> list:
-    """``[fn(item) for item in items]`` on a few threads (Pillow decodes without the GIL); exceptions are returned."""
+def threaded(fn: Callable, items: Sequence) -> list:
+    """``[fn(item) for item in items]`` on a few threads (Pillow decodes without the GIL); a DataError is returned in
+    its item's place."""
     def safe(item):
         try:
             return fn(item)
@@ -485,7 +478,6 @@ def _missing_partner(pair: Pair, others: dict[Path, dict[str, list[str]]]) -> st
     return text
 
 
-@_file_system_errors
 def check_pairs(pairs: Sequence[Pair], *, decode: bool = True) -> list[tuple[int, int]]:
     """Check every pair before any training starts and return the (H, W) of each, as shown (EXIF orientation
     applied).
@@ -501,7 +493,7 @@ def check_pairs(pairs: Sequence[Pair], *, decode: bool = True) -> list[tuple[int
         raise DataError("no image pairs to check")
     files = list(dict.fromkeys(path for p in pairs for path in (p.degraded, p.clean)
                                if path is not None and (path == p.degraded or path.is_file())))
-    size_of = dict(zip(files, _threaded(lambda path: _image_size(path, decode), files)))
+    size_of = dict(zip(files, threaded(lambda path: _image_size(path, decode), files)))
     problems, listed = [], {}
     for pair in pairs:
         lq_size, gt_size = size_of[pair.degraded], size_of.get(pair.clean)
@@ -546,13 +538,13 @@ def _check_patch_size(patch_size: int | None) -> None:
 
 
 def _small_images(pairs: Sequence[Pair], sizes: Sequence[tuple[int, int]], *, train: bool,
-                  patch_size: int | None) -> list[str]:
+                  patch_size: int | None, min_size: int) -> list[str]:
     """A problem for every image too small to use: training crops need ``patch_size``, whole images (validation, or
-    training without crops) the network's ``MIN_SIZE``."""
+    training without crops) the network's smallest input, ``min_size``."""
     if train and patch_size is not None:
         need, reason = patch_size, f"smaller than --patch_size {patch_size} (use a smaller patch or remove it)"
     else:
-        need, reason = MIN_SIZE, (f"smaller than {MIN_SIZE}x{MIN_SIZE}, the network's smallest input (remove or "
+        need, reason = min_size, (f"smaller than {min_size}x{min_size}, the network's smallest input (remove or "
                                   "enlarge it)")
     role = "training" if train else "validation"
     return [f"{p.degraded} is {w}x{h} (WxH): {role} image {reason}" for p, (h, w) in zip(pairs, sizes)
@@ -566,11 +558,11 @@ class PairedDataset(Dataset):
     one random dihedral view of both; whole images when ``patch_size`` is None, which needs all images to share one
     size. A crop is square, so all 8 views are used; whole non-square images use only the 4 views that keep their
     shape, so that they still batch. An image smaller than the patch is an error (no padding: a model should not
-    learn from invented borders), and so is a whole image smaller than the network's ``MIN_SIZE``. The randomness of
+    learn from invented borders), and so is a whole image smaller than ``min_size``. The randomness of
     an item comes from a seed the sampler gives with its index (``dataset[(index, seed)]``, see ``SeededSampler``); a
     plain integer index draws a seed from torch's generator. For validation (``train=False``) items are whole images,
-    unchanged. A file that is deleted or replaced (another size) after the dataset was made raises a DataError naming
-    it when it is read, also from a DataLoader worker.
+    unchanged. A file that is deleted or replaced (another size) after the dataset was made raises a DataChangedError
+    naming it when it is read, also from a DataLoader worker.
 
     Args:
         pairs (Sequence[Pair]): pairs with their clean partners (checked with ``check_pairs``).
@@ -578,20 +570,24 @@ class PairedDataset(Dataset):
         patch_size (int | None): side of the square training crops; None for whole images. Default: None.
         cache (bool): decode every image once, up front, and keep it in memory as uint8 (3 bytes per pixel per
             image, about 1.3 GB for 3,200 pairs of 256x256). Default: False.
+        min_size (int): the smallest side of a whole image the network takes (``model.MIN_SIZE``). Default: 1.
+        sizes (Sequence[tuple[int, int]] | None): the (H, W) of each pair as ``check_pairs`` returned them, so that
+            no header is read again; None reads them. Default: None.
     """
 
     def __init__(self, pairs: Sequence[Pair], *, train: bool = True, patch_size: int | None = None,
-                 cache: bool = False):
+                 cache: bool = False, min_size: int = 1, sizes: Sequence[tuple[int, int]] | None = None):
         _check_patch_size(patch_size)
-        self.pairs, self.train, self.patch_size = list(pairs), train, patch_size
+        self.pairs, self.train, self.patch_size, self.min_size = list(pairs), train, patch_size, min_size
         self.cache = None
         if cache:
-            results = _threaded(read_image_uint8, [path for p in self.pairs for path in (p.degraded, p.clean)])
+            results = threaded(read_image_uint8, [path for p in self.pairs for path in (p.degraded, p.clean)])
             _raise_problems([str(r) for r in results if isinstance(r, DataError)], "the images to cache")
             self.cache = list(zip(results[0::2], results[1::2]))
             self.sizes = [tuple(lq.shape[-2:]) for lq, _ in self.cache]
         else:
-            self.sizes = [_image_size(p.degraded, decode=False) for p in self.pairs]
+            self.sizes = list(sizes) if sizes is not None else [_image_size(p.degraded, decode=False)
+                                                                 for p in self.pairs]
         self._check_sizes()
 
     def with_patch_size(self, patch_size: int | None) -> "PairedDataset":
@@ -608,8 +604,8 @@ class PairedDataset(Dataset):
         return other
 
     def _check_sizes(self) -> None:
-        _raise_problems(_small_images(self.pairs, self.sizes, train=self.train, patch_size=self.patch_size),
-                        "the image sizes")
+        _raise_problems(_small_images(self.pairs, self.sizes, train=self.train, patch_size=self.patch_size,
+                                      min_size=self.min_size), "the image sizes")
         if self.train and self.patch_size is None:
             distinct = sorted(set(self.sizes))
             if len(distinct) > 1:
@@ -624,13 +620,16 @@ class PairedDataset(Dataset):
         if self.cache is not None:
             return self.cache[index]
         pair = self.pairs[index]
-        lq, gt = read_image_uint8(pair.degraded), read_image_uint8(pair.clean)
+        try:
+            lq, gt = read_image_uint8(pair.degraded), read_image_uint8(pair.clean)
+        except DataError as err:  # every file was read when the data were checked
+            raise DataChangedError(str(err)) from None
         (h, w) = self.sizes[index]
         for path, image in ((pair.degraded, lq), (pair.clean, gt)):
             if tuple(image.shape[-2:]) != (h, w):
-                raise DataError(f"{path} is now {image.shape[-1]}x{image.shape[-2]} (WxH), but {pair.degraded} was "
-                                f"{w}x{h} when the data were checked: a file was replaced since; put the original "
-                                "back (then continue the run with --resume), or start again")
+                raise DataChangedError(f"{path} is now {image.shape[-1]}x{image.shape[-2]} (WxH), but {pair.degraded} "
+                                       f"was {w}x{h} when the data were checked: a file was replaced since; put the "
+                                       "original back (then continue the run with --resume), or start again")
         return lq, gt
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict:
@@ -727,14 +726,15 @@ def make_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int, se
 
 def build_loaders(data_dir: str | Path, *, batch_size: int, num_workers: int, patch_size: int | None = None,
                   val_per_type: int = 320, seed: int = 42, cache: bool = False, distributed: bool = False,
-                  decode_check: bool = True) -> tuple[DataLoader, DataLoader | None]:
+                  decode_check: bool = True, min_size: int = 1) -> tuple[DataLoader, DataLoader | None]:
     """Find, check and split the pairs under ``data_dir``; return ``(train_loader, val_loader)``.
 
     All data problems are raised in one DataError before any loader exists: ``check_pairs`` reads every header, and
     decodes every file too when ``decode_check`` (skipped with ``cache``, whose up-front decode finds the same);
-    training images smaller than ``patch_size`` and validation images smaller than the network's ``MIN_SIZE`` are
-    named together. The training loader is ``make_train_loader``'s. The validation loader gives whole images, in
-    batches of ``batch_size`` when all validation images share one size, else one at a time; it is None when
+    training images smaller than ``patch_size`` and validation images smaller than the network's smallest input
+    (``min_size``: pass ``model.MIN_SIZE``) are named together. The training loader is ``make_train_loader``'s.
+    The validation loader gives whole images, in batches of ``batch_size`` when all validation images share one
+    size, else one at a time; it is None when
     ``val_per_type=0``. With ``distributed`` each process trains on its own shard and validates its own share
     (images ``rank, rank + world, ...``, each image exactly once, no padding): sum the per-kind results across
     processes. Workers are kept alive between epochs, and batches go to pinned memory when CUDA is present.
@@ -742,8 +742,10 @@ def build_loaders(data_dir: str | Path, *, batch_size: int, num_workers: int, pa
     pairs = find_pairs(data_dir)
     size_of = dict(zip(pairs, check_pairs(pairs, decode=decode_check and not cache)))
     train_pairs, val_pairs = stratified_split(pairs, val_per_type=val_per_type, seed=seed)
-    small = _small_images(train_pairs, [size_of[p] for p in train_pairs], train=True, patch_size=patch_size)
-    small += _small_images(val_pairs, [size_of[p] for p in val_pairs], train=False, patch_size=None)
+    small = _small_images(train_pairs, [size_of[p] for p in train_pairs], train=True, patch_size=patch_size,
+                          min_size=min_size)
+    small += _small_images(val_pairs, [size_of[p] for p in val_pairs], train=False, patch_size=None,
+                           min_size=min_size)
     _raise_problems(small, "the image sizes")
     world, rank = _world() if distributed else (1, 0)
     per_process = math.ceil(len(train_pairs) / world)  # what the sampler gives each process
@@ -751,12 +753,14 @@ def build_loaders(data_dir: str | Path, *, batch_size: int, num_workers: int, pa
         raise DataError(f"{per_process} training pairs per process is fewer than --batch_size {batch_size} ("
                         f"{len(pairs)} pairs found, {len(val_pairs)} kept for validation, {world} process(es)): "
                         "lower --batch_size, or --val_per_type (0 trains on every pair)")
-    train_set = PairedDataset(train_pairs, train=True, patch_size=patch_size, cache=cache)
+    train_set = PairedDataset(train_pairs, train=True, patch_size=patch_size, cache=cache, min_size=min_size,
+                              sizes=[size_of[p] for p in train_pairs])
     train_loader = make_train_loader(train_set, batch_size=batch_size, num_workers=num_workers, seed=seed,
                                      world=world, rank=rank)
     if not val_pairs:
         return train_loader, None
-    val_set = PairedDataset(val_pairs, train=False, cache=cache)
+    val_set = PairedDataset(val_pairs, train=False, cache=cache, min_size=min_size,
+                            sizes=[size_of[p] for p in val_pairs])
     val_batch = batch_size if len(set(val_set.sizes)) == 1 else 1
     # its own generator too: a loader without one draws its workers' base seed from the global RNG, which the
     # augmentation policy uses, so validating would change the training that follows (and differ with workers)

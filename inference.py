@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import functools
 import gc
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +37,15 @@ from torch import nn
 from tqdm import tqdm
 
 from augment import VIEW_NAMES, dihedral, dihedral_inverse
-from dataloader import PAIRED_FOLDERS, DataError, degradation_type, list_images, read_image_uint8
+from dataloader import PAIRED_FOLDERS, DataError, degradation_type, list_images, read_image_uint8, threaded
 from fast_path import enable_fast_path
 from model import MIN_SIZE, PRESETS, model_config, model_from_checkpoint
+from run import checkpoint_file, remove_stale_temporaries
 from scoring import evaluate, find_clean, format_table, write_csv
-from utils import (CheckpointError, ConfigError, ToolkitError, add_precision_args, atomic_write, check_name_length,
-                   check_not_an_input, listing, load_checkpoint, output_lock, positive_int, remove_stale_temporaries,
-                   resolve_device, resolve_precision, run_cli, setup_logging, to_uint8)
+from utils import (ConfigError, UserError, WorkError, add_precision_args, atomic_write, check_name_length,
+                   check_not_an_input, check_output_path, is_out_of_memory, listing, load_checkpoint, naming,
+                   output_lock, positive_int, resolve_device, resolve_precision, run_cli, same_path, setup_logging,
+                   to_uint8)
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +60,6 @@ TTA_VIEWS = {
 DEFAULT_OVERLAP = 32
 SMALL_TILE = 64  # --tile below this is said to be slow (a tile of 5 ran 26 times slower than whole images)
 MIN_RETRY_TILE = 16  # out-of-memory retries halve the tile down to this size, then give up
-# How an allocation failure reads: PyTorch's own error, and the plain RuntimeErrors of cuBLAS, cuDNN and the CPU
-# allocator when they cannot get memory.
-OUT_OF_MEMORY_TEXTS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
-                       "can't allocate memory")
 # An ensemble keeps all its models on the device when the weights of the models beyond the first take at most this
 # share of the free memory (the rest is left for activations); otherwise it loads one model at a time.
 ENSEMBLE_MEMORY_SHARE = 0.25
@@ -72,149 +67,19 @@ ENSEMBLE_MEMORY = ("auto", "together", "one_at_a_time")
 
 
 # ------------------------------------------------------------------------------------------------- errors a user sees
-class InputError(ToolkitError):
-    """Input images, a checkpoint or a prediction file that cannot be used: exit code 2, as for a wrong option."""
-
-    exit_code = 2
+class PredictionFileError(UserError, ValueError):
+    """A prediction file is missing, unreadable or does not match its images (exit code 2)."""
 
 
-class PredictionFileError(InputError, ValueError):
-    """A prediction file is missing, unreadable or does not match its images."""
-
-
-class NonFiniteOutputError(ToolkitError, RuntimeError):
+class NonFiniteOutputError(WorkError, RuntimeError):
     """The network produced NaN or infinite values for an image (exit code 1)."""
 
 
-class RestoreOutOfMemoryError(ToolkitError, torch.cuda.OutOfMemoryError):
+class RestoreOutOfMemoryError(WorkError, torch.cuda.OutOfMemoryError):
     """An image could not be restored even in the smallest tiles, one view at a time (exit code 1)."""
 
 
-def run_command(prog: str, work: Callable[[], Any]) -> Any:
-    """``utils.run_cli`` for this script and vis.py: data and checkpoint problems (``dataloader.DataError``,
-    ``utils.CheckpointError``) exit with code 2, as a wrong option does."""
-    def guarded() -> Any:
-        try:
-            return work()
-        except (DataError, CheckpointError) as err:
-            if isinstance(err, InputError):
-                raise
-            raise InputError(str(err)) from err
-    return run_cli(prog, guarded)
-
-
-@contextlib.contextmanager
-def naming(path: str | os.PathLike) -> Iterator[None]:
-    """Give a file-system error raised while writing ``path`` that path, when it names none (a full disk during
-    ``write`` does not), so that the message a user sees says which file failed."""
-    try:
-        yield
-    except OSError as err:
-        if err.filename is not None:
-            raise
-        raise OSError(err.errno or errno.EIO, err.strerror or str(err), str(path)) from err
-
-
-# ----------------------------------------------------------------------------------------------------- output paths
-def _existing_ancestor(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def _check_writable_folder(folder: Path, option: str, target: Path) -> None:
-    """``folder`` (the nearest existing folder on the way to ``target``) accepts new files."""
-    if not folder.is_dir():
-        raise ConfigError(f"{option} {target}: {folder} is a file, where a folder is expected; choose another path")
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise ConfigError(f"{option} {target}: cannot write in {folder} ({err.strerror or err}); choose a folder "
-                          "you can write to") from None
-
-
-def check_output_file(path: str | os.PathLike, option: str) -> Path:
-    """Refuse, before any work, an output file that could not be written: a folder where the file goes, or a place
-    where no file can be created. Missing folders on the way are fine (they are created on writing).
-
-    Args:
-        path: the file to be written.
-        option: the command-line option that named it, for the message.
-
-    Raises:
-        ConfigError: saying what is wrong and what to do.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"{option} {path} is a folder, where a file is expected: give a file name (such as "
-                          f"{path / 'pred.npz'})")
-    _check_writable_folder(_existing_ancestor(path.parent), option, path)
-    check_name_length(path.parent, path.name, f"{option} {path}")
-    return path
-
-
-def check_output_folder(path: str | os.PathLike, option: str) -> Path:
-    """Refuse, before any work, an output folder that could not be filled: an existing file of that name, or a place
-    where no file can be created.
-
-    Args:
-        path: the folder to be written into (created when missing).
-        option: the command-line option that named it, for the message.
-
-    Raises:
-        ConfigError: saying what is wrong and what to do.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{option} {path} is a file, where a folder is expected: give a folder (it is created "
-                          "when missing)")
-    _check_writable_folder(_existing_ancestor(path), option, path)
-    return path
-
-
-def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return Path(a).absolute() == Path(b).absolute()
-
-
-def save_png(path: Path, image: np.ndarray) -> None:
-    """Write a uint8 image (3, H, W) as PNG, atomically: an interrupted write leaves no broken file."""
-    with naming(path):
-        atomic_write(path, lambda f: Image.fromarray(image.transpose(1, 2, 0)).save(f, format="PNG"))
-
-
 # ------------------------------------------------------------------------------------------------------------- model
-def checkpoint_file(path: str | os.PathLike) -> Path:
-    """``path`` itself, or for a run folder (``trainer.py --save_dir``) the ``best.pth`` in it, saying so.
-
-    Raises:
-        CheckpointError: ``path`` is a folder without ``best.pth`` (naming the checkpoints it holds).
-    """
-    path = Path(path)
-    if not path.is_dir():
-        return path
-    best = path / "best.pth"
-    if not best.is_file():
-        held = sorted(p.name for p in path.glob("*.pth"))
-        raise CheckpointError(f"checkpoint {path} is a folder without best.pth (it holds "
-                              f"{listing(held) if held else 'no .pth files'}); give a checkpoint file, such as "
-                              f"{path / 'best.pth'} or {path / 'last.pth'} of a trainer.py run")
-    log.info("checkpoint %s is a folder: using its best.pth", path)
-    return best
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """Whether ``err`` is a failure to allocate memory: PyTorch's out-of-memory error, or the plain RuntimeError of
-    cuBLAS, cuDNN or the CPU allocator (``OUT_OF_MEMORY_TEXTS``)."""
-    if isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)):
-        return True
-    return isinstance(err, RuntimeError) and any(text in str(err) for text in OUT_OF_MEMORY_TEXTS)
-
-
 def _free_device_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -228,7 +93,7 @@ def load_model(checkpoint: str | os.PathLike, *, preset: str | None = None, use_
 
     Args:
         checkpoint: a file written by ``trainer.py`` or any layout ``model.load_weights`` accepts, or a run folder
-            of ``trainer.py``, whose ``best.pth`` is used (:func:`checkpoint_file`).
+            of ``trainer.py``, whose ``best.pth`` is used (``run.checkpoint_file``).
         preset: model size used when the checkpoint has no ``"model_config"`` (foreign checkpoints; None: official);
             one that contradicts the checkpoint's own is refused (``model.model_config``).
         use_ema: take the ``"ema"`` weights of our checkpoints when they hold some (the weights trainer.py validated
@@ -242,7 +107,7 @@ def load_model(checkpoint: str | os.PathLike, *, preset: str | None = None, use_
     Raises:
         CheckpointError: the file is missing, unreadable or does not fit the model.
         ConfigError: ``preset`` contradicts the checkpoint's own.
-        ToolkitError: the model does not fit in the device's memory.
+        WorkError: the model does not fit in the device's memory.
     """
     checkpoint = checkpoint_file(checkpoint)
     model = model_from_checkpoint(load_checkpoint(checkpoint, trusted=trusted), preset=preset, use_ema=use_ema,
@@ -252,7 +117,7 @@ def load_model(checkpoint: str | os.PathLike, *, preset: str | None = None, use_
     except (RuntimeError, MemoryError) as err:
         if not is_out_of_memory(err):
             raise
-        raise ToolkitError(f"the model of {checkpoint} does not fit in the memory of {device}: free it of other "
+        raise WorkError(f"the model of {checkpoint} does not fit in the memory of {device}: free it of other "
                            "work, or run with --device cpu") from None
     if not plain:
         enable_fast_path(model, compile=compile and torch.device(device).type == "cuda")
@@ -526,17 +391,6 @@ class InputSet(Mapping):
         return [*self.paths.values(), *self.partners.values()]
 
 
-def _decode_all(paths: Sequence[Path]) -> list[torch.Tensor | DataError]:
-    """``read_image_uint8`` of every path on a few threads (Pillow decodes without the GIL); failures returned."""
-    def decode(path: Path) -> torch.Tensor | DataError:
-        try:
-            return read_image_uint8(path)
-        except DataError as err:
-            return err
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return list(pool.map(decode, paths))
-
-
 def scan_inputs(folder: str | os.PathLike, gt_folder: str | os.PathLike | None = None) -> InputSet:
     """Find, decode and check every image of ``folder`` (and with ``gt_folder`` its clean partner) once, before any
     work.
@@ -551,13 +405,13 @@ def scan_inputs(folder: str | os.PathLike, gt_folder: str | os.PathLike | None =
     partners: dict[str, Path] = {}
     if gt_folder is not None:
         gt_folder = Path(gt_folder)
-        if gt_folder.is_dir() and _same_file(folder, gt_folder):
+        if gt_folder.is_dir() and same_path(folder, gt_folder):
             raise DataError(f"the clean folder {gt_folder} is the input folder {folder}: every image would be scored "
                             "against itself. Give the folder of the clean images (for example .../clean beside "
                             ".../degraded)")
         partners = find_clean(list(paths), gt_folder)
     files = [*paths.values(), *partners.values()]
-    decoded = dict(zip(files, _decode_all(files)))
+    decoded = dict(zip(files, threaded(read_image_uint8, files)))
     problems = [f"  {result}" for result in decoded.values() if isinstance(result, DataError)]
     for name, clean in partners.items():
         lq, gt = decoded[paths[name]], decoded[clean]
@@ -661,7 +515,13 @@ def predict_folder(models: nn.Module | Sequence[nn.Module] | Ensemble, inputs: I
     return preds
 
 
-# --------------------------------------------------------------------------------------------------- the npz file
+# ------------------------------------------------------------------------------------------------------ the outputs
+def save_png(path: Path, image: np.ndarray) -> None:
+    """Write a uint8 image (3, H, W) as PNG, atomically: an interrupted write leaves no broken file."""
+    with naming(path):
+        atomic_write(path, lambda f: Image.fromarray(image.transpose(1, 2, 0)).save(f, format="PNG"))
+
+
 def npz_path(path: str | os.PathLike) -> Path:
     """The file ``numpy.savez`` writes for ``path``: the name with ``.npz`` appended when it lacks it."""
     path = Path(path)
@@ -777,8 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill derived options and reject inconsistent ones, and output paths that could not be written, before any
-    work; sets ``args.device`` (a torch.device) and ``args.autocast_dtype``.
+    """Fill derived options and reject inconsistent ones before any work; sets ``args.device`` (a torch.device),
+    ``args.autocast_dtype`` and ``args.checkpoint`` (the files, a run folder standing for its best.pth).
 
     Raises:
         ConfigError: naming the option and what to do.
@@ -810,36 +670,37 @@ def _resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.compile and args.plain:
         raise ConfigError("--compile works on the fast path: drop --plain or --compile")
     args.autocast_dtype = resolve_precision(args, args.device, training=False)
-    _resolve_outputs(args)
+    args.checkpoint = [checkpoint_file(c) for c in args.checkpoint]
     return args
 
 
-def _resolve_outputs(args: argparse.Namespace) -> None:
-    """Every output path checked before the work that fills it: writable, a file where a file goes and a folder
-    where a folder goes, no two the same, and none of them a checkpoint or an input folder."""
-    if Path(args.output_npz).is_dir():
+def _resolve_outputs(args: argparse.Namespace, inputs: InputSet) -> None:
+    """Every output path checked once, before the work that fills it (``utils.check_output_path``): writable, a file
+    where a file goes and a folder where a folder goes, and none of them a checkpoint, an input image or an input
+    folder; --save_images also needs inputs of distinct stems (it writes <stem>.png)."""
+    if Path(args.output_npz).is_dir():  # before npz_path: --output_npz out would otherwise become out.npz beside it
         raise ConfigError(f"--output_npz {args.output_npz} is a folder: give a file name, such as "
                           f"{Path(args.output_npz) / 'pred.npz'}")
-    args.output_npz = check_output_file(npz_path(args.output_npz), "--output_npz")
+    read = [*args.checkpoint, *inputs.files(), inputs.folder, *([inputs.gt_folder] if inputs.gt_folder else [])]
+    args.output_npz = check_output_path(npz_path(args.output_npz), "--output_npz", inputs=read)
+    check_not_an_input(args.output_npz, "--output_npz")  # nor another checkpoint or image
     if args.csv is None and args.gt_folder:
         args.csv = args.output_npz.with_name(args.output_npz.stem + "_scores.csv")
-    outputs = {"--output_npz": args.output_npz}
     if args.csv:
-        args.csv = outputs["--csv"] = check_output_file(args.csv, "--csv")
-        if _same_file(args.csv, args.output_npz):
+        args.csv = check_output_path(args.csv, "--csv", inputs=read)
+        check_not_an_input(args.csv, "--csv")
+        if same_path(args.csv, args.output_npz):
             raise ConfigError(f"--csv {args.csv} is the prediction file itself: give the scores another name")
-    for option, path in outputs.items():
-        clash = next((c for c in args.checkpoint if Path(c).is_file() and _same_file(c, path)), None)
-        if clash is not None:
-            raise ConfigError(f"{option} {path} is the checkpoint {clash}: writing it would destroy the weights; "
-                              "give another file name")
     if args.save_images:
-        args.save_images = check_output_folder(args.save_images, "--save_images")
-        for option, folder in (("--input_folder", args.input_folder), ("--gt_folder", args.gt_folder)):
-            if folder and Path(folder).is_dir() and args.save_images.is_dir() and _same_file(folder, args.save_images):
-                raise ConfigError(f"--save_images {args.save_images} is the {option} itself: the restored PNGs would "
-                                  "overwrite or join the images read from it; give another folder")
+        args.save_images = check_output_path(args.save_images, "--save_images", folder=True, inputs=read)
         check_not_a_data_set_half(args.save_images, "--save_images")
+        for name in inputs:  # every PNG name fits the file system, before the work
+            check_name_length(args.save_images, f"{Path(name).stem}.png", f"--save_images, for the input {name}")
+        stems = [Path(name).stem for name in inputs]
+        clashes = sorted({s for s in stems if stems.count(s) > 1})
+        if clashes:
+            raise ConfigError(f"--save_images writes <stem>.png, but several inputs share the stem(s) "
+                              f"{listing(clashes)}; restore them into separate runs")
 
 
 def check_not_a_data_set_half(folder: Path, option: str) -> None:
@@ -852,34 +713,14 @@ def check_not_a_data_set_half(folder: Path, option: str) -> None:
                               "PNGs would overwrite or join its images; give another folder")
 
 
-def _check_against_inputs(args: argparse.Namespace, inputs: InputSet) -> None:
-    """Refuse outputs that would overwrite an input image, and --save_images names that collide."""
-    files = inputs.files()
-    for option, path in (("--output_npz", args.output_npz), ("--csv", args.csv)):
-        if path is not None and path.exists():
-            clash = next((f for f in files if _same_file(f, path)), None)
-            if clash is not None:
-                raise ConfigError(f"{option} {path} is the input image {clash}: give another file name")
-        if path is not None:
-            check_not_an_input(path, option)  # nor a run's file, another checkpoint or another image
-    if args.save_images:
-        for name in inputs:  # every PNG name fits the file system, before the work
-            check_name_length(args.save_images, f"{Path(name).stem}.png", f"--save_images, for the input {name}")
-        stems = [Path(name).stem for name in inputs]
-        clashes = sorted({s for s in stems if stems.count(s) > 1})
-        if clashes:
-            raise ConfigError(f"--save_images writes <stem>.png, but several inputs share the stem(s) "
-                              f"{listing(clashes)}; restore them into separate runs")
-
-
 def load_models(args: argparse.Namespace) -> nn.Module | Ensemble:
     """The model of ``--checkpoint``, or for several the :class:`Ensemble`, holding its models together or one at a
     time (``--ensemble_memory``), which it says."""
     load = functools.partial(load_model, preset=args.preset, use_ema=not args.no_ema, trusted=args.trust_checkpoint,
                              device=args.device, plain=args.plain, compile=args.compile)
-    if len(args.checkpoint) == 1:
-        return load(args.checkpoint[0])
-    files = [checkpoint_file(c) for c in args.checkpoint]
+    files = args.checkpoint
+    if len(files) == 1:
+        return load(files[0])
     twice = sorted({str(f) for f in files if files.count(f) > 1})
     if twice:
         log.warning("checkpoint(s) given more than once, and weighted as often: %s", listing(twice))
@@ -901,21 +742,21 @@ def main(argv: Sequence[str] | None = None) -> list | None:
     setup_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
-    return run_command(parser.prog, lambda: _run(args))
+    return run_cli(parser.prog, lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> list | None:
     args = _resolve_args(args)
+    inputs = scan_inputs(args.input_folder, args.gt_folder)
+    _resolve_outputs(args, inputs)
     with contextlib.ExitStack() as held:  # one run at a time writes each output, so they all come from one run
         for option, path in (("--output_npz", args.output_npz), ("--csv", args.csv)):
             if path is not None:
                 held.enter_context(output_lock(path, option))
-        return _predict_and_score(args)
+        return _predict_and_score(args, inputs)
 
 
-def _predict_and_score(args: argparse.Namespace) -> list | None:
-    inputs = scan_inputs(args.input_folder, args.gt_folder)
-    _check_against_inputs(args, inputs)
+def _predict_and_score(args: argparse.Namespace, inputs: InputSet) -> list | None:
     for path in (args.output_npz, args.csv):
         if path is not None:
             remove_stale_temporaries(path.parent, [path.name])

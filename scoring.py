@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dataloader import DataError, clean_partner_stem, list_images
+from dataloader import DataError, clean_partner_stem, images_by_stem
 from utils import atomic_write, listing, to_uint8
 
 SSIM_WINDOW = 11  # the side of SSIM's Gaussian window: smaller images get no SSIM
@@ -177,9 +177,10 @@ def find_clean(names: Sequence[str], gt_folder: str | os.PathLike) -> dict[str, 
     partner (``rain-12.png`` -> ``rain_clean-12.*``) or the same stem.
 
     Raises:
-        DataError: the folder is missing, or naming every image without a clean partner.
+        DataError: the folder is missing, holds several files of one stem (``dataloader.images_by_stem``: which is
+            the clean image would be a guess), or naming every image without a clean partner.
     """
-    clean_by_stem = {path.stem: path for path in list_images(gt_folder)}
+    clean_by_stem = images_by_stem(gt_folder)
     partners, missing = {}, []
     for name in names:
         found = clean_by_stem.get(clean_partner_stem(Path(name).stem, clean_by_stem))

@@ -42,7 +42,7 @@ from dataloader import DataError, build_loaders
 from ema import ModelEma
 from fast_path import enable_fast_path
 from GFL_Loss import LOSSES, build_loss
-from model import (PRESETS, build_model, freeze_except, load_weights, model_config, model_from_checkpoint,
+from model import (MIN_SIZE, PRESETS, build_model, freeze_except, load_weights, model_config, model_from_checkpoint,
                    trainable_summary)
 from schedule import (MIN_LR, MIN_PATCH, Phase, PhasePlan, lr_at, schedule_floor,  # noqa: F401 (Phase: API)
                       training_phases)
@@ -800,7 +800,7 @@ class Trainer:
         first_loader, self.val_loader = build_loaders(
             args.data_dir, batch_size=min(p.batch_size for p in phases), num_workers=args.num_workers,
             patch_size=phases[0].patch_size, val_per_type=args.val_per_type, seed=args.seed, cache=args.cache,
-            distributed=self.processes.distributed)
+            distributed=self.processes.distributed, min_size=MIN_SIZE)
         self.plan = PhasePlan(phases, first_loader, args=args, processes=self.processes)
         if resumed is None and args.resume:
             resumed = read_resume(args)

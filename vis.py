@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from dataloader import DataError
-from inference import check_npz, check_output_folder, naming, npz_path, run_command, scan_inputs
+from inference import check_npz, npz_path, scan_inputs
 from scoring import psnr
-from utils import atomic_write, listing, positive_int, setup_logging
+from utils import atomic_write, check_output_path, listing, naming, positive_int, run_cli, setup_logging
 
 log = logging.getLogger(__name__)
 ERROR_SCALE = 64  # 8-bit levels drawn as white in the error maps
@@ -127,11 +127,11 @@ def visualize(pred_npz: str | os.PathLike, input_folder: str | os.PathLike, out_
     """Draw the chosen images into ``out_dir/grid_<i>.png``, ``per_grid`` rows each; returns the files written.
 
     Raises:
-        ConfigError: ``out_dir`` is a file or cannot be written (checked before anything is read).
+        ConfigError: ``out_dir`` is a file, an input folder or cannot be written (checked before anything is read).
         PredictionFileError: the prediction file is missing, unreadable or does not match the folder (named).
         DataError: a folder, a chosen name or a clean image is missing, or an image is unreadable.
     """
-    check_output_folder(out_dir, "--out_dir")
+    check_output_path(out_dir, "--out_dir", folder=True, inputs=[f for f in (input_folder, gt_folder) if f])
     examples = load_examples(pred_npz, input_folder, gt_folder=gt_folder, names=names, num=num, seed=seed)
     digits = len(str(math.ceil(len(examples) / per_grid)))
     written = [draw_grid(examples[i:i + per_grid], Path(out_dir) / f"grid_{i // per_grid + 1:0{digits}d}.png")
@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     setup_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
-    paths = run_command(parser.prog, lambda: visualize(
+    paths = run_cli(parser.prog, lambda: visualize(
         args.pred_npz, args.input_folder, args.out_dir, gt_folder=args.gt_folder, names=args.names, num=args.num,
         seed=args.seed, per_grid=args.per_grid))
     for path in paths:

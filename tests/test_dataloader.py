@@ -488,3 +488,15 @@ def test_clean_partner_stem_rule():
     assert clean_partner_stem("rain-12", {"rain-12"}) == "rain-12"
     assert clean_partner_stem("rain-12", set()) == "rain_clean-12"
     assert clean_partner_stem("12", {"12"}) == "12"
+
+
+def test_the_data_module_needs_no_network():
+    """dataloader.py imports neither model.py nor any network module: the smallest image a network takes comes in
+    as min_size (the trainer passes model.MIN_SIZE), so reading data never builds or imports a model."""
+    import ast
+
+    tree = ast.parse((Path(__file__).parents[1] / "dataloader.py").read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported.isdisjoint({"model", "adair", "fast_path", "trainer"}), imported

@@ -15,8 +15,8 @@ from PIL import Image, ImageOps
 
 import demo
 import synthetic
-from dataloader import (DataError, PairedDataset, _image_size, build_loaders, check_pairs, find_pairs, list_images,
-                        read_image_uint8, stratified_split)
+from dataloader import (DataChangedError, DataError, PairedDataset, _image_size, build_loaders, check_pairs,
+                        find_pairs, list_images, read_image_uint8, stratified_split)
 from model import MIN_SIZE
 from scoring import psnr_per_image
 
@@ -46,8 +46,8 @@ def _homework(root, counts, size=(16, 16)):
     return root
 
 
-def _problems(fn, *args, **kwargs):
-    with pytest.raises(DataError) as err:
+def _problems(fn, *args, error=DataError, **kwargs):
+    with pytest.raises(error) as err:
         fn(*args, **kwargs)
     message = str(err.value)
     assert "Traceback" not in message
@@ -209,17 +209,20 @@ def test_a_validation_image_too_small_for_the_network_is_refused_before_work(tmp
     val_pair = stratified_split(find_pairs(root), val_per_type=2, seed=0)[1][0]
     _save(val_pair.degraded, _pattern(1, 4, 4))
     _save(val_pair.clean, _pattern(2, 4, 4))
-    message = _problems(build_loaders, root, batch_size=2, num_workers=0, patch_size=8, val_per_type=2, seed=0)
+    message = _problems(build_loaders, root, batch_size=2, num_workers=0, patch_size=8, val_per_type=2, seed=0,
+                        min_size=MIN_SIZE)
     assert f"{val_pair.degraded} is 4x4 (WxH): validation image smaller than {MIN_SIZE}x{MIN_SIZE}" in message
     assert "1 problem(s)" in message
     train_pair = next(p for p in find_pairs(root) if p != val_pair)
     _save(train_pair.degraded, _pattern(3, 6, 6))
     _save(train_pair.clean, _pattern(4, 6, 6))
-    message = _problems(build_loaders, root, batch_size=2, num_workers=0, patch_size=8, val_per_type=2, seed=0)
+    message = _problems(build_loaders, root, batch_size=2, num_workers=0, patch_size=8, val_per_type=2, seed=0,
+                        min_size=MIN_SIZE)
     assert "2 problem(s)" in message and f"{train_pair.degraded} is 6x6 (WxH): training image smaller than " \
         "--patch_size 8" in message
     with pytest.raises(DataError, match="validation image smaller"):
-        PairedDataset([val_pair], train=False)
+        PairedDataset([val_pair], train=False, min_size=MIN_SIZE)
+    assert PairedDataset([val_pair], train=False).sizes == [(4, 4)], "the data alone need no network's minimum"
 
 
 # ------------------------------------------------------------------------------------- 8. output folders replaced
@@ -293,20 +296,23 @@ def test_demo_and_synthetic_share_one_replacement_rule(tmp_path, monkeypatch, ca
 # --------------------------------------------------------------------------------- 9. files that change while training
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_file_deleted_or_replaced_during_training_is_named(tmp_path, workers):
-    """A clean file deleted after the loaders were built, or replaced by an image of another size, raises a DataError
-    naming it, with a plain message also from a worker process (nothing of the worker's traceback), picklable."""
+    """A clean file deleted after the loaders were built, or replaced by an image of another size, raises a
+    DataChangedError naming it (exit code 1: the work failed, where a problem found before the work is 2), with a
+    plain message also from a worker process (nothing of the worker's traceback), picklable."""
     root = _homework(tmp_path / "data", {"rain": 4})
     train, _ = build_loaders(root, batch_size=4, num_workers=workers, patch_size=8, val_per_type=0, seed=0)
     gone = root / "train" / "clean" / "rain_clean-3.png"
     gone.unlink()
-    message = _problems(lambda: next(iter(train)))
+    message = _problems(lambda: next(iter(train)), error=DataChangedError)
+    assert DataChangedError.exit_code == 1 and DataError.exit_code == 2
     assert message.startswith(f"{gone} does not exist") and "put it back" in message
     err = DataError(message)
     assert str(pickle.loads(pickle.dumps(err))) == message
     _save(gone, _pattern(0, 12, 20))
-    message = _problems(lambda: next(iter(train)))
+    message = _problems(lambda: next(iter(train)), error=DataChangedError)
     assert f"{gone} is now 20x12 (WxH), but" in message and "replaced" in message
-    del train
+    if workers:  # stop the workers now: left to the garbage collector, joining them after the failures takes 10 s
+        train._iterator._shutdown_workers()
 
 
 # --------------------------------------------------------------------------------------------- other broken files

@@ -127,11 +127,11 @@ def test_outputs_never_overwrite_the_checkpoint_or_the_inputs(tmp_path, checkpoi
     common = ["--checkpoint", str(checkpoint), "--input_folder", str(inputs), "--output_npz",
               str(tmp_path / "pred.npz")]
     code, err = run([*common, "--gt_folder", str(clean), "--csv", str(checkpoint)], capsys)
-    assert code == 2 and f"is the checkpoint {checkpoint}" in err
+    assert code == 2 and f"--csv {checkpoint} is one of the inputs ({checkpoint})" in err
     code, err = run([*common, "--gt_folder", str(clean), "--csv", str(clean / "0.png")], capsys)
-    assert code == 2 and f"is the input image {clean / '0.png'}" in err
+    assert code == 2 and f"--csv {clean / '0.png'} is one of the inputs ({clean / '0.png'})" in err
     code, err = run([*common, "--save_images", str(inputs)], capsys)
-    assert code == 2 and f"--save_images {inputs} is the --input_folder itself" in err
+    assert code == 2 and f"--save_images {inputs} is one of the inputs ({inputs})" in err
     assert {p: p.read_bytes() for p in before} == before and not (tmp_path / "pred.npz").exists()
 
 
@@ -174,14 +174,24 @@ def test_disk_full_while_writing_keeps_the_previous_pred_npz(tmp_path, checkpoin
 
 
 # ----------------------------------------------------------------------------------------------------- inputs
-def test_garbage_named_pth_is_called_damaged_not_pickled(tmp_path, inputs, no_model_run, capsys):
-    """A random file named .pth is named as no readable PyTorch checkpoint (damaged or another kind of file), with
-    no advice to trust it with --trust_checkpoint (the pickle explanation was shown before)."""
-    garbage = tmp_path / "garbage.pth"
-    garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
-    code, err = run(["--checkpoint", str(garbage), "--input_folder", str(inputs), "--output_npz",
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+@pytest.mark.parametrize("member", [False, True])
+def test_a_damaged_checkpoint_exits_2_alone_or_in_an_ensemble(tmp_path, checkpoint, inputs, no_model_run, capsys,
+                                                              damage, member):
+    """A random file named .pth or a truncated checkpoint, given alone (--checkpoint X) or as a member of an ensemble
+    (--checkpoint A X), exits 2 (what the user gave is wrong, nothing done) with the one message of a damaged
+    checkpoint that trainer.py --resume also gives ("X is not a readable PyTorch checkpoint: it is damaged ..."),
+    and no advice to trust it with --trust_checkpoint."""
+    damaged = tmp_path / f"{damage}.pth"
+    if damage == "garbage":
+        damaged.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    else:
+        whole = checkpoint.read_bytes()
+        damaged.write_bytes(whole[:len(whole) // 2])
+    given = [str(checkpoint), str(damaged)] if member else [str(damaged)]
+    code, err = run(["--checkpoint", *given, "--input_folder", str(inputs), "--output_npz",
                      str(tmp_path / "pred.npz")], capsys)
-    assert code in (1, 2) and str(garbage) in err and "not a readable PyTorch checkpoint" in err
+    assert code == 2 and one_message(err).startswith(f"{damaged} is not a readable PyTorch checkpoint: it is damaged")
     assert "--trust_checkpoint" not in err and "pickle" not in err
 
 
@@ -251,14 +261,19 @@ CUBLAS = "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(hand
 CUDNN = "cuDNN error: CUDNN_STATUS_ALLOC_FAILED"
 
 
+@pytest.fixture(scope="module")
+def retried(tiny):
+    """An image and what the retries give for it: one view at a time (the plain --tta 2 result), and 16-pixel tiles."""
+    x = _random_image(24, 32, seed=9)
+    return x, inference.restore(tiny, x, tta=2), inference.restore(tiny, x, tta=2, tile=16, overlap=4)
+
+
 @pytest.mark.parametrize("message", [CUBLAS, CUDNN, "CUDA out of memory. Tried to allocate 2.00 GiB"])
-def test_allocation_failures_that_are_plain_runtime_errors_are_retried(tiny, monkeypatch, message):
+def test_allocation_failures_that_are_plain_runtime_errors_are_retried(tiny, retried, monkeypatch, message):
     """cuBLAS's and cuDNN's failed allocations are plain RuntimeErrors, not torch.cuda.OutOfMemoryError: they take
     the same retry (one view at a time, then tiles) and give the same results; another RuntimeError is not
     retried."""
-    x = _random_image(24, 32, seed=9)
-    expected_views = inference.restore(tiny, x, tta=2)
-    expected_tiled = inference.restore(tiny, x, tta=2, tile=16, overlap=4)
+    x, expected_views, expected_tiled = retried
     real = inference._run_model
 
     def fail_when(condition, text=message):
@@ -349,6 +364,15 @@ def test_vis_unwritable_out_dir_is_refused_before_reading(tmp_path, inputs, pred
                             capsys)
     assert code == 2 and message.startswith(f"--out_dir {out}") and "is a file, where a folder is expected" in message
     assert blocker.read_text() == "a file"
+
+
+def test_vis_out_dir_that_is_an_input_folder_is_refused(tmp_path, inputs, predicted, capsys):
+    """--out_dir naming the input folder (whose next reading would take the grids for images) is refused before
+    anything is drawn, and the folder keeps exactly its images."""
+    before = files_in(inputs)
+    code, message = run_vis(["--pred_npz", str(predicted), "--input_folder", str(inputs), "--out_dir", str(inputs)],
+                            capsys)
+    assert code == 2 and message.startswith(f"--out_dir {inputs} is one of the inputs") and files_in(inputs) == before
 
 
 def test_vis_ctrl_c_is_one_line_and_leaves_no_broken_grid(tmp_path, inputs, predicted, monkeypatch, capsys):

@@ -52,16 +52,19 @@ def checkpoint(tmp_path, tiny):
     return path
 
 
-@pytest.fixture
-def inputs(tmp_path):
-    """Two RGB images (one of odd size), one RGBA and one grayscale, named like the homework's test set."""
-    folder = tmp_path / "degraded"
+def _write_inputs(folder):
     folder.mkdir()
     for i, (name, (h, w)) in enumerate(SIZES.items()):
         _save_png(folder / name, _random_image(h, w, i))
     _save_png(folder / "2.png", _random_image(33, 40, 2), "RGBA")
     _save_png(folder / "10.png", _random_image(32, 29, 3), "L")
     return folder
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    """Two RGB images (one of odd size), one RGBA and one grayscale, named like the homework's test set."""
+    return _write_inputs(tmp_path / "degraded")
 
 
 class SymmetricBlur(nn.Module):
@@ -436,9 +439,9 @@ def test_images_under_the_ssim_window_are_scored_without_ssim(tmp_path, checkpoi
 def test_checkpoint_folder_stands_for_its_best_pth(tmp_path, checkpoint, inputs, tiny, caplog, capsys):
     """--checkpoint RUN_FOLDER loads RUN_FOLDER/best.pth and says so; a folder without best.pth stops with an error
     naming it and what it holds, and suggesting best.pth or last.pth."""
-    with caplog.at_level(logging.INFO, logger="inference"):
+    with caplog.at_level(logging.INFO, logger="run"):
         model = inference.load_model(checkpoint.parent, plain=True)
-    assert f"checkpoint {checkpoint.parent} is a folder: using its best.pth" in caplog.text
+    assert f"--checkpoint {checkpoint.parent} is a run folder: using its best.pth" in caplog.text
     weight = "output.weight"
     assert torch.equal(model.state_dict()[weight], tiny.state_dict()[weight])
     run = tmp_path / "run"
@@ -452,53 +455,61 @@ def test_checkpoint_folder_stands_for_its_best_pth(tmp_path, checkpoint, inputs,
     assert str(run / "last.pth") in err and "does not exist" not in err
 
 
-@pytest.fixture
-def two_checkpoints(tmp_path):
-    """Two tiny models of different weights, saved as trainer.py saves them."""
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """Two tiny models of different weights, saved as trainer.py saves them (read only, shared by the module)."""
+    folder = tmp_path_factory.mktemp("two_checkpoints")
     paths = []
     for seed in (1, 2):
         torch.manual_seed(seed)
-        path = tmp_path / f"model{seed}.pth"
+        path = folder / f"model{seed}.pth"
         save_checkpoint(path, {"model": build_model("tiny").state_dict(), "model_config": {"preset": "tiny"}})
         paths.append(path)
     return paths
 
 
 def test_ensemble_is_the_mean_of_its_models_outputs(tmp_path, two_checkpoints):
-    """Two checkpoints restore every image as the mean of their single float outputs (8 views each, before
-    rounding) to 1e-6, through restore_folder with both models, or with an Ensemble that holds both models or loads
-    one at a time."""
+    """Two checkpoints restore every image as the mean of their single float outputs (over the test-time views of
+    each, here the 2 of --tta 2, before rounding) to 1e-6, through restore_folder with both models, or with an
+    Ensemble that holds both models or loads one at a time."""
     folder = tmp_path / "small"
     folder.mkdir()
     for i, name in enumerate(["0.png", "1.png"]):
         _save_png(folder / name, _random_image(16 + 5 * i, 24, seed=50 + i))
     singles = [inference.load_model(path) for path in two_checkpoints]
     scanned = inference.scan_inputs(folder)
-    outputs = [{name: inference.restore(model, scanned.image(name)) for name in scanned} for model in singles]
+    outputs = [{name: inference.restore(model, scanned.image(name), tta=2) for name in scanned} for model in singles]
     assert (outputs[0]["0.png"] - outputs[1]["0.png"]).abs().max() > 1e-3, "the models must differ"
     mean = {name: (outputs[0][name] + outputs[1][name]) / 2 for name in scanned}
     for together in (None, True, False):
         ensemble = singles if together is None else inference.Ensemble(two_checkpoints, inference.load_model,
                                                                        together=together)
-        restored = dict(inference.restore_folder(ensemble, scanned, progress=False))
+        restored = dict(inference.restore_folder(ensemble, scanned, progress=False, tta=2))
         assert list(restored) == list(scanned)
         for name, out in restored.items():
             assert out.dtype == torch.float32 and torch.allclose(out, mean[name], rtol=0, atol=1e-6), (together, name)
 
 
-@pytest.mark.parametrize("memory", ["plenty", "short", "one_at_a_time"])
-def test_cli_ensemble_holds_its_models_as_memory_allows_and_says_so(tmp_path, two_checkpoints, inputs, monkeypatch,
-                                                                     capsys, caplog, memory):
-    """--checkpoint a.pth b.pth writes the rounded mean of the two models and says so. With memory to spare both
-    models stay loaded; when the second model's weights would take more than a quarter of the free memory (or with
-    --ensemble_memory one_at_a_time) one model at a time is loaded, the first let go before the second loads, and
-    the result is the same."""
+@pytest.fixture(scope="module")
+def ensemble_case(tmp_path_factory, two_checkpoints):
+    """The inputs of the ensemble tests (read only) and the rounded mean of the two models' --tta 2 outputs."""
+    inputs = _write_inputs(tmp_path_factory.mktemp("ensemble") / "degraded")
     singles = [inference.load_model(path) for path in two_checkpoints]
     scanned = inference.scan_inputs(inputs)
     expected = {name: to_uint8((inference.restore(singles[0], scanned.image(name), tta=2) +
                                 inference.restore(singles[1], scanned.image(name), tta=2)) / 2).numpy()
                 for name in scanned}
-    del singles
+    return inputs, expected
+
+
+@pytest.mark.parametrize("memory", ["plenty", "short", "one_at_a_time"])
+def test_cli_ensemble_holds_its_models_as_memory_allows_and_says_so(tmp_path, two_checkpoints, ensemble_case,
+                                                                     monkeypatch, capsys, caplog, memory):
+    """--checkpoint a.pth b.pth writes the rounded mean of the two models and says so. With memory to spare both
+    models stay loaded; when the second model's weights would take more than a quarter of the free memory (or with
+    --ensemble_memory one_at_a_time) one model at a time is loaded, the first let go before the second loads, and
+    the result is the same."""
+    inputs, expected = ensemble_case
     size = inference.model_bytes(build_model("tiny"))
     monkeypatch.setattr(inference, "free_memory", lambda device: 100 * size if memory == "plenty" else 3 * size)
     alive, loaded_while = weakref.WeakSet(), []

@@ -5,8 +5,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import scoring
+from dataloader import DataError
 
 
 def test_psnr_matches_a_hand_computation_on_uint8():
@@ -176,3 +178,18 @@ def test_table_and_csv_label_rgb_and_y_scores(tmp_path):
     overall = rows[-1]
     assert overall["level"] == "overall" and float(overall["psnr_y"]) == pytest.approx((scores[0].psnr_y +
                                                                                          scores[1].psnr_y) / 2)
+
+
+def test_find_clean_refuses_two_clean_files_of_one_stem_as_training_does(tmp_path):
+    """--gt_folder holding rain_clean-1.png beside rain_clean-1.tif is refused, naming both files, as find_pairs
+    refuses that folder in training (scoring used one of them silently); one file per stem pairs as before."""
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    for name in ("rain_clean-1.png", "rain_clean-1.tif", "rain_clean-2.png"):
+        Image.new("RGB", (8, 8)).save(clean / name)
+    with pytest.raises(DataError) as err:
+        scoring.find_clean(["rain-1.png", "rain-2.png"], clean)
+    assert "rain_clean-1.png and rain_clean-1.tif share one name" in str(err.value)
+    (clean / "rain_clean-1.tif").unlink()
+    assert scoring.find_clean(["rain-1.png", "rain-2.png"], clean) == {"rain-1.png": clean / "rain_clean-1.png",
+                                                                      "rain-2.png": clean / "rain_clean-2.png"}
