@@ -40,24 +40,21 @@ def make_set(root, *, per_kind=4, seed=0):
 
 
 def train_argv(data, run, *extra):
-    """A tiny CPU run: 3 training pairs per kind, 1 per kind for validation, 3 updates per epoch."""
+    """A tiny CPU run on conftest's data (1 pair per kind for validation, 5 updates per epoch)."""
     return ["--data_dir", data, "--save_dir", run, "--preset", "tiny", "--device", "cpu", "--num_workers", 0,
             "--batch_size", 2, "--accum_steps", 1, "--epochs", 2, "--warmup_epochs", 1, "--patch_size", 8,
             "--val_per_type", 1, "--lr", 1e-3, "--no_curves", *extra]
 
 
-@pytest.fixture(scope="session")
-def data(tmp_path_factory):
-    return make_set(tmp_path_factory.mktemp("second_pass_data"))
+@pytest.fixture
+def stopped_run(trained):
+    """conftest's finished 2-epoch run (shared by the session; copy it before changing it): resumed with --epochs 3
+    it has an epoch left."""
+    return trained
 
 
-@pytest.fixture(scope="session")
-def stopped_run(data, tmp_path_factory):
-    """A tiny run stopped after its first of two epochs (its last.pth can be resumed); copy it before changing it."""
-    run = tmp_path_factory.mktemp("second_pass_run") / "run"
-    args = trainer.build_parser().parse_args([str(a) for a in train_argv(data, run)])
-    trainer.train(args, until_epoch=1)
-    return run
+def resume_argv(data, run):
+    return ["--data_dir", data, "--resume", run, "--device", "cpu", "--num_workers", 0, "--epochs", 3]
 
 
 @pytest.fixture(scope="session")
@@ -149,7 +146,7 @@ def test_a_resume_whose_weights_hold_an_extra_key_is_refused_naming_it(stopped_r
     checkpoint["model"]["stray.weight"] = torch.zeros(1)
     utils.save_checkpoint(run / "last.pth", checkpoint)
     before = (run / "last.pth").read_bytes()
-    code, error = cli(trainer.main, ["--data_dir", data, "--resume", run, "--device", "cpu", "--num_workers", 0],
+    code, error = cli(trainer.main, resume_argv(data, run),
                       capsys, whole=True)
     assert code == 2 and str(run / "last.pth") in error and "unexpected (1):\n    stray.weight" in error, error
     assert "other sizes" not in error  # one stray key is no sign of another preset
@@ -199,17 +196,19 @@ def test_a_seed_the_random_generators_cannot_take_is_refused_before_work(seed, d
     assert not (tmp_path / "r").exists()
 
 
-def test_the_largest_seed_and_a_learning_rate_below_the_floor_train_and_resume(data, tmp_path, capsys):
-    """The largest seed accepted (2**63-1) trains past its first epoch and resumes (seed + epoch fits), and --lr 1e-7,
-    below the cosine's former floor of 1e-6, never climbs above itself: the floor comes down, and the log says so."""
+def test_the_largest_seed_and_a_learning_rate_below_the_floor_train_and_resume(data, tmp_path, capsys, caplog):
+    """The largest seed accepted (2**63-1) trains past its first epoch after a resume (the sampler's seed + epoch
+    fits), and --lr 1e-7, below the cosine's former floor of 1e-6, never climbs above itself: the floor comes down,
+    and the log says so."""
     run = tmp_path / "r"
-    argv = train_argv(data, run, "--seed", 2**63 - 1, "--lr", 1e-7, "--epochs", 3)
-    args = trainer.build_parser().parse_args([str(a) for a in argv])
-    trainer.train(args, until_epoch=2)
+    argv = train_argv(data, run, "--seed", 2**63 - 1, "--lr", 1e-7, "--accum_steps", 2)
+    with caplog.at_level("INFO"):
+        trainer.train(trainer.build_parser().parse_args([str(a) for a in argv]), until_epoch=1)
+    assert "it decays to 1e-08, a tenth of the peak" in caplog.text
     code, _ = cli(trainer.main, ["--data_dir", data, "--resume", run, "--device", "cpu", "--num_workers", 0], capsys)
     assert code == 0
     records = utils.read_log(run)
-    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert [r["epoch"] for r in records] == [1, 2]
     assert all(0 < r["lr"] <= 1e-7 for r in records), [r["lr"] for r in records]
     assert records[-1]["lr"] < 1e-7  # it still decays
 
@@ -293,7 +292,7 @@ def test_a_resume_on_a_data_set_whose_pair_names_differ_is_refused_saying_what_c
                                                                        "rain_clean-9.png")):
         os.replace(data / "train" / side / old, data / "train" / side / new)
     before = (run / "last.pth").read_bytes()
-    code, error = cli(trainer.main, ["--data_dir", data, "--resume", run, "--device", "cpu", "--num_workers", 0],
+    code, error = cli(trainer.main, resume_argv(data, run),
                       capsys)
     assert code == 2 and "rain-9.png" in error and "rain-2.png" in error, error
     assert (run / "last.pth").read_bytes() == before
@@ -304,8 +303,8 @@ def test_a_resume_on_the_same_pairs_elsewhere_is_accepted(stopped_run, tmp_path,
     run = copy_run(stopped_run, tmp_path)
     data = tmp_path / "moved"
     shutil.copytree(json.loads((run / "args.json").read_text())["data_dir"], data)
-    code, _ = cli(trainer.main, ["--data_dir", data, "--resume", run, "--device", "cpu", "--num_workers", 0], capsys)
-    assert code == 0 and [r["epoch"] for r in utils.read_log(run)] == [1, 2]
+    code, _ = cli(trainer.main, resume_argv(data, run), capsys)
+    assert code == 0 and [r["epoch"] for r in utils.read_log(run)] == [1, 2, 3]
 
 
 # ----------------------------------------------------------------------------- 6. two predictions, one file
