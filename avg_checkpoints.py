@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from model import model_config, model_from_checkpoint
+from model import add_arch_argument, model_config, model_from_checkpoint
 from run import SNAPSHOT_DIR, checkpoint_file, run_snapshots
 from utils import (ConfigError, check_output_path, listing, load_checkpoint, run_cli, same_path, save_checkpoint,
                    setup_logging)
@@ -31,7 +31,7 @@ FORMAT_VERSION = 1
 
 
 def average_checkpoints(paths: Sequence[str | os.PathLike], *, use_ema: bool = True,
-                        trusted: bool = False) -> dict:
+                        trusted: bool = False, arch: str | None = None) -> dict:
     """The averaged weights of ``paths`` as a plain weights checkpoint ``{"model", "model_config", ...}``.
 
     Raises:
@@ -43,8 +43,8 @@ def average_checkpoints(paths: Sequence[str | os.PathLike], *, use_ema: bool = T
     configs, total, reference = [], None, None
     for path in paths:
         checkpoint = load_checkpoint(path, trusted=trusted)
-        model = model_from_checkpoint(checkpoint, use_ema=use_ema, source=str(path))  # checked where it is read
-        config, weights = model_config(checkpoint, source=str(path)), model.state_dict()
+        model = model_from_checkpoint(checkpoint, arch=arch, use_ema=use_ema, source=str(path))  # checked here
+        config, weights = model_config(checkpoint, arch=arch, source=str(path)), model.state_dict()
         if reference is None:
             reference, total = (config, weights), {k: v.double() for k, v in weights.items()}
         else:
@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trust_checkpoint", action="store_true",
                         help="allow checkpoints that need pickle to load (only files you trust)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
+    add_arch_argument(parser)
     return parser
 
 
@@ -121,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
     def work() -> Path:
         paths = _chosen(args)
-        state = average_checkpoints(paths, use_ema=not args.no_ema, trusted=args.trust_checkpoint)
+        state = average_checkpoints(paths, use_ema=not args.no_ema, trusted=args.trust_checkpoint,
+                                    arch=args.arch)
         out = save_checkpoint(args.out, state)
         log.info("averaged %d checkpoints (%s) into %s", len(paths), listing([p.name for p in paths], limit=6), out)
         return out

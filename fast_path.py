@@ -1,4 +1,5 @@
-"""Faster formulations of the official PromptIR (``model.py``): the same function on the same parameters.
+"""Faster formulations of the official PromptIR (``model.py``) and of the blocks AdaIR (``adair.py``) shares with it:
+the same function on the same parameters.
 
 ``enable_fast_path(model)`` puts a model on the fast path; ``disable_fast_path(model)`` takes it back to the official
 formulation, and ``is_fast(module)`` says which one a module runs. What the fast path changes:
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from adair import AdaIR
 from model import Attention, FeedForward, PromptGenBlock, PromptIR, TransformerBlock
 from utils import listing
 
@@ -199,8 +201,9 @@ class FastPromptGenBlock(PromptGenBlock):
         return self.conv3x3(prompt)
 
 
-class FastPromptIR(PromptIR):
-    """``PromptIR`` whose feature maps are channels-last when ``channels_last`` is set; its output is contiguous."""
+class _FastNetwork(nn.Module):
+    """A whole network whose feature maps are channels-last when ``channels_last`` is set; its output is
+    contiguous."""
 
     channels_last = True  # per instance once enable_fast_path has run
 
@@ -210,9 +213,18 @@ class FastPromptIR(PromptIR):
         return super().forward(x).contiguous()
 
 
+class FastPromptIR(_FastNetwork, PromptIR):
+    """``PromptIR`` on the fast path (``_FastNetwork``)."""
+
+
+class FastAdaIR(_FastNetwork, AdaIR):
+    """``AdaIR`` on the fast path (``_FastNetwork``): its transformer blocks are the shared fast ones; its frequency
+    blocks run as they are (in the features' memory format)."""
+
+
 # The official class of each module the fast path changes, and its fast subclass.
 FAST_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
-    PromptIR: FastPromptIR, TransformerBlock: FastTransformerBlock, Attention: FastAttention,
+    PromptIR: FastPromptIR, AdaIR: FastAdaIR, TransformerBlock: FastTransformerBlock, Attention: FastAttention,
     FeedForward: FastFeedForward, PromptGenBlock: FastPromptGenBlock}
 OFFICIAL_CLASSES = {fast: official for official, fast in FAST_CLASSES.items()}
 # Instance attributes the fast subclasses read, removed when a module goes back to its official class.
@@ -254,7 +266,7 @@ def enable_fast_path(model: nn.Module, *, channels_last: bool = True, compile: b
     for module in model.modules():
         if type(module) in FAST_CLASSES:
             module.__class__ = FAST_CLASSES[type(module)]
-        if isinstance(module, FastPromptIR):
+        if isinstance(module, _FastNetwork):
             module.channels_last = channels_last
     _set_recompute(model, stages)
     if compile:

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from augment import VIEW_NAMES, dihedral, dihedral_inverse
 from dataloader import PAIRED_FOLDERS, DataError, degradation_type, list_images, read_image_uint8, threaded
 from fast_path import enable_fast_path
-from model import MIN_SIZE, PRESETS, model_config, model_from_checkpoint
+from model import MIN_SIZE, PRESETS, add_arch_argument, model_config, model_from_checkpoint
 from run import checkpoint_file, remove_stale_temporaries
 from scoring import evaluate, find_clean, format_table, write_csv
 from utils import (ConfigError, UserError, WorkError, add_precision_args, atomic_write, check_name_length,
@@ -86,7 +86,8 @@ def _free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def load_model(checkpoint: str | os.PathLike, *, preset: str | None = None, use_ema: bool = True,
+def load_model(checkpoint: str | os.PathLike, *, preset: str | None = None, arch: str | None = None,
+               use_ema: bool = True,
                trusted: bool = False, device: str | torch.device = "cpu", plain: bool = False,
                compile: bool = False) -> nn.Module:
     """The network of a checkpoint, in eval mode on ``device``.
@@ -96,6 +97,7 @@ def load_model(checkpoint: str | os.PathLike, *, preset: str | None = None, use_
             of ``trainer.py``, whose ``best.pth`` is used (``run.checkpoint_file``).
         preset: model size used when the checkpoint has no ``"model_config"`` (foreign checkpoints; None: official);
             one that contradicts the checkpoint's own is refused (``model.model_config``).
+        arch: the network (``model.ARCHS``), likewise; weights without a config are recognised by their names.
         use_ema: take the ``"ema"`` weights of our checkpoints when they hold some (the weights trainer.py validated
             and chose ``best.pth`` by); False takes the plain ``"model"`` weights.
         trusted: allow full unpickling (only for files you trust).
@@ -110,8 +112,8 @@ def load_model(checkpoint: str | os.PathLike, *, preset: str | None = None, use_
         WorkError: the model does not fit in the device's memory.
     """
     checkpoint = checkpoint_file(checkpoint)
-    model = model_from_checkpoint(load_checkpoint(checkpoint, trusted=trusted), preset=preset, use_ema=use_ema,
-                                  source=str(checkpoint))
+    model = model_from_checkpoint(load_checkpoint(checkpoint, trusted=trusted), preset=preset, arch=arch,
+                                  use_ema=use_ema, source=str(checkpoint))
     try:
         model = model.to(device).eval()
     except (RuntimeError, MemoryError) as err:
@@ -609,6 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="model size of a checkpoint without model_config (foreign checkpoints; default: "
                         "official); a checkpoint's own size wins")
+    add_arch_argument(parser)
     parser.add_argument("--no_ema", action="store_true", help="use the plain weights of a checkpoint that also holds "
                         "EMA weights (by default the EMA weights, which trainer.py validated, are used)")
     parser.add_argument("--trust_checkpoint", action="store_true",
@@ -716,7 +719,8 @@ def check_not_a_data_set_half(folder: Path, option: str) -> None:
 def load_models(args: argparse.Namespace) -> nn.Module | Ensemble:
     """The model of ``--checkpoint``, or for several the :class:`Ensemble`, holding its models together or one at a
     time (``--ensemble_memory``), which it says."""
-    load = functools.partial(load_model, preset=args.preset, use_ema=not args.no_ema, trusted=args.trust_checkpoint,
+    load = functools.partial(load_model, preset=args.preset, arch=args.arch, use_ema=not args.no_ema,
+                             trusted=args.trust_checkpoint,
                              device=args.device, plain=args.plain, compile=args.compile)
     files = args.checkpoint
     if len(files) == 1:
@@ -725,7 +729,8 @@ def load_models(args: argparse.Namespace) -> nn.Module | Ensemble:
     if twice:
         log.warning("checkpoint(s) given more than once, and weighted as often: %s", listing(twice))
     for path in files[1:]:  # every file readable, of a size --preset agrees with, before any work
-        model_config(load_checkpoint(path, trusted=args.trust_checkpoint, mmap=True), args.preset, source=str(path))
+        model_config(load_checkpoint(path, trusted=args.trust_checkpoint, mmap=True), args.preset,
+                     arch=args.arch, source=str(path))
     first = load(files[0])
     if args.ensemble_memory == "auto":
         together, reason = ensemble_fits(first, len(files), args.device)

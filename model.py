@@ -1,4 +1,5 @@
-"""PromptIR (Potlapalli et al., NeurIPS 2023): a Restormer encoder-decoder with prompt blocks in the decoder.
+"""PromptIR (Potlapalli et al., NeurIPS 2023): a Restormer encoder-decoder with prompt blocks in the decoder; and
+building either network this project trains (``ARCHS``: PromptIR, or AdaIR from ``adair.py``) by name.
 
 ``PromptIR()`` is the official network as released (``PromptIR(decoder=True)``): the same module names, tensor shapes
 and forward function, checked number for number against ``../shared/fixtures/promptir_parity``. The six modules the
@@ -8,8 +9,8 @@ This file holds the official formulation only. ``fast_path.enable_fast_path(mode
 less memory traffic (and optionally compiled, or recomputing activations in backward) on the same parameters.
 
 Besides the network this file owns the presets for tests and the demo, the one weight loader for every checkpoint
-layout we meet, the rules for which weights and which model size a checkpoint gives (``checkpoint_weights``,
-``model_config``, ``model_from_checkpoint``), and freezing modules by name for fine-tuning.
+layout we meet, the rules for which weights and which network and size a checkpoint gives (``checkpoint_weights``,
+``model_config``, ``model_from_checkpoint``), the ``--arch`` option, and freezing modules by name for fine-tuning.
 """
 from __future__ import annotations
 
@@ -29,11 +30,18 @@ from utils import CheckpointError, ConfigError, listing, load_checkpoint
 
 log = logging.getLogger(__name__)
 
-# Official modules that its forward never calls (215,296 parameters): dropped from checkpoints without a word.
+# Official modules that its forward never calls (215,296 parameters): dropped from checkpoints without a word (and
+# AdaIR's, adair.DEAD_MODULES, likewise).
 DEAD_MODULES = ("chnl_reduce1", "chnl_reduce2", "chnl_reduce3",
                 "reduce_noise_channel_1", "reduce_noise_channel_2", "reduce_noise_channel_3")
 # The modules the second fine-tuning stage trains; everything else stays frozen.
 STAGE2_MODULES = ("refinement", "output", "decoder_level1", "noise_level1", "reduce_noise_level1", "up2_1")
+# A --trainable name that stands for the network's own second-stage modules (PromptIR's STAGE2_MODULES, AdaIR's
+# adair.STAGE2_MODULES), so one default serves both networks.
+SECOND_STAGE = "second_stage"
+
+# The networks by --arch name; the first is the default.
+ARCHS = ("promptir", "adair")
 
 PAD_MULTIPLE = 8  # three 2x downsamplings
 # Reflection cannot add as many pixels as the side has: sides of 1 to 4 pixels would need 7 to 4 more, 5 needs 3.
@@ -210,6 +218,22 @@ class PromptGenBlock(nn.Module):
         return self.conv3x3(prompt)
 
 
+def reflect_pad(x: torch.Tensor, network: str) -> torch.Tensor:
+    """A batch (B, C, H, W) reflect-padded at the bottom and right to a multiple of ``PAD_MULTIPLE``.
+
+    Raises:
+        ValueError: not a batch of images, or a side under ``MIN_SIZE`` (the message names ``network``).
+    """
+    if x.ndim != 4:
+        raise ValueError(f"{network} expects (B, C, H, W) or (C, H, W), got shape {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    pad_h, pad_w = -h % PAD_MULTIPLE, -w % PAD_MULTIPLE
+    if pad_h >= h or pad_w >= w:
+        raise ValueError(f"{network} needs images of at least {MIN_SIZE}x{MIN_SIZE} pixels (they are reflect-padded "
+                         f"to a multiple of {PAD_MULTIPLE}), got {h}x{w}")
+    return F.pad(x, (0, pad_w, 0, pad_h), mode="reflect") if pad_h or pad_w else x
+
+
 def _stage(dim: int, num_heads: int, ffn_expansion_factor: float, depth: int) -> nn.Sequential:
     return nn.Sequential(*(TransformerBlock(dim, num_heads, ffn_expansion_factor) for _ in range(depth)))
 
@@ -294,18 +318,16 @@ class PromptIR(nn.Module):
                   reduce: nn.Conv2d) -> torch.Tensor:
         return reduce(noise_level(torch.cat([x, prompt(x)], dim=1)))
 
+    arch = "promptir"
+    STAGE2_MODULES = STAGE2_MODULES
+    FROZEN_MODULES: tuple[str, ...] = ()  # modules that never train (see AdaIR's)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Restore a batch (B, C, H, W) or one image (C, H, W); the result has the input's shape."""
         if x.ndim == 3:
             return self(x.unsqueeze(0)).squeeze(0)
-        if x.ndim != 4:
-            raise ValueError(f"PromptIR expects (B, C, H, W) or (C, H, W), got shape {tuple(x.shape)}")
         h, w = x.shape[-2:]
-        pad_h, pad_w = -h % PAD_MULTIPLE, -w % PAD_MULTIPLE
-        if pad_h >= h or pad_w >= w:
-            raise ValueError(f"PromptIR needs images of at least {MIN_SIZE}x{MIN_SIZE} pixels (they are reflect-padded "
-                             f"to a multiple of {PAD_MULTIPLE}), got {h}x{w}")
-        inp = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect") if pad_h or pad_w else x
+        inp = reflect_pad(x, "PromptIR")
 
         enc1 = self.encoder_level1(self.patch_embed(inp))
         enc2 = self.encoder_level2(self.down1_2(enc1))
@@ -323,19 +345,39 @@ class PromptIR(nn.Module):
         return out[..., :h, :w]
 
 
-def build_model(preset: str = "official", **overrides: Any) -> PromptIR:
-    """A PromptIR of a named size (``PRESETS``), with any constructor argument overridden.
+def _network(arch: str) -> tuple[type[nn.Module], dict[str, dict[str, Any]]]:
+    """The class and presets of the ``arch`` network."""
+    if arch == "adair":
+        import adair  # here, not at the top: adair.py builds on this file's blocks
+        return adair.AdaIR, adair.PRESETS
+    if arch != "promptir":
+        raise ValueError(f"unknown network {arch!r}; choose one of {', '.join(ARCHS)}")
+    return PromptIR, PRESETS
+
+
+def build_model(preset: str = "official", *, arch: str = "promptir", **overrides: Any) -> nn.Module:
+    """A network (``ARCHS``: PromptIR by default, or AdaIR) of a named size, with any constructor argument overridden.
 
     Args:
-        preset: a key of ``PRESETS``.
-        overrides: ``PromptIR`` keyword arguments that replace the preset's.
+        preset: a key of ``PRESETS`` (AdaIR's presets have the same names and size classes: ``adair.PRESETS``).
+        arch: which network, a name of ``ARCHS``.
+        overrides: keyword arguments of the network's constructor that replace the preset's.
 
     Raises:
-        ValueError: an unknown preset (the message lists the known ones).
+        ValueError: an unknown network or preset (the message lists the known ones).
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    return PromptIR(**{**PRESETS[preset], **overrides})
+    network, presets = _network(arch)
+    if preset not in presets:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(presets)}")
+    return network(**{**presets[preset], **overrides})
+
+
+def add_arch_argument(parser: Any) -> None:
+    """Add ``--arch`` (default None: PromptIR for a new model, else the checkpoint's) to an argparse parser or group;
+    ``model_config`` and ``model_from_checkpoint`` take its value."""
+    parser.add_argument("--arch", choices=ARCHS, default=None,
+                        help="network: promptir or adair (default promptir; with a checkpoint its own is used, and an "
+                             "--arch given must match it)")
 
 
 # ------------------------------------------------------------------------------------------------------- weights
@@ -347,6 +389,12 @@ WRAPPER_KEYS = ("params_ema", "ema", "params", "model", "state_dict", "net")
 KEY_PREFIXES = ("net.", "module.", "_orig_mod.")
 # (EMA copy, plain weights) as our trainer and BasicSR store them side by side.
 EMA_LAYOUTS = (("ema", "model"), ("params_ema", "params"))
+
+
+# "module." for each dead module of either network (adair.DEAD_MODULES written out: this file cannot import adair.py
+# at the top). The networks share no top-level name that could make one's dead module the other's live one.
+_DEAD_PREFIXES = tuple(f"{name}." for name in DEAD_MODULES + tuple(f"fre{i}.{m}" for i in (1, 2, 3)
+                                                                    for m in ("conv", "score_gen")))
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -364,13 +412,13 @@ def _strip_prefixes(key: str) -> str:
 
 
 def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
-    """The PromptIR weights inside a loaded checkpoint, named as in our model.
+    """The network weights inside a loaded checkpoint, named as in our models.
 
     Accepts a plain state dict, a module, or a dict that holds one under a key of ``WRAPPER_KEYS`` (first match wins,
     wrappers may nest). Strips ``KEY_PREFIXES`` from the start of each key, as often as they are stacked, and drops
-    the official network's ``DEAD_MODULES``. An EMA copy wins over the plain weights (``params_ema``, our trainer's
-    ``ema``: the weights it validated and chose ``best.pth`` by); ``checkpoint_weights(use_ema=False)`` takes the
-    plain ones.
+    the official networks' dead modules (``DEAD_MODULES``, ``adair.DEAD_MODULES``). An EMA copy wins over the plain
+    weights (``params_ema``, our trainer's ``ema``: the weights it validated and chose ``best.pth`` by);
+    ``checkpoint_weights(use_ema=False)`` takes the plain ones.
 
     Args:
         obj: a loaded checkpoint, state dict or module.
@@ -394,7 +442,7 @@ def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
         name = _strip_prefixes(key)
         if name in state:
             raise CheckpointError(f"two weights are both named {name!r} once prefixes are stripped")
-        if name.split(".", 1)[0] not in DEAD_MODULES:
+        if not name.startswith(_DEAD_PREFIXES):
             state[name] = value
     return state
 
@@ -426,7 +474,9 @@ def _preset_hint(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
     own = model.state_dict().get("patch_embed.proj.weight")
     if weight is None or own is None or weight.ndim != 4 or weight.shape[0] == own.shape[0]:
         return ""
-    return next((name for name, preset in PRESETS.items() if preset.get("dim", _DEFAULT_DIM) == weight.shape[0]), "")
+    network, presets = _network(getattr(model, "arch", ARCHS[0]))
+    default = inspect.signature(network).parameters["dim"].default
+    return next((name for name, preset in presets.items() if preset.get("dim", default) == weight.shape[0]), "")
 
 
 def _fit(model: nn.Module, state: Mapping[str, torch.Tensor], *, where: str, strict: bool) -> nn.Module:
@@ -519,40 +569,57 @@ def checkpoint_weights(checkpoint: Any, *, use_ema: bool = True,
         raise CheckpointError(f"{source}: {err}") from None
 
 
-def model_config(checkpoint: Any, preset: str | None = None, *, source: str) -> dict[str, Any]:
-    """The ``build_model`` keyword arguments for the weights of ``checkpoint``.
+def weights_arch(checkpoint: Any) -> str | None:
+    """Which network (a name of ``ARCHS``) the weights of ``checkpoint`` are for, by their names; None when they
+    hold no weights or none that tell (the loader says what is wrong when they are loaded)."""
+    try:
+        names = checkpoint_weights(checkpoint)
+    except CheckpointError:
+        return None
+    tops = {name.split(".", 1)[0] for name in names}
+    return "adair" if "fre1" in tops else "promptir" if "prompt1" in tops else None
 
-    A checkpoint's own ``"model_config"`` (written by trainer.py) wins; a ``preset`` asked for explicitly must agree
-    with it. A checkpoint without one (a bare state dict, a foreign layout) is built as ``preset``, by default the
-    official size.
+
+def model_config(checkpoint: Any, preset: str | None = None, *, arch: str | None = None,
+                 source: str) -> dict[str, Any]:
+    """The ``build_model`` keyword arguments for the weights of ``checkpoint``: the network (``"arch"``) and size.
+
+    A checkpoint's own ``"model_config"`` (written by trainer.py; one without ``"arch"`` is PromptIR's) wins; an
+    ``arch`` or ``preset`` asked for explicitly must agree with it. A checkpoint without one (a bare state dict, an
+    official release, a foreign layout) is built as ``preset``, by default the official size, and as the network its
+    weights' names show (``weights_arch``; official AdaIR checkpoints load without ``--arch``), else as ``arch``, by
+    default PromptIR. No checkpoint (None: a new model) gives ``arch`` and ``preset`` or their defaults.
 
     Args:
-        checkpoint: a loaded checkpoint (or state dict, or module).
+        checkpoint: a loaded checkpoint (or state dict, or module), or None.
         preset: the ``--preset`` given, or None where none was.
+        arch: the ``--arch`` given, or None where none was.
         source: what the checkpoint is called in messages (its path, say).
 
     Raises:
-        ConfigError: ``preset`` conflicts with the checkpoint's own.
+        ConfigError: ``arch`` or ``preset`` conflicts with the checkpoint's own.
         CheckpointError: the checkpoint's own description cannot be built (``check_checkpoint_description``).
     """
     saved = checkpoint.get("model_config") if isinstance(checkpoint, Mapping) else None
     if saved is None or (isinstance(saved, Mapping) and not saved):
-        return {"preset": preset or "official"}
+        found = weights_arch(checkpoint) if checkpoint is not None else None
+        if arch and found and arch != found:
+            raise ConfigError(f"{source} holds {found} weights, not --arch {arch}: drop --arch (the weights' "
+                              "network is used) or give another checkpoint")
+        return {"arch": found or arch or ARCHS[0], "preset": preset or "official"}
     check_checkpoint_description(saved, source)
-    saved_preset = saved.get("preset", "official")
-    if preset and preset != saved_preset:
-        raise ConfigError(f"{source} holds a model of preset {saved_preset!r}, not --preset {preset}: drop --preset "
-                          "(the checkpoint's is used) or start a new run")
-    return dict(saved)
-
-
-_DEFAULT_DIM = inspect.signature(PromptIR).parameters["dim"].default
+    saved = {"arch": ARCHS[0], **saved}
+    for option, given in (("arch", arch), ("preset", preset)):
+        if given and given != saved.get(option, "official"):
+            raise ConfigError(f"{source} holds a model of {option} {saved.get(option, 'official')!r}, not --{option} "
+                              f"{given}: drop --{option} (the checkpoint's is used) or start a new run")
+    return saved
 
 
 def check_checkpoint_description(config: Any, source: str) -> None:
-    """Refuse a checkpoint's ``model_config`` that this code cannot build: not a dict, an unknown preset, an option
-    the network does not have (as a newer version might write) or a value of the wrong kind. A checkpoint's
-    description of itself is input like any other, checked where it is read.
+    """Refuse a checkpoint's ``model_config`` that this code cannot build: not a dict, an unknown network or preset,
+    an option the network does not have (as a newer version might write) or a value of the wrong kind. A
+    checkpoint's description of itself is input like any other, checked where it is read.
 
     Raises:
         CheckpointError: one message naming ``source`` and what is wrong.
@@ -561,17 +628,22 @@ def check_checkpoint_description(config: Any, source: str) -> None:
     if not isinstance(config, Mapping):
         raise CheckpointError(f"{where} is a {type(config).__name__}, not a dict of model options: the file was not "
                               "written by this toolkit, or is damaged; use another checkpoint")
-    params = inspect.signature(PromptIR).parameters
-    unknown = sorted(str(k) for k in config if k != "preset" and k not in params)
+    arch = config.get("arch", ARCHS[0])
+    if not isinstance(arch, str) or arch not in ARCHS:
+        raise CheckpointError(f"{where} names the network {arch!r}, which this version does not know (it knows "
+                              f"{', '.join(ARCHS)}): it was written by another version; use that version")
+    network, presets = _network(arch)
+    params = inspect.signature(network).parameters
+    unknown = sorted(str(k) for k in config if k not in ("arch", "preset") and k not in params)
     if unknown:
         raise CheckpointError(f"{where} holds option(s) this version does not know ({listing(unknown)}): it was "
                               f"written by another version; use that version, or a checkpoint of this one")
     preset = config.get("preset", "official")
-    if not isinstance(preset, str) or preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in presets:
         raise CheckpointError(f"{where} names the preset {preset!r}, which this version does not know (it knows "
-                              f"{', '.join(PRESETS)}): it was written by another version; use that version")
+                              f"{', '.join(presets)}): it was written by another version; use that version")
     for key, value in config.items():
-        if key != "preset" and not _fits_default(value, params[key].default):
+        if key not in ("arch", "preset") and not _fits_default(value, params[key].default):
             raise CheckpointError(f"{where} gives {key} = {value!r}, where a value like {params[key].default!r} "
                                   "belongs: the file is damaged or of another program; use another checkpoint")
 
@@ -589,9 +661,9 @@ def _fits_default(value: Any, default: Any) -> bool:
     return whole(value)
 
 
-def model_from_checkpoint(checkpoint: Any, *, preset: str | None = None, use_ema: bool = True,
-                          source: str | None = None) -> PromptIR:
-    """A PromptIR of the checkpoint's size (``model_config``) holding its weights (``checkpoint_weights``).
+def model_from_checkpoint(checkpoint: Any, *, preset: str | None = None, arch: str | None = None,
+                          use_ema: bool = True, source: str | None = None) -> nn.Module:
+    """A network of the checkpoint's kind and size (``model_config``) holding its weights (``checkpoint_weights``).
 
     Reading the file stays ``utils.load_checkpoint``'s job: pass what it returned. The model is on the CPU, in
     training mode, on the official formulation (``fast_path.enable_fast_path`` for the fast one).
@@ -599,15 +671,16 @@ def model_from_checkpoint(checkpoint: Any, *, preset: str | None = None, use_ema
     Args:
         checkpoint: a loaded checkpoint, state dict or module.
         preset: the ``--preset`` given, or None; used where the checkpoint has no ``"model_config"``.
+        arch: the ``--arch`` given, or None; likewise.
         use_ema: take the checkpoint's EMA copy where there is one.
         source: what the checkpoint is called in messages (its path, say); None for "the given weights".
 
     Raises:
-        ConfigError: ``preset`` conflicts with the checkpoint's own.
+        ConfigError: ``arch`` or ``preset`` conflicts with the checkpoint's own.
         CheckpointError: no weights found, or they do not fit the model (every such key is listed).
     """
     source = source or "the given weights"
-    config = model_config(checkpoint, preset, source=source)
+    config = model_config(checkpoint, preset, arch=arch, source=source)
     try:
         model = build_model(**config)
     except ValueError as err:  # sizes that do not go together (heads that do not divide a width, an odd width)
@@ -617,8 +690,16 @@ def model_from_checkpoint(checkpoint: Any, *, preset: str | None = None, use_ema
 
 # ------------------------------------------------------------------------------------------------------- freezing
 def freeze_except(model: nn.Module, names: Sequence[str]) -> None:
-    """Train only the named top-level modules of ``model`` (for example ``STAGE2_MODULES``); freeze the rest."""
+    """Train only the named top-level modules of ``model`` (for example ``STAGE2_MODULES``); freeze the rest.
+
+    The name ``SECOND_STAGE`` stands for the network's own second-stage modules (its ``STAGE2_MODULES``), which are
+    logged. Modules the network never trains (its ``FROZEN_MODULES``) stay frozen.
+    """
     names = [names] if isinstance(names, str) else list(names)
+    if SECOND_STAGE in names:
+        stage2 = getattr(model, "STAGE2_MODULES", STAGE2_MODULES)
+        names = list(dict.fromkeys(stage2 + tuple(n for n in names if n != SECOND_STAGE)))
+        log.info("%s: the second stage trains %s", type(model).__name__, ", ".join(stage2))
     valid = [name for name, _ in model.named_children()]
     unknown = sorted(set(names) - set(valid))
     if not names:
@@ -630,6 +711,8 @@ def freeze_except(model: nn.Module, names: Sequence[str]) -> None:
     for name, child in model.named_children():
         if name in names:
             child.requires_grad_(True)
+    for name in getattr(model, "FROZEN_MODULES", ()):
+        model.get_submodule(name).requires_grad_(False)
 
 
 def trainable_summary(model: nn.Module) -> str:

@@ -42,8 +42,8 @@ from dataloader import DataError, build_loaders
 from ema import ModelEma
 from fast_path import enable_fast_path
 from GFL_Loss import LOSSES, build_loss
-from model import (MIN_SIZE, PRESETS, build_model, freeze_except, load_weights, model_config, model_from_checkpoint,
-                   trainable_summary)
+from model import (MIN_SIZE, PRESETS, add_arch_argument, build_model, freeze_except, load_weights, model_config,
+                   model_from_checkpoint, trainable_summary)
 from schedule import (MIN_LR, MIN_PATCH, Phase, PhasePlan, lr_at, schedule_floor,  # noqa: F401 (Phase: API)
                       training_phases)
 from utils import ConfigError
@@ -130,6 +130,7 @@ def build_parser(defaults=None, *, fine_tune=False, description=None):
     folder.add_argument("--preset", choices=sorted(PRESETS), default=None,
                      help="model size (default official; with --resume or --checkpoint the checkpoint's own "
                           "config is used, and a --preset given must match it)")
+    add_arch_argument(folder)
     folder.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     folder.add_argument("--val_interval", type=int, default=1, help="validate every this many epochs (default 1)")
     folder.add_argument("--keep_last", type=int, default=0, metavar="K",
@@ -629,7 +630,8 @@ def build_network(args, config, start, device):
     fine-tuning run, its EMA weights where it has some) when given, frozen but for --trainable, on the fast path
     unless --plain."""
     if start is not None:
-        model = model_from_checkpoint(start, preset=args.preset, use_ema=not args.no_ema, source=args.checkpoint)
+        model = model_from_checkpoint(start, preset=args.preset, arch=args.arch, use_ema=not args.no_ema,
+                                      source=args.checkpoint)
     else:
         model = build_model(**config)
     if args.trainable:
@@ -820,7 +822,8 @@ class Trainer:
         args, self.policy = self.args, policy
         start = (utils.load_checkpoint(args.checkpoint, trusted=args.trust_checkpoint)
                  if args.fine_tune and resumed is None else None)
-        self.model_config = model_config(resumed or start, args.preset, source=args.resume or args.checkpoint)
+        self.model_config = model_config(resumed or start, args.preset, arch=args.arch,
+                                         source=args.resume or args.checkpoint)
         self.model = build_network(args, self.model_config, start, self.device)
         self.ddp_model = wrap_ddp(self.model, self.device) if self.processes.distributed else None
         self.ema = ModelEma(self.model, decay=args.ema, warmup=not args.ema_no_warmup) if args.ema else None

@@ -51,7 +51,7 @@ if str(ROOT) not in sys.path:
 import utils
 from fast_path import enable_fast_path
 from GFL_Loss import build_loss
-from model import build_model
+from model import add_arch_argument, build_model
 from trainer import Update, build_optimizer
 
 log = logging.getLogger("bench_speed")
@@ -308,6 +308,7 @@ class Bench:
         threads: CPU threads of the CPU cases.
         tiny: the tiny preset and images a sixteenth of the size (at least 16 pixels): checks the code, not the
             speed.
+        arch: the network measured (``model.ARCHS``).
         device: "cuda", or "cpu" for a smoke run of the GPU cases.
         shares: seconds of the budget each case id may use; ``plan`` is the order the cases run in.
         rest: rows of an earlier run: their variants are not run again unless they never finished.
@@ -320,6 +321,7 @@ class Bench:
     quick: bool = False
     threads: int = 2
     tiny: bool = False
+    arch: str = "promptir"
     device: str = "cuda"
     shares: dict[str, float] = field(default_factory=dict)
     plan: list[str] = field(default_factory=list)
@@ -354,7 +356,7 @@ class Bench:
 
     def model(self, seed: int = 0) -> torch.nn.Module:
         torch.manual_seed(seed)
-        return build_model("tiny" if self.tiny else "official")
+        return build_model("tiny" if self.tiny else "official", arch=self.arch)
 
     # ------------------------------------------------------------------------------------------ time
     def begin(self, case_id: str) -> None:
@@ -513,12 +515,12 @@ class ByteCounter(TorchDispatchMode):
         return out
 
 
-def count_costs(*, fast: bool, batch: int, size: int, train: bool) -> tuple[float, int, int]:
+def count_costs(*, fast: bool, batch: int, size: int, train: bool, arch: str = "promptir") -> tuple[float, int, int]:
     """(FLOPs, eager bytes, matmul-boundary bytes) of one float32 forward (and backward when ``train``) of the
     official network, counted on the meta device. Training FLOPs are three forwards: the FLOP counter takes a
     depthwise convolution's backward for a dense one."""
     with torch.device("meta"):
-        model = build_model("official")
+        model = build_model("official", arch=arch)
     if fast:
         enable_fast_path(model)
     x = torch.rand(batch, 3, size, size, device="meta")
@@ -564,7 +566,7 @@ def case_floors(bench: Bench) -> None:
 
     def floor(kwargs: dict, images: int, fast: bool) -> dict:
         rate, bandwidth, source = ceilings["rate"], ceilings["bandwidth"], ceilings["source"]
-        flops, eager, matmul = count_costs(fast=fast, **kwargs)
+        flops, eager, matmul = count_costs(fast=fast, arch=bench.arch, **kwargs)
         flop_ms, byte_ms = flops / rate * 1e3, matmul / 2 / bandwidth * 1e3
         ms = max(flop_ms, byte_ms)
         return {"ms": ms, "images_per_s": images / ms * 1e3,
@@ -920,7 +922,8 @@ def infer_case(bench: Bench, variants: Sequence[tuple[str, bool, torch.dtype | N
         def inputs() -> tuple[Path, Path, torch.Tensor, torch.Tensor]:
             base = bench.model()
             checkpoint = utils.save_checkpoint(root / "model.pth", {
-                "model": base.state_dict(), "model_config": {"preset": "tiny" if bench.tiny else "official"}})
+                "model": base.state_dict(), "model_config": {"arch": bench.arch,
+                                                        "preset": "tiny" if bench.tiny else "official"}})
             write_random_images(root / "degraded", count, size)
             torch.manual_seed(6)
             views = torch.stack([torch.rot90(torch.rand(3, size, size), k, (1, 2)) for k in range(4)] * 2).to(device)
@@ -1033,7 +1036,7 @@ def case_cpu_infer(bench: Bench) -> None:
 
     def measure() -> list[Row]:
         torch.set_num_threads(bench.threads)
-        base = build_model("official")
+        base = build_model("official", arch=bench.arch)
         torch.manual_seed(3)
         x = torch.rand(1, 3, 256, 256)
         ref_device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1073,7 +1076,7 @@ def case_cpu_train(bench: Bench) -> None:
     def measure() -> list[Row]:
         torch.set_num_threads(bench.threads)
         torch.manual_seed(4)
-        base = build_model("small")
+        base = build_model("small", arch=bench.arch)
         x, y = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
         with torch.no_grad():
             ref = copy.deepcopy(base).double()(x.double())
@@ -1146,6 +1149,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rest", type=Path, metavar="ROWS",
                         help="the rows file of an earlier run (or its folder): its finished variants are kept, "
                              "not run again")
+    add_arch_argument(parser)
     return parser
 
 
@@ -1170,6 +1174,7 @@ def main(argv: list[str] | None = None) -> str:
 def run(args: argparse.Namespace, names: list[str]) -> str:
     budget = args.budget if args.budget is not None else DEFAULT_GPU_BUDGET_S if args.gpu else math.inf
     bench = Bench(args.out, budget, args.quick, args.threads, tiny=args.smoke or args.tiny,
+                  arch=args.arch or "promptir",
                   device="cpu" if args.smoke else "cuda", plan=names,
                   shares=scaled_shares({n: CASES[n].share for n in names}, budget),
                   rest=load_rows(args.rest) if args.rest else ())

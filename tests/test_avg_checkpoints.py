@@ -34,7 +34,7 @@ def test_average_is_the_mean_of_the_weights_the_scripts_would_load(tmp_path):
     plain = avg_checkpoints.average_checkpoints(paths, use_ema=False)["model"]
     key = next(iter(plain))
     assert torch.allclose(plain[key].double(), sum(s["model"][key].double() for s in states) / 3, atol=1e-7)
-    assert averaged["model_config"] == {"preset": "tiny"}
+    assert averaged["model_config"] == {"arch": "promptir", "preset": "tiny"}
     out = tmp_path / "avg.pth"
     save_checkpoint(out, averaged)
     model = inference.load_model(out, device="cpu", plain=True)

@@ -21,7 +21,7 @@ from conftest import ROOT, assert_same_state, parse, tiny, weights
 from conftest import make_homework_set  # noqa: F401  (test_speed_path imports it from here until it switches)
 from dataloader import find_pairs, read_image, stratified_split
 from GFL_Loss import CharbonnierLoss
-from model import STAGE2_MODULES
+from model import SECOND_STAGE, STAGE2_MODULES
 from run import StopRequest
 
 README_COMMANDS = [
@@ -51,7 +51,7 @@ def test_the_original_readme_commands_parse_as_written(command):
         assert (args.epochs, args.lr, args.warmup_epochs, args.checkpoint) == (100, 1.5e-4, 5, "best.pth")
         assert args.augment == "views"
     if words[1] == "second_stage_ft.py":
-        assert args.trainable == list(STAGE2_MODULES)
+        assert args.trainable == [SECOND_STAGE]
 
 
 def test_defaults_are_the_original_recipe():
@@ -524,7 +524,7 @@ def test_first_stage_starts_from_the_checkpoint_with_a_fresh_schedule(data, tmp_
                               "--device", "cpu", "--num_workers", 0, "--epochs", 1, "--warmup", 0, "--patch_size", 16,
                               "--val_per_type", 0, "--no_curves", script=first_stage_ft))
     assert t.args.checkpoint == str(trained / "best.pth")
-    assert t.model_config == {"preset": "tiny"} and not t.policy.strong and t.state.step == 0
+    assert t.model_config == {"arch": "promptir", "preset": "tiny"} and not t.policy.strong and t.state.step == 0
     assert_same_state(t.model.state_dict(), start)
     assert sum(p.numel() for g in t.optimizer.param_groups for p in g["params"]) == \
         sum(p.numel() for p in t.model.parameters())

@@ -232,7 +232,7 @@ def test_keep_last_leaves_the_newest_snapshots_that_load_and_average(data, tmp_p
         if value.is_floating_point():
             mean = (states[0]["ema"][key].double() + states[1]["ema"][key].double()) / 2
             assert torch.allclose(value.double(), mean, atol=1e-7), key
-    assert averaged["model_config"] == {"preset": "tiny"}
+    assert averaged["model_config"] == {"arch": "promptir", "preset": "tiny"}
     assert [(r["patch_size"], r["batch_size"]) for r in utils.read_log(run)] == [(16, 2)] * 4
 
 
