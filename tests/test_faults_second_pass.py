@@ -113,6 +113,7 @@ def copy_run(run, tmp_path):
 
 # --------------------------------------------------------------------- 1. a checkpoint's own description
 DESCRIPTIONS = {"unknown preset": {"preset": "huge"}, "unknown key": {"preset": "tiny", "window": 8},
+                "unknown network": {"arch": "swinir", "preset": "tiny"},
                 "wrong kind of value": {"preset": "tiny", "dim": "8"}, "not a dict": "tiny"}
 
 
@@ -120,8 +121,8 @@ DESCRIPTIONS = {"unknown preset": {"preset": "huge"}, "unknown key": {"preset": 
 @pytest.mark.parametrize("config", DESCRIPTIONS.values(), ids=DESCRIPTIONS.keys())
 def test_a_checkpoints_own_model_description_is_checked_where_it_is_read(script, config, weights_file, inputs, data,
                                                                          tmp_path, capsys):
-    """A model_config with an unknown preset, an unknown key (as a newer version might write), a value of the wrong
-    kind or no dict at all gave a traceback (ValueError, TypeError) in all three scripts; now one line naming the
+    """A model_config with an unknown preset or network, an unknown key (as a newer version might write), a value of
+    the wrong kind or no dict at all gave a traceback (ValueError, TypeError) in all three scripts; now one line naming the
     file and its model_config, exit 2 (a checkpoint the user gave), and nothing written."""
     bad = weights_file("bad.pth", change=lambda c: c.update(model_config=config))
     if script == "inference":
