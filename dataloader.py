@@ -148,6 +148,21 @@ def _hidden(path: Path) -> bool:
     return path.name.startswith(".")
 
 
+def _entry_problem(path: Path) -> str | None:
+    """None when ``path`` (an entry named like an image) is a file; otherwise what is wrong with it."""
+    try:
+        if path.is_file():
+            return None
+        if path.is_symlink() and not path.exists():
+            return (f"{path} is a broken link: it points to {os.readlink(path)}, which does not exist (fix the link or "
+                    "remove it)")
+        if path.is_dir():
+            return f"{path} is a folder, not an image file (rename it or move it out of {path.parent})"
+        return f"{path} is not a regular file (remove it or replace it with the image)"
+    except OSError as err:  # a folder that can be listed but not searched (read without execute permission)
+        return _access_problem(path, err)
+
+
 def list_images(folder: str | Path) -> list[Path]:
     """The image files in ``folder``, natural-sorted, hidden files skipped.
 
@@ -162,15 +177,11 @@ def list_images(folder: str | Path) -> list[Path]:
     for path in _entries(folder):
         if _hidden(path) or path.suffix.lower() not in IMAGE_EXTENSIONS:
             continue
-        if path.is_file():
+        problem = _entry_problem(path)
+        if problem is None:
             images.append(path)
-        elif path.is_symlink() and not path.exists():
-            problems.append(f"{path} is a broken link: it points to {os.readlink(path)}, which does not exist "
-                            "(fix the link or remove it)")
-        elif path.is_dir():
-            problems.append(f"{path} is a folder, not an image file (rename it or move it out of {folder})")
         else:
-            problems.append(f"{path} is not a regular file (remove it or replace it with the image)")
+            problems.append(problem)
     _raise_problems(problems, f"the files of {folder}")
     if not images:
         raise DataError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")

@@ -3,9 +3,9 @@ and schedule, and only random crops and dihedral views (no CutBlur, Mixup or Ble
 
     python first_stage_ft.py --data_dir datasets --checkpoint gfl_ckpt/best.pth --fp16 --save_dir gfl_ft_first
 
-The model's sizes come from the checkpoint (its model_config) when it has them, else from --preset. Every option of
-trainer.py applies; only the defaults differ (lr 1.5e-4, 100 epochs, 5 warm-up epochs, --augment views,
---save_dir ft_first).
+--checkpoint takes a checkpoint file or a run folder (its best.pth). The model's sizes come from the checkpoint (its
+model_config) when it has them, else from --preset. Every option of trainer.py applies; only the defaults differ
+(lr 1.5e-4, 100 epochs, 5 warm-up epochs, --augment views, --save_dir ft_first).
 """
 import trainer
 

@@ -175,19 +175,24 @@ def open_run_folder(save_dir: str | os.PathLike, options: dict[str, Any], *, res
         yield run_log
 
 
-def save(path: str | os.PathLike, state: dict[str, Any], *, run_dir: str | os.PathLike) -> Path:
-    """Write a checkpoint of the run in ``run_dir`` atomically; a failure leaves the file that was there.
+def save(paths: Iterable[str | os.PathLike], state: dict[str, Any], *, run_dir: str | os.PathLike) -> None:
+    """Write a checkpoint of the run in ``run_dir`` under each of ``paths`` atomically (serialised once, then the
+    bytes copied); a failure leaves the file that was there.
 
     Raises:
-        WorkError: it could not be written (the message says the old file is unchanged, and how to continue).
+        WorkError: one could not be written (the message says the old file is unchanged, and how to continue).
     """
-    path = Path(path)
-    try:
-        return utils.save_checkpoint(path, state)
-    except OSError as err:
-        reason = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else err.strerror or str(err)
-        raise WorkError(f"{path} could not be written ({reason}); the {path.name} that was there, if any, is "
-                        f"unchanged: make room, then continue with --resume {run_dir}") from err
+    first = None
+    for path in map(Path, paths):
+        try:
+            if first is None:
+                first = utils.save_checkpoint(path, state)
+            else:
+                utils.atomic_write(path, lambda f: f.write(first.read_bytes()))
+        except OSError as err:
+            reason = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else err.strerror or str(err)
+            raise WorkError(f"{path} could not be written ({reason}); the {path.name} that was there, if any, is "
+                            f"unchanged: make room, then continue with --resume {run_dir}") from err
 
 
 def write_snapshot(run_dir: str | os.PathLike, epoch: int, weights: dict[str, Any], *, keep: int) -> Path:
@@ -198,7 +203,8 @@ def write_snapshot(run_dir: str | os.PathLike, epoch: int, weights: dict[str, An
     Raises:
         WorkError: the snapshot could not be written.
     """
-    path = save(Path(run_dir) / SNAPSHOT_DIR / snapshot_name(epoch), weights, run_dir=run_dir)
+    path = Path(run_dir) / SNAPSHOT_DIR / snapshot_name(epoch)
+    save([path], weights, run_dir=run_dir)
     current = [p for p in run_snapshots(run_dir) if snapshot_epoch(p) <= epoch]  # oldest first
     for old in set(run_snapshots(run_dir)) - set(current[-keep:]):
         old.unlink(missing_ok=True)

@@ -36,6 +36,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from dataloader import to_8bit
 from run import terminate_as_interrupt
 from utils import ConfigError, positive_int, run_cli, setup_logging, to_uint8
 
@@ -276,12 +277,12 @@ RENDERERS = {"rain": render_rain, "snow": render_snow}
 # ---------------------------------------------------------------------------------------------- clean photographs
 def _load_photo(path: Path) -> Image.Image:
     """Decode a photograph as shown (EXIF orientation applied) as RGB, or RGBA when it has transparency (16-bit
-    greyscale is scaled to 8 bits)."""
+    greyscale is brought to 8 bits by the data module's one rule, ``dataloader.to_8bit``)."""
     try:
         with Image.open(path) as opened:
             img = ImageOps.exif_transpose(opened)
             if img.mode in ("I", "I;16", "I;16B", "I;16L"):
-                return Image.fromarray(np.round(np.asarray(img, np.float64) / 257).astype(np.uint8)).convert("RGB")
+                return Image.fromarray(to_8bit(np.asarray(img))).convert("RGB")
             alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
             return img.convert("RGBA" if alpha else "RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as err:

@@ -6,9 +6,9 @@
 
 ``first_stage_ft.py`` and ``second_stage_ft.py`` run the same loop with their own defaults. The run folder
 (``--save_dir``) holds args.json, log.jsonl (one record per epoch), last.pth (after every epoch, and on Ctrl-C or
-SIGTERM), best.pth (best validation PSNR), the curves drawn at the end, and with ``--keep_last K`` the weights of the
-newest K epochs (snapshots/epoch_N.pth, for ``avg_checkpoints.py``). One run at a time writes into a folder (it holds
-``.lock`` while it runs); a folder holding files of a run takes no other run, only ``--resume``.
+SIGTERM), best.pth (best validation PSNR), the curves drawn at the end (not with --no_curves), and with --keep_last K
+the weights of the newest K epochs (snapshots/, for ``avg_checkpoints.py``); ``run.py`` owns its rules. One run at a
+time writes into a folder (it holds ``.lock``); a folder holding files of a run takes no other run, only ``--resume``.
 
     python trainer.py --data_dir datasets --epochs 250 --progressive 128:8:100 192:4:100 whole:2:50
 """
@@ -154,7 +154,8 @@ def build_parser(defaults=None, *, fine_tune=False, description=None):
     p.set_defaults(fine_tune=fine_tune, default_save_dir=d["save_dir"], checkpoint=None, trainable=None, no_ema=False)
     if fine_tune:
         ft = p.add_argument_group("fine-tuning")
-        ft.add_argument("--checkpoint", help="weights to start from (required unless --resume)")
+        ft.add_argument("--checkpoint", help="weights to start from: a checkpoint, or a run folder (its best.pth); "
+                        "required unless --resume")
         ft.add_argument("--no_ema", action="store_true", help="start from the plain weights of a --checkpoint that "
                         "also holds EMA weights (by default its EMA weights, as inference.py uses)")
         ft.add_argument("--trainable", nargs="+", default=d.get("trainable"), metavar="MODULE",
@@ -1029,8 +1030,7 @@ class Trainer:
         if self.is_primary:
             checkpoint = self.state.state_dict(rng=rng, epoch_layout=self.plan.layout(self.state.epoch))
             checkpoint["data_pairs"] = self.data_pairs  # a resume must find the same pairs (check_same_pairs)
-            for path in sorted(self.run_dir / name for name in names):
-                run.save(path, checkpoint, run_dir=self.run_dir)
+            run.save(sorted(self.run_dir / name for name in names), checkpoint, run_dir=self.run_dir)
         if self.processes.distributed:
             dist.barrier()
 

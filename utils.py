@@ -1,5 +1,6 @@
-"""Small shared helpers: the errors a user sees and the one place that reports them, the device and precision
-resolvers, console logging, listings, checkpoint files, seeding, run logs and training curves.
+"""Small shared helpers: the errors a user sees and the one place that turns them into a message and an exit code
+(``run_cli``), the one check of an output path, the device and precision resolvers, console logging, listings,
+checkpoint files, seeding and training curves (a run folder's files and log are ``run.py``'s).
 
 Run as a script to draw the curves of a run folder::
 

@@ -25,7 +25,8 @@ def shared_path(*parts):
     """Path inside ../shared, or skip the calling test with the reason when it is absent."""
     path = SHARED.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"{path} is absent: ../shared (fixtures and research data) ships only with the developers' checkout")
+        pytest.skip(f"{path} is absent: ../shared (fixtures and research data) ships only with the developers' "
+                    "checkout")
     return path
 
 

@@ -62,7 +62,7 @@ def test_cli_averages_a_runs_newest_snapshots_and_never_overwrites(tmp_path, cap
     avg_checkpoints.main(["--run", str(run), "--last", "2", "--out", str(out)])
     saved = load_checkpoint(out)
     assert saved["averaged_from"] == [str(run / "snapshots" / "epoch_9.pth"), str(run / "snapshots" / "epoch_10.pth")]
-    direct = avg_checkpoints.average_checkpoints([run / "snapshots" / "epoch_9.pth", run / "snapshots" / "epoch_10.pth"])
+    direct = avg_checkpoints.average_checkpoints([run / "snapshots" / f"epoch_{epoch}.pth" for epoch in (9, 10)])
     assert all(torch.equal(saved["model"][k], v) for k, v in direct["model"].items())
     with pytest.raises(SystemExit) as exit_info:
         avg_checkpoints.main(["--run", str(run), "--out", str(out)])

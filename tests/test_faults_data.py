@@ -160,6 +160,18 @@ def test_a_folder_that_cannot_be_listed_is_named_with_the_fix(tmp_path, monkeypa
     assert f"{denied} cannot be listed (permission denied)" in message and "chmod" in message
 
 
+def test_an_entry_that_cannot_be_examined_is_named_with_the_fix(tmp_path, monkeypatch):
+    """A folder that can be listed but not searched (read without execute permission) lets no entry be examined:
+    the file is named as a data problem with the fix (before: a PermissionError that no DataError named)."""
+    root = _homework(tmp_path / "data", {"rain": 2})
+    denied = root / "train" / "clean" / "rain_clean-2.png"
+    real = Path.is_file
+    monkeypatch.setattr(Path, "is_file", lambda self: (_ for _ in ()).throw(PermissionError(
+        13, "Permission denied", str(self))) if self == denied else real(self))
+    message = _problems(find_pairs, root)
+    assert f"{denied} cannot be read (permission denied)" in message and "chmod" in message
+
+
 def test_an_unreadable_image_is_named_with_the_fix(tmp_path, monkeypatch):
     """A file that cannot be opened for reading says permission denied and how to fix it."""
     path = tmp_path / "1.png"

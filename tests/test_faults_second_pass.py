@@ -21,6 +21,7 @@ import synthetic
 import trainer
 import utils
 from model import build_model
+from run import read_log
 
 SIZE = 16
 
@@ -208,7 +209,7 @@ def test_the_largest_seed_and_a_learning_rate_below_the_floor_train_and_resume(d
     assert "it decays to 1e-08, a tenth of the peak" in caplog.text
     code, _ = cli(trainer.main, ["--data_dir", data, "--resume", run, "--device", "cpu", "--num_workers", 0], capsys)
     assert code == 0
-    records = utils.read_log(run)
+    records = read_log(run)
     assert [r["epoch"] for r in records] == [1, 2]
     assert all(0 < r["lr"] <= 1e-7 for r in records), [r["lr"] for r in records]
     assert records[-1]["lr"] < 1e-7  # it still decays
@@ -449,7 +450,7 @@ def test_a_stop_during_validation_skips_the_rest_and_starts_no_next_epoch(data, 
     validation is skipped (said in the log), last.pth holds the finished epoch and no update of the next one, and
     the resume continues from there."""
     result = _stopping_run(data, tmp_path / "r", monkeypatch, "validation")
-    records = utils.read_log(tmp_path / "r")
+    records = read_log(tmp_path / "r")
     assert result.signal is not None and result.epoch == 1 and len(records) == 1
     assert records[0]["val_skipped"] is True and records[0]["val_psnr"] is None
     assert utils.load_checkpoint(tmp_path / "r" / "last.pth")["step"] == records[0]["step"]

@@ -1,8 +1,9 @@
-"""What goes wrong around a training run, each answered by one message that names the option or file and the fix (exit
-2 for what the user gave: options, paths, data, checkpoint files; 1 when the work fails; never a traceback), with nothing already written lost or overwritten and no result
-silently wrong: numbers that are not finite or out of range, a folder holding files of another run or in use by one,
-a resume with other batches, a folder that cannot be written, a file deleted while training, temporaries of a killed
-checkpoint write, a full disk, a --data_dir that is a file and a damaged --resume."""
+"""What goes wrong around a training run, each answered by one message that names the option or file and the fix
+(exit 2 for what the user gave: options, paths, data, checkpoint files; 1 when the work fails; never a traceback),
+with nothing already written lost or overwritten and no result silently wrong: numbers that are not finite or out
+of range, a folder holding files of another run or in use by one, a resume with other batches, a folder that cannot
+be written, a file deleted while training, temporaries of a killed checkpoint write, a full disk, a --data_dir that
+is a file and a damaged --resume."""
 import errno
 import os
 import shutil
@@ -18,7 +19,7 @@ import torch
 import trainer
 import utils
 from conftest import ROOT, assert_same_state, make_homework_set, tiny, tiny_argv, weights
-from run import LOCK_NAME
+from run import LOCK_NAME, read_log
 
 
 def run_main(argv, capsys):
@@ -93,7 +94,7 @@ def test_weights_that_became_non_finite_are_never_written_as_best(data, tmp_path
     for name in ("best.pth", "last.pth"):
         saved = utils.load_checkpoint(run / name)
         assert saved["epoch"] == 1 and all(torch.isfinite(v).all() for v in saved["model"].values())
-    assert [r["epoch"] for r in utils.read_log(run)] == [1]
+    assert [r["epoch"] for r in read_log(run)] == [1]
 
 
 def test_validation_outputs_that_are_not_finite_give_no_psnr(data, tmp_path):
@@ -128,7 +129,7 @@ def test_a_folder_holding_any_file_of_a_run_is_refused_unless_resumed(data, tmp_
             trainer.check_args(tiny(data, other))
     result = trainer.train(trainer.parse_args(trainer.build_parser(),
                                               [str(a) for a in resume_argv(data, run / "best.pth", "--epochs", 3)]))
-    assert result.epoch == 3 and [r["epoch"] for r in utils.read_log(run)] == [1, 2, 3]
+    assert result.epoch == 3 and [r["epoch"] for r in read_log(run)] == [1, 2, 3]
 
 
 # -------------------------------------------------------------------------------- 3. a folder in use by a run
@@ -296,7 +297,8 @@ def test_a_full_disk_while_writing_last_keeps_the_previous_one_and_says_so(data,
 
 def test_a_data_dir_that_is_a_file_and_a_damaged_resume_are_named(data, tmp_path, capsys):
     """--data_dir naming a file: exit 2, "is not a folder". --resume of a truncated last.pth or of a file of
-    garbage: exit 2 (a checkpoint file the user gave), one line naming it as not a readable checkpoint; the folder is left as it was."""
+    garbage: exit 2 (a checkpoint file the user gave), one line naming it as not a readable checkpoint; the folder is
+    left as it was."""
     (tmp_path / "data.txt").write_text("not a folder")
     code, errors, _ = run_main(tiny_argv(tmp_path / "data.txt", tmp_path / "r"), capsys)
     assert code == 2 and len(errors) == 1 and "--data_dir" in errors[0] and "is not a folder" in errors[0]

@@ -1,7 +1,7 @@
 """Broken run folders and checkpoint files get one message naming the file, never a traceback (utils.py)."""
 import argparse
 import json
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
@@ -14,10 +14,16 @@ import utils
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def curves(run_dir):
-    """``python utils.py RUN_DIR`` as a user runs it."""
-    return subprocess.run([sys.executable, str(ROOT / "utils.py"), str(run_dir)], capture_output=True, text=True,
-                          timeout=120)
+def curves(run_dir, capsys, monkeypatch):
+    """``python utils.py RUN_DIR`` as a user runs it (the file executed as ``__main__``, a second copy of the module
+    beside the ``utils`` that run.py imports), in this process: (exit status, stderr)."""
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "utils.py"), str(run_dir)])
+    try:
+        runpy.run_path(str(ROOT / "utils.py"), run_name="__main__")
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", ["missing", "empty folder", "half-written", "empty log", "not epoch records"])
@@ -41,19 +47,19 @@ def test_curves_of_a_broken_run_folder_are_one_message(tmp_path, case, capsys):
     assert stderr.count("error:") == 1 and str(folder) in stderr, stderr
 
 
-def test_curves_skip_stray_lines_and_draw_the_epochs(tmp_path):
+def test_curves_skip_stray_lines_and_draw_the_epochs(tmp_path, capsys, monkeypatch):
     """``python utils.py RUN_DIR`` as a user runs it (the script is its own __main__): lines that are not epoch
     records are skipped with a warning, the epochs around them are drawn; a missing folder is one line, exit 2."""
     folder = tmp_path / "run"
     folder.mkdir()
     good = [{"epoch": e, "train_loss": 1.0 / e, "lr": 1e-4, "val_psnr": 20.0 + e} for e in (1, 2)]
     (folder / "log.jsonl").write_text(json.dumps(good[0]) + "\n[1]\n" + json.dumps(good[1]) + "\n")
-    proc = curves(folder)
-    assert proc.returncode == 0, proc.stderr
-    assert "skipped 1 line(s)" in proc.stderr and (folder / "curves_loss.png").is_file()
+    code, err = curves(folder, capsys, monkeypatch)
+    assert code == 0, err
+    assert "skipped 1 line(s)" in err and (folder / "curves_loss.png").is_file()
     assert [r["epoch"] for r in run.read_log(folder)] == [1, 2]
-    proc = curves(tmp_path / "missing")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1, proc.stderr
+    code, err = curves(tmp_path / "missing", capsys, monkeypatch)
+    assert code == 2 and err.count("error:") == 1 and str(tmp_path / "missing") in err, err
 
 
 def test_a_corrupt_file_is_not_called_a_pickled_one(tmp_path):

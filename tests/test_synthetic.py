@@ -198,3 +198,18 @@ def test_an_interrupted_run_leaves_no_dataset(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="renderer failed"):
         make_dataset(tmp_path / "synth", **SMALL)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_16_bit_photograph_is_read_by_the_data_modules_one_rule(tmp_path):
+    """A 16-bit greyscale --clean_dir photograph becomes 8 bits exactly as training reads the same file
+    (dataloader.to_8bit, the high byte), not by a rule of its own."""
+    from dataloader import read_image_uint8
+    from synthetic import _load_photo
+
+    values = np.array([[0, 255, 256, 32767, 32768, 65535]], dtype=np.uint16).repeat(4, axis=0)
+    path = tmp_path / "grey16.png"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode.startswith("I")
+    mine = np.asarray(_load_photo(path)).transpose(2, 0, 1)
+    assert np.array_equal(mine, read_image_uint8(path).numpy())
+    assert mine[0, 0].tolist() == [0, 0, 1, 127, 128, 255]

@@ -4,7 +4,6 @@ import math
 import os
 import shlex
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,12 +16,12 @@ import second_stage_ft
 import scoring
 import trainer
 import utils
-from conftest import ROOT, assert_same_state, parse, tiny, weights
+from conftest import assert_same_state, parse, tiny, weights
 from conftest import make_homework_set  # noqa: F401  (test_speed_path imports it from here until it switches)
 from dataloader import find_pairs, read_image, stratified_split
 from GFL_Loss import CharbonnierLoss
 from model import SECOND_STAGE, STAGE2_MODULES
-from run import StopRequest
+from run import StopRequest, read_log
 
 README_COMMANDS = [
     "python trainer.py --data_dir datasets --batch_size 2 --accum_steps 4 --epochs 250 --lr 2e-4 --fp16 --warmup 10  "
@@ -149,10 +148,10 @@ def test_two_epochs_then_resume_equals_four_straight(data, tmp_path):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert a["step"] == b["step"] == straight.step
     untimed = lambda run: [{k: v for k, v in r.items() if k not in ("time_s", "images_per_s")}  # noqa: E731
-                           for r in utils.read_log(run)]
+                           for r in read_log(run)]
     assert untimed(tmp_path / "a") == untimed(tmp_path / "b")
     assert straight.step == 4 * math.ceil(5 / 2)  # 5 batches per epoch, the last update from one batch
-    assert utils.read_log(tmp_path / "a")[-1]["lr"] == pytest.approx(trainer.MIN_LR)
+    assert read_log(tmp_path / "a")[-1]["lr"] == pytest.approx(trainer.MIN_LR)
 
 
 def test_resume_takes_the_options_recorded_in_the_checkpoint(tmp_path, trained):
@@ -288,48 +287,34 @@ def test_a_forwarded_repeat_of_the_signal_still_saves_but_a_later_second_one_qui
 def _sigterm_args(data, run):
     return ["--data_dir", data, "--save_dir", run, "--preset", "tiny", "--device", "cpu", "--num_workers", 0,
             "--batch_size", 1, "--accum_steps", 1, "--epochs", 1, "--warmup_epochs", 0, "--patch_size", 16,
-            "--val_per_type", 0, "--augment", "strong"]
+            "--val_per_type", 0, "--augment", "strong", "--no_curves"]
 
 
-# trainer.main in a subprocess (or under torchrun, on every rank) that announces its third optimizer update (on
-# rank 0) and holds it until a signal reaches the process. Format it with root=the repository folder.
-SIGNAL_WRAPPER = """
-import sys, time
-sys.path.insert(0, {root!r})
-import trainer
-original = trainer.Trainer._take_step
-def update(self, group, stop):
-    result = original(self, group, stop)
-    if self.state.step == 2:
-        if self.is_primary:
-            print("UPDATE 3", flush=True)
-        deadline = time.monotonic() + 60
-        while stop.signum is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-    return result
-trainer.Trainer._take_step = update
-trainer.main(sys.argv[1:])
-"""
-
-
-def test_sigterm_mid_epoch_saves_a_resumable_last_checkpoint(data, tmp_path):
-    """SIGTERM during the third update of a 12-update epoch: the process finishes the update in flight, writes
-    last.pth at update 4 and exits 143; resuming then ends with exactly the weights of an uninterrupted run."""
+def test_sigterm_mid_epoch_saves_a_resumable_last_checkpoint(data, tmp_path, monkeypatch, capsys):
+    """A real SIGTERM to this process during the third update of a 12-update epoch (trainer.main, as the command
+    line runs it): the run finishes the update in flight, writes last.pth at update 4 and exits 143; resuming then
+    ends with exactly the weights of an uninterrupted run. SIGTERM's default handler is installed first, so the test
+    proves the same whatever handler the suite was started with."""
     run = tmp_path / "run"
-    argv = [str(a) for a in _sigterm_args(data, run)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen([sys.executable, "-c", SIGNAL_WRAPPER.format(root=str(ROOT)), *argv], cwd=ROOT, env=env,
-                            text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if "UPDATE 3" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    output = "".join(seen) + proc.communicate(timeout=120)[0]
-    assert proc.returncode == 128 + signal.SIGTERM, output
-    assert "SIGTERM: stopping after this optimizer update" in output
+    original = trainer.Trainer._take_step
+
+    def update_then_signal(self, group, stop):
+        result = original(self, group, stop)
+        if self.state.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    found = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(trainer.Trainer, "_take_step", update_then_signal)
+            with pytest.raises(SystemExit) as exit_info:
+                trainer.main([str(a) for a in _sigterm_args(data, run)])
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler found is back
+    finally:
+        signal.signal(signal.SIGTERM, found)
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert "SIGTERM: stopping after this optimizer update" in capsys.readouterr().err
     saved = utils.load_checkpoint(run / "last.pth")
     assert (saved["epoch"], saved["step"]) == (0, 4)
     resumed = trainer.train(parse(*_sigterm_args(data, run), "--resume", run))
@@ -337,7 +322,7 @@ def test_sigterm_mid_epoch_saves_a_resumable_last_checkpoint(data, tmp_path):
     assert resumed.step == straight.step == 12
     assert_same_state(weights(run / "last.pth"), weights(tmp_path / "straight" / "last.pth"))
     # the epoch's log record covers the whole epoch, the updates before the stop included
-    (a,), (b,) = utils.read_log(run), utils.read_log(tmp_path / "straight")
+    (a,), (b,) = read_log(run), read_log(tmp_path / "straight")
     assert (a["train_loss"], a["skipped_steps"]) == (b["train_loss"], b["skipped_steps"])
     assert a["time_s"] > 0 and a["images_per_s"] > 0
 
@@ -359,7 +344,7 @@ def test_non_finite_steps_are_skipped_and_a_run_of_them_stops_training(data, tmp
     row stop the run with TrainingError, leaving the last good last.pth untouched."""
     monkeypatch.setattr(trainer, "build_loss", lambda name, num_epochs=None: _NaNOn({1}))
     result = trainer.train(tiny(data, tmp_path / "skip"))
-    log = utils.read_log(tmp_path / "skip")
+    log = read_log(tmp_path / "skip")
     assert [r["skipped_steps"] for r in log] == [1, 0] and result.step == 6
     assert all(torch.isfinite(v).all() for v in weights(tmp_path / "skip" / "last.pth").values())
 
@@ -400,14 +385,14 @@ def test_resume_with_a_new_learning_rate_and_weight_decay_uses_them(data, tmp_pa
                              min_lr=trainer.MIN_LR)
     assert decay["lr"] == no_decay["lr"] == pytest.approx(expected)
     resumed.fit()
-    log = utils.read_log(tmp_path / "r")
+    log = read_log(tmp_path / "r")
     assert log[-1]["lr"] == pytest.approx(trainer.MIN_LR)  # the new cosine ends at the floor
     assert log[2]["lr"] > 2e-4  # epoch 3 runs on the new, larger peak
 
 
 def test_resume_from_weights_alone_says_to_fine_tune_instead(data, tmp_path):
     """A checkpoint that holds only weights (a plain state dict, a BasicSR file) cannot be resumed: the error says
-    so before any work and names the fine-tuning command."""
+    so when the command line is read, before any work, and names the fine-tuning command."""
     from model import build_model
 
     net = build_model("tiny")
@@ -415,7 +400,7 @@ def test_resume_from_weights_alone_says_to_fine_tune_instead(data, tmp_path):
         utils.save_checkpoint(tmp_path / name, content)
         with pytest.raises(trainer.ConfigError, match=f"holds weights, not a training run.*first_stage_ft.py "
                                                       f"--checkpoint .*{name}"):
-            trainer.Trainer(tiny(data, tmp_path / f"run_{name}", "--resume", tmp_path / name))
+            trainer.parse_args(trainer.build_parser(), ["--data_dir", str(data), "--resume", str(tmp_path / name)])
 
 
 def test_a_format_1_training_state_is_refused_saying_its_weights_still_load(data, tmp_path, trained, capsys):
@@ -430,7 +415,8 @@ def test_a_format_1_training_state_is_refused_saying_its_weights_still_load(data
         trainer.main(["--data_dir", str(data), "--resume", str(tmp_path / "old"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "format 1, which this trainer.py no longer resumes; its weights still " \
-        "load for fine-tuning and prediction" in err and f"first_stage_ft.py --checkpoint {tmp_path / 'old' / 'last.pth'}" in err
+        "load for fine-tuning and prediction" in err
+    assert f"first_stage_ft.py --checkpoint {tmp_path / 'old' / 'last.pth'}" in err
     assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["last.pth"]
     result = trainer.train(tiny(data, tmp_path / "ft", "--checkpoint", tmp_path / "old" / "last.pth", "--epochs", 1,
                                 "--warmup_epochs", 0, script=first_stage_ft))
@@ -485,7 +471,7 @@ def test_without_validation_best_follows_last(data, tmp_path):
     args.no_curves = False  # the default: a run draws its curves at the end
     trainer.train(args)
     assert_same_state(weights(tmp_path / "r" / "best.pth"), weights(tmp_path / "r" / "last.pth"))
-    record = utils.read_log(tmp_path / "r")[0]
+    record = read_log(tmp_path / "r")[0]
     assert record["val_psnr"] is None and record["train_loss"] > 0
     assert (tmp_path / "r" / "args.json").is_file() and (tmp_path / "r" / "curves_loss.png").is_file()
 
@@ -496,7 +482,7 @@ def test_bf16_autocast_trains_on_the_cpu(data, tmp_path):
     saved = utils.load_checkpoint(tmp_path / "r" / "last.pth")
     assert saved["scaler"] is None and saved["args"]["bf16"]
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in saved["model"].values())
-    assert math.isfinite(utils.read_log(tmp_path / "r")[0]["train_loss"])
+    assert math.isfinite(read_log(tmp_path / "r")[0]["train_loss"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -567,7 +553,7 @@ def test_training_on_real_rain_beats_the_degraded_input(shared, tmp_path):
     result = trainer.train(args)
     _, val_pairs = stratified_split(find_pairs(root), val_per_type=3, seed=42)
     inputs = [scoring.psnr(read_image(p.degraded), read_image(p.clean)) for p in val_pairs]
-    record = utils.read_log(tmp_path / "r")[-1]
+    record = read_log(tmp_path / "r")[-1]
     assert result.step == 2 * (97 // 8)
     assert record["val_psnr"] > sum(inputs) / len(inputs) + 2.0, (record["val_psnr"], inputs)
 

@@ -1,10 +1,7 @@
 """Training features of trainer.py: the EMA's warm-up, progressive patch training (--progressive) and weight
 snapshots for averaging (--keep_last), each with exact resume."""
 import argparse
-import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,8 +10,9 @@ import avg_checkpoints
 import inference
 import trainer
 import utils
-from conftest import ROOT, assert_same_state, make_homework_set, parse, tiny, weights
-from test_distributed import _free_port
+from conftest import assert_same_state, make_homework_set, parse, tiny, weights
+from run import read_log
+from test_distributed import finish, start_two_ranks
 
 # 10 training pairs of 24x24: phase 1 has 2 batches of 5 8-px crops (1 update with --accum_steps 2), phase 2 5
 # batches of 2 16-px crops (3 updates), phase 3 10 whole images one at a time (5 updates): 1 + 3 + 3 + 5 = 12.
@@ -37,7 +35,7 @@ def stop_after_update(t, n):
 
 
 def untimed_log(run):
-    return [{k: v for k, v in r.items() if k not in ("time_s", "images_per_s")} for r in utils.read_log(run)]
+    return [{k: v for k, v in r.items() if k not in ("time_s", "images_per_s")} for r in read_log(run)]
 
 
 def assert_same_run(a, b):
@@ -137,7 +135,7 @@ def test_progressive_phases_train_their_sizes_on_a_schedule_of_the_true_update_c
     assert lrs == [trainer.lr_at(s, **t.schedule) for s in range(12)]
     assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     assert lrs[4] == 1e-3 and all(a > b > trainer.MIN_LR for a, b in zip(lrs[4:], lrs[5:]))  # down to the end
-    log = utils.read_log(tmp_path / "r")
+    log = read_log(tmp_path / "r")
     assert [r["step"] for r in log] == [1, 4, 7, 12]
     assert [(r["patch_size"], r["batch_size"]) for r in log] == [(8, 5), (16, 2), (16, 2), (None, 1)]
     assert log[-1]["lr"] == pytest.approx(trainer.MIN_LR, rel=1e-12)
@@ -186,23 +184,17 @@ def test_a_resume_inside_an_epoch_that_the_new_schedule_cannot_hold_is_refused(d
 
 
 def test_progressive_phases_shard_the_data_over_two_processes(tmp_path):
-    """Under torchrun with 2 CPU processes every phase's loader gives each process its half of the 10 training
+    """In 2 CPU processes as torchrun starts them, every phase's loader gives each process its half of the 10 training
     pairs: phase 2 (whole images, 1 per micro-batch, 2 accumulation steps) has 3 updates per epoch, not the 5 of
     one process seeing all pairs, and the run ends at step 1 + 3."""
     data = make_homework_set(tmp_path / "data", per_kind=6, size=16)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "trainer.py", "--data_dir", str(data),
-               "--save_dir", str(tmp_path / "run"), "--preset", "tiny", "--device", "cpu", "--num_workers", "0",
-               "--accum_steps", "2", "--epochs", "2", "--warmup_epochs", "1", "--val_per_type", "1",
-               "--progressive", "8:2:1", "whole:1:1"]
-    proc = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=300)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output
+    output = finish(start_two_ranks("--data_dir", data, "--save_dir", tmp_path / "run", "--preset", "tiny", "--device",
+                                    "cpu", "--num_workers", 0, "--accum_steps", 2, "--epochs", 2, "--warmup_epochs", 1,
+                                    "--val_per_type", 1, "--progressive", "8:2:1", "whole:1:1", "--no_curves"))
     assert ("phase 2/2, epochs 2-2: whole images; effective batch: 1 images x 2 accumulation steps x 2 process(es) "
             "= 4 per update; 3 updates per epoch") in output
     assert utils.load_checkpoint(tmp_path / "run" / "last.pth")["step"] == 4
-    assert [(r["patch_size"], r["batch_size"]) for r in utils.read_log(tmp_path / "run")] == [(8, 2), (None, 1)]
+    assert [(r["patch_size"], r["batch_size"]) for r in read_log(tmp_path / "run")] == [(8, 2), (None, 1)]
 
 
 # ---------------------------------------------------------------------------------------------------- snapshots
@@ -233,7 +225,7 @@ def test_keep_last_leaves_the_newest_snapshots_that_load_and_average(data, tmp_p
             mean = (states[0]["ema"][key].double() + states[1]["ema"][key].double()) / 2
             assert torch.allclose(value.double(), mean, atol=1e-7), key
     assert averaged["model_config"] == {"arch": "promptir", "preset": "tiny"}
-    assert [(r["patch_size"], r["batch_size"]) for r in utils.read_log(run)] == [(16, 2)] * 4
+    assert [(r["patch_size"], r["batch_size"]) for r in read_log(run)] == [(16, 2)] * 4
 
 
 def test_snapshots_without_an_ema_hold_the_plain_weights(data, tmp_path):
