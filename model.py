@@ -265,6 +265,10 @@ class PromptIR(nn.Module):
         prompt_sizes: height and width of the learned prompts of ``prompt1``, ``prompt2``, ``prompt3``.
     """
 
+    arch = "promptir"
+    STAGE2_MODULES = STAGE2_MODULES
+    FROZEN_MODULES: tuple[str, ...] = ()  # modules that never train (see AdaIR's)
+
     def __init__(self, *, channels: int = 3, dim: int = 48, num_blocks: Sequence[int] = (4, 6, 6, 8),
                  num_refinement_blocks: int = 4, heads: Sequence[int] = (1, 2, 4, 8),
                  ffn_expansion_factor: float = 2.66, prompt_dims: Sequence[int] = (64, 128, 320), prompt_len: int = 5,
@@ -317,10 +321,6 @@ class PromptIR(nn.Module):
     def _prompted(x: torch.Tensor, prompt: PromptGenBlock, noise_level: TransformerBlock,
                   reduce: nn.Conv2d) -> torch.Tensor:
         return reduce(noise_level(torch.cat([x, prompt(x)], dim=1)))
-
-    arch = "promptir"
-    STAGE2_MODULES = STAGE2_MODULES
-    FROZEN_MODULES: tuple[str, ...] = ()  # modules that never train (see AdaIR's)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Restore a batch (B, C, H, W) or one image (C, H, W); the result has the input's shape."""

@@ -291,13 +291,14 @@ def test_both_fine_tuning_stages_take_the_arch_from_the_checkpoint(data, tmp_pat
     utils.setup_logging()
     start = utils.load_checkpoint(adair_run / "best.pth")["ema"]
     first = trainer.Trainer(tiny_run(data, tmp_path / "ft1", "--checkpoint", adair_run / "best.pth", "--epochs", 1,
-                                     "--warmup_epochs", 0, script=first_stage_ft))
+                                     "--warmup_epochs", 0, "--val_per_type", 0, script=first_stage_ft))
     assert isinstance(first.model, AdaIR) and first.model_config == {"arch": "adair", "preset": "tiny"}
     optimised = {id(p) for g in first.optimizer.param_groups for p in g["params"]}
     assert optimised == {id(p) for n, p in first.model.named_parameters() if "rate_conv" not in n}
     first.fit()
     second = trainer.Trainer(tiny_run(data, tmp_path / "ft2", "--checkpoint", tmp_path / "ft1" / "last.pth",
-                                      "--epochs", 1, "--warmup_epochs", 0, script=second_stage_ft))
+                                      "--epochs", 1, "--warmup_epochs", 0, "--val_per_type", 0,
+                                      script=second_stage_ft))
     second.fit()
     assert "AdaIR: the second stage trains refinement, output, decoder_level1, fre3, up2_1" in capsys.readouterr().err
     before, after = weights(tmp_path / "ft1" / "last.pth"), weights(tmp_path / "ft2" / "last.pth")
