@@ -19,11 +19,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 
-from model import add_arch_argument, build_model, checkpoint_weights, load_weights, model_config
+from model import add_arch_argument, model_config, model_from_checkpoint
 from run import SNAPSHOT_DIR, checkpoint_file, run_snapshots
-from utils import (ConfigError, check_output_path, listing, load_checkpoint, run_cli, save_checkpoint,
+from utils import (ConfigError, check_output_path, listing, load_checkpoint, run_cli, same_path, save_checkpoint,
                    setup_logging)
 
 log = logging.getLogger(__name__)
@@ -43,9 +42,8 @@ def average_checkpoints(paths: Sequence[str | os.PathLike], *, use_ema: bool = T
     configs, total, reference = [], None, None
     for path in paths:
         checkpoint = load_checkpoint(path, trusted=trusted)
-        config = model_config(checkpoint, arch=arch, source=str(path))
-        weights = load_weights(build_model(**config), checkpoint_weights(checkpoint, use_ema=use_ema,
-                                                                          source=str(path))).state_dict()
+        model = model_from_checkpoint(checkpoint, arch=arch, use_ema=use_ema, source=str(path))  # checked here
+        config, weights = model_config(checkpoint, arch=arch, source=str(path)), model.state_dict()
         if reference is None:
             reference, total = (config, weights), {k: v.double() for k, v in weights.items()}
         else:
@@ -101,8 +99,15 @@ def _chosen(args: argparse.Namespace) -> list[Path]:
         if args.last is not None and args.last < 1:
             raise ConfigError(f"--last must be at least 1, got {args.last}")
         paths += snapshots[-args.last:] if args.last else snapshots
+        if args.last and args.last > len(snapshots):
+            log.warning("--run %s holds %d snapshot(s), fewer than --last %d: averaging those %d", args.run,
+                        len(snapshots), args.last, len(snapshots))
     elif args.last is not None:
         raise ConfigError("--last goes with --run")
+    twice = sorted({str(p) for p in paths if sum(same_path(p, q) for q in paths) > 1})
+    if twice:
+        raise ConfigError(f"{listing(twice)} given more than once: each checkpoint is averaged once; name it once "
+                          "(to weight it more, copy it under another name)")
     out = check_output_path(args.out, "--out", inputs=paths)
     if out.exists() and not args.overwrite:
         raise ConfigError(f"--out {out} exists: choose another name or pass --overwrite")
@@ -116,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
     def work() -> Path:
         paths = _chosen(args)
-        state = average_checkpoints(paths, use_ema=not args.no_ema, trusted=args.trust_checkpoint, arch=args.arch)
+        state = average_checkpoints(paths, use_ema=not args.no_ema, trusted=args.trust_checkpoint,
+                                    arch=args.arch)
         out = save_checkpoint(args.out, state)
         log.info("averaged %d checkpoints (%s) into %s", len(paths), listing([p.name for p in paths], limit=6), out)
         return out

@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from augment import NUM_VIEWS, SHAPE_PRESERVING_VIEWS, dihedral
-from utils import UserError, WorkError, listing
+from utils import UserError, WorkError, listing, same_path
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +270,7 @@ def degradation_type(degraded: str | Path) -> str:
 def _set_pairs(folder: Path, halves: tuple[str, str], *, set_kind: str | None = None, prefix: str = "") -> list[Pair]:
     """Pairs of one set; ``set_kind`` overrides the kind taken from names (folder-of-sets layout)."""
     degraded_folder, clean_folder = folder / halves[0], folder / halves[1]
+    _check_halves_apart(degraded_folder, clean_folder)
     degraded_by_stem, problems = _by_stem(degraded_folder)
     clean_by_stem, clean_problems = _by_stem(clean_folder)
     _raise_problems(problems + clean_problems, f"the file names of {folder}")
@@ -279,12 +280,24 @@ def _set_pairs(folder: Path, halves: tuple[str, str], *, set_kind: str | None = 
         clean = clean_by_stem.get(stem, clean_folder / (stem + degraded.suffix))
         kind = set_kind or degradation_type(degraded)
         pairs.append(Pair(degraded, clean, kind, prefix + degraded.name))
+    same = [p.name for p in pairs if same_path(p.degraded, p.clean)]
+    if same:
+        raise DataError(f"{len(same)} degraded image(s) in {degraded_folder} are the same file as their clean partner "
+                        f"in {clean_folder} (links?): {listing(same, limit=5)}; every image would be trained "
+                        "against itself. Give the clean images themselves")
     used = {p.clean for p in pairs}
     unused = [p.name for p in sorted(clean_by_stem.values(), key=lambda p: natural_key(p.name)) if p not in used]
     if unused:
         log.warning("%d clean image(s) in %s have no degraded partner and are ignored: %s", len(unused), clean_folder,
                     listing(unused, limit=10))
     return pairs
+
+
+def _check_halves_apart(degraded_folder: Path, clean_folder: Path) -> None:
+    """Refuse a set whose clean folder is its degraded folder (a link to it): every image would be its own target."""
+    if same_path(degraded_folder, clean_folder):
+        raise DataError(f"{clean_folder} and {degraded_folder} are the same folder (a link?): every image would be "
+                        "trained or scored against itself. Put the clean images in a folder of their own")
 
 
 def _folder_of_sets(root: Path) -> list[Pair]:
@@ -338,6 +351,17 @@ def _too_large(path: str | Path, detail: str) -> str:
             "bombs): downscale it or remove it")
 
 
+_SAID_FIRST_FRAME: set[str] = set()
+
+
+def _say_first_frame(path: str | Path, img: Image.Image) -> None:
+    """Say once per file that only the first frame of a multi-page or animated image (TIFF, WebP, GIF) is used."""
+    if getattr(img, "is_animated", False) and str(path) not in _SAID_FIRST_FRAME:
+        _SAID_FIRST_FRAME.add(str(path))
+        log.warning("%s holds %d frames (a multi-page or animated image): only the first is used", path,
+                    getattr(img, "n_frames", 2))
+
+
 def _open(path: str | Path, fn: Callable):
     """``fn(image)`` on the opened file; every failure (Pillow raises many types) becomes a DataError naming the file
     and the fix."""
@@ -349,6 +373,7 @@ def _open(path: str | Path, fn: Callable):
             if limit and img.width * img.height > limit:
                 raise DataError(_too_large(path, f"{img.width}x{img.height} (WxH), {img.width * img.height:,} "
                                                  f"pixels, more than {limit:,}"))
+            _say_first_frame(path, img)
             return fn(img)
     except DataError:
         raise

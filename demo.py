@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,10 +31,21 @@ import trainer
 import vis
 from dataloader import list_images, read_image
 from scoring import psnr
-from utils import ConfigError, positive_int, run_cli, setup_logging
+from utils import ConfigError, ToolkitError, listing, positive_int, run_cli, setup_logging
 
+log = logging.getLogger(__name__)
 PRESET = "tiny"
 MARKER = "demo.json"  # written first into the output folder: marks it as a demo's, finished or not
+# What a demo writes into its folder: replacing an earlier demo's folder names anything else it removes.
+DEMO_FILES = (MARKER, "data", "train", "ft_first", "ft_second", "pred.npz", "pred_scores.csv", "vis")
+
+
+class StepFailed(ToolkitError):
+    """A step of the demo ended early (its script exited with ``exit_code``)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _banner(text: str) -> None:
@@ -84,12 +97,33 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     return run_cli(parser.prog, lambda: run(args))
 
 
+def _step(number: str, script: str, main: Any, argv: list[str]) -> Any:
+    """Run one step's script; one that ends early (Ctrl-C, SIGTERM, an error it reported) ends the demo with its
+    exit code and a line saying what to do, which for the demo is to run it again (it has no --resume)."""
+    try:
+        return main(argv)
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+        if code == 0:
+            return None
+        raise StepFailed(f"stopped in step {number} ({script} exited with {code}); the demo has no --resume of its "
+                         "own: run demo.py again, which starts it over in the same --out", code) from None
+
+
 def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """The whole pipeline of the demo, as ``main`` describes it."""
     torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if out.is_symlink():
+        raise ConfigError(f"--out {out} is a link (to {out.readlink()}): the demo never replaces what a link points "
+                          "at; name a folder itself, or a new one")
     try:
         if synthetic.replaceable_output(out, MARKER, what="an earlier demo's output"):
+            others = sorted(p.name for p in out.iterdir() if p.name not in DEMO_FILES
+                            and not (p.name.startswith(".") and p.name.endswith((".tmp", ".lock"))))
+            if others:
+                log.warning("replacing the earlier demo in %s, which also held files the demo does not write; they "
+                            "are removed with it: %s", out, listing(others, limit=10))
             shutil.rmtree(out)
     except FileExistsError as err:
         raise ConfigError(str(err)) from None
@@ -107,26 +141,30 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
     _banner(f"2/6 training the {PRESET} preset from scratch")
     warmup = min(1, args.epochs - 1)  # the trainer needs fewer warm-up epochs than epochs
-    trainer.main(common + ["--preset", PRESET, "--epochs", str(args.epochs), "--warmup", str(warmup), "--lr", "2e-3",
-                           "--save_dir", str(out / "train")])
+    _step("2/6", "trainer.py", trainer.main, common + ["--preset", PRESET, "--epochs", str(args.epochs), "--warmup",
+                                                       str(warmup), "--lr", "2e-3", "--save_dir", str(out / "train")])
 
     _banner("3/6 first fine-tuning stage (all parameters, no strong augmentation)")
-    first_stage_ft.main(common + ["--checkpoint", str(out / "train" / "best.pth"), "--epochs", str(ft_epochs),
-                                  "--warmup", "0", "--lr", "5e-4", "--save_dir", str(out / "ft_first")])
+    _step("3/6", "first_stage_ft.py", first_stage_ft.main,
+          common + ["--checkpoint", str(out / "train" / "best.pth"), "--epochs", str(ft_epochs), "--warmup", "0",
+                    "--lr", "5e-4", "--save_dir", str(out / "ft_first")])
 
     _banner("4/6 second fine-tuning stage (six modules nearest the output)")
-    second_stage_ft.main(common + ["--checkpoint", str(out / "ft_first" / "best.pth"), "--epochs", str(ft_epochs),
-                                   "--warmup", "0", "--lr", "5e-4", "--save_dir", str(out / "ft_second")])
+    _step("4/6", "second_stage_ft.py", second_stage_ft.main,
+          common + ["--checkpoint", str(out / "ft_first" / "best.pth"), "--epochs", str(ft_epochs), "--warmup", "0",
+                    "--lr", "5e-4", "--save_dir", str(out / "ft_second")])
 
     _banner("5/6 predicting the test set with 8-view test-time augmentation")
     npz = out / "pred.npz"
-    scores = inference.main(["--checkpoint", str(out / "ft_second" / "best.pth"),
-                             "--input_folder", str(data / "test" / "degraded"),
-                             "--gt_folder", str(data / "test" / "clean"), "--output_npz", str(npz)])
+    scores = _step("5/6", "inference.py", inference.main, ["--checkpoint", str(out / "ft_second" / "best.pth"),
+                                                            "--input_folder", str(data / "test" / "degraded"),
+                                                            "--gt_folder", str(data / "test" / "clean"),
+                                                            "--output_npz", str(npz)])
 
     _banner("6/6 pictures")
-    pictures = vis.main(["--pred_npz", str(npz), "--input_folder", str(data / "test" / "degraded"),
-                         "--gt_folder", str(data / "test" / "clean"), "--out_dir", str(out / "vis")])
+    pictures = _step("6/6", "vis.py", vis.main, ["--pred_npz", str(npz), "--input_folder",
+                                                 str(data / "test" / "degraded"), "--gt_folder",
+                                                 str(data / "test" / "clean"), "--out_dir", str(out / "vis")])
 
     kinds = json.loads((data / "synthetic.json").read_text())["test_kinds"]
     result = {"degraded": degraded_psnr(data), "restored": _by_kind({s.name: s.psnr for s in scores}, kinds)}

@@ -20,6 +20,7 @@ restoring, writing the file and scoring (``scoring.py``) all use that one set.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import logging
@@ -36,14 +37,15 @@ from torch import nn
 from tqdm import tqdm
 
 from augment import VIEW_NAMES, dihedral, dihedral_inverse
-from dataloader import DataError, degradation_type, list_images, read_image_uint8, threaded
+from dataloader import PAIRED_FOLDERS, DataError, degradation_type, list_images, read_image_uint8, threaded
 from fast_path import enable_fast_path
 from model import MIN_SIZE, PRESETS, add_arch_argument, model_config, model_from_checkpoint
 from run import checkpoint_file, remove_stale_temporaries
 from scoring import evaluate, find_clean, format_table, write_csv
-from utils import (ConfigError, UserError, WorkError, add_precision_args, atomic_write, check_output_path,
-                   is_out_of_memory, listing, load_checkpoint, naming, positive_int, resolve_device, resolve_precision,
-                   run_cli, same_path, setup_logging, to_uint8)
+from utils import (ConfigError, UserError, WorkError, add_precision_args, atomic_write, check_name_length,
+                   check_not_an_input, check_output_path, is_out_of_memory, listing, load_checkpoint, naming,
+                   output_lock, positive_int, resolve_device, resolve_precision, run_cli, same_path, setup_logging,
+                   to_uint8)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ TTA_VIEWS = {
     8: tuple(VIEW_NAMES),
 }
 DEFAULT_OVERLAP = 32
+SMALL_TILE = 64  # --tile below this is said to be slow (a tile of 5 ran 26 times slower than whole images)
 MIN_RETRY_TILE = 16  # out-of-memory retries halve the tile down to this size, then give up
 # An ensemble keeps all its models on the device when the weights of the models beyond the first take at most this
 # share of the free memory (the rest is left for activations); otherwise it loads one model at a time.
@@ -662,6 +665,9 @@ def _resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     args.device = resolve_device(args.device)
     if args.tile is not None and args.tile < MIN_SIZE:
         raise ConfigError(f"--tile must be at least {MIN_SIZE} pixels (the network's smallest input), got {args.tile}")
+    if args.tile is not None and args.tile < SMALL_TILE:
+        log.warning(f"--tile {args.tile} is small: every tile is one network call (and tiles overlap), so this runs "
+                    f"many times slower than tiles of {SMALL_TILE} pixels or more; use the largest tile that fits")
     if args.compile and args.device.type != "cuda":
         raise ConfigError("--compile needs a CUDA device: on the CPU the fast path without it is the quicker one")
     if args.compile and args.plain:
@@ -680,19 +686,34 @@ def _resolve_outputs(args: argparse.Namespace, inputs: InputSet) -> None:
                           f"{Path(args.output_npz) / 'pred.npz'}")
     read = [*args.checkpoint, *inputs.files(), inputs.folder, *([inputs.gt_folder] if inputs.gt_folder else [])]
     args.output_npz = check_output_path(npz_path(args.output_npz), "--output_npz", inputs=read)
+    check_not_an_input(args.output_npz, "--output_npz")  # nor another checkpoint or image
     if args.csv is None and args.gt_folder:
         args.csv = args.output_npz.with_name(args.output_npz.stem + "_scores.csv")
     if args.csv:
         args.csv = check_output_path(args.csv, "--csv", inputs=read)
+        check_not_an_input(args.csv, "--csv")
         if same_path(args.csv, args.output_npz):
             raise ConfigError(f"--csv {args.csv} is the prediction file itself: give the scores another name")
     if args.save_images:
         args.save_images = check_output_path(args.save_images, "--save_images", folder=True, inputs=read)
+        check_not_a_data_set_half(args.save_images, "--save_images")
+        for name in inputs:  # every PNG name fits the file system, before the work
+            check_name_length(args.save_images, f"{Path(name).stem}.png", f"--save_images, for the input {name}")
         stems = [Path(name).stem for name in inputs]
         clashes = sorted({s for s in stems if stems.count(s) > 1})
         if clashes:
             raise ConfigError(f"--save_images writes <stem>.png, but several inputs share the stem(s) "
                               f"{listing(clashes)}; restore them into separate runs")
+
+
+def check_not_a_data_set_half(folder: Path, option: str) -> None:
+    """Refuse an output folder that is one half of a paired data set (``SET/clean`` beside ``SET/degraded``): its
+    images would be overwritten or joined by outputs."""
+    parent = folder.absolute().parent
+    for degraded, clean in PAIRED_FOLDERS:
+        if folder.name in (degraded, clean) and (parent / degraded).is_dir() and (parent / clean).is_dir():
+            raise ConfigError(f"{option} {folder} is the {folder.name}/ folder of the data set {parent}: the restored "
+                              "PNGs would overwrite or join its images; give another folder")
 
 
 def load_models(args: argparse.Namespace) -> nn.Module | Ensemble:
@@ -708,8 +729,8 @@ def load_models(args: argparse.Namespace) -> nn.Module | Ensemble:
     if twice:
         log.warning("checkpoint(s) given more than once, and weighted as often: %s", listing(twice))
     for path in files[1:]:  # every file readable, of a size --preset agrees with, before any work
-        model_config(load_checkpoint(path, trusted=args.trust_checkpoint, mmap=True), args.preset, arch=args.arch,
-                     source=str(path))
+        model_config(load_checkpoint(path, trusted=args.trust_checkpoint, mmap=True), args.preset,
+                     arch=args.arch, source=str(path))
     first = load(files[0])
     if args.ensemble_memory == "auto":
         together, reason = ensemble_fits(first, len(files), args.device)
@@ -733,6 +754,14 @@ def _run(args: argparse.Namespace) -> list | None:
     args = _resolve_args(args)
     inputs = scan_inputs(args.input_folder, args.gt_folder)
     _resolve_outputs(args, inputs)
+    with contextlib.ExitStack() as held:  # one run at a time writes each output, so they all come from one run
+        for option, path in (("--output_npz", args.output_npz), ("--csv", args.csv)):
+            if path is not None:
+                held.enter_context(output_lock(path, option))
+        return _predict_and_score(args, inputs)
+
+
+def _predict_and_score(args: argparse.Namespace, inputs: InputSet) -> list | None:
     for path in (args.output_npz, args.csv):
         if path is not None:
             remove_stale_temporaries(path.parent, [path.name])

@@ -14,7 +14,9 @@ layout we meet, the rules for which weights and which network and size a checkpo
 """
 from __future__ import annotations
 
+import inspect
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -445,8 +447,41 @@ def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_weight_values(state: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse weights that hold no values (PyTorch's meta device) or values that are not finite, naming ``where``:
+    every script loads weights through here, and nothing may continue from such weights (the trainer never saves
+    them).
+
+    Raises:
+        CheckpointError: naming the checkpoint and the first such weights.
+    """
+    meta = [k for k, v in state.items() if v.device.type == "meta"]
+    if meta:
+        raise CheckpointError(f"{where} holds weights without values ({len(meta)} on PyTorch's meta device, e.g. "
+                              f"{meta[0]}): it was saved from a model that was never filled; save the weights of a "
+                              "real model")
+    bad = [k for k, v in state.items() if (v.is_floating_point() or v.is_complex()) and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{where} holds weights that are not finite (NaN or infinite in {len(bad)} tensor(s): "
+                              f"{listing(bad, limit=3)}): it cannot restore or train anything; use another "
+                              "checkpoint (a trainer.py run never saves such weights)")
+
+
+def _preset_hint(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
+    """The preset whose width fits ``state`` (told by its patch embedding) when it differs from ``model``'s, else
+    an empty string."""
+    weight = state.get("patch_embed.proj.weight")
+    own = model.state_dict().get("patch_embed.proj.weight")
+    if weight is None or own is None or weight.ndim != 4 or weight.shape[0] == own.shape[0]:
+        return ""
+    network, presets = _network(getattr(model, "arch", ARCHS[0]))
+    default = inspect.signature(network).parameters["dim"].default
+    return next((name for name, preset in presets.items() if preset.get("dim", default) == weight.shape[0]), "")
+
+
 def _fit(model: nn.Module, state: Mapping[str, torch.Tensor], *, where: str, strict: bool) -> nn.Module:
     """Load the extracted ``state`` into ``model``, or fail listing every key that does not fit."""
+    check_weight_values(state, where)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -456,8 +491,13 @@ def _fit(model: nn.Module, state: Mapping[str, torch.Tensor], *, where: str, str
     problems = [f"  {title} ({len(keys)}):\n" + listing(keys, sep="\n", prefix="    ")
                 for title, keys in listed if keys]
     if problems:
-        raise CheckpointError(f"{where} does not fit this model:\n" + "\n".join(problems) +
-                              "\nWas it saved from a model of other sizes? Build the model with the same preset.")
+        preset = _preset_hint(model, state) if mismatched else ""
+        first = (f" pass --preset {preset} (its patch embedding is {state['patch_embed.proj.weight'].shape[0]} "
+                 f"channels wide, as the preset {preset}'s)" if preset else "")
+        hint = ("Was it saved from a model of other sizes? Build the model with the same preset." if mismatched
+                or missing else "It holds weights this model does not have: was it saved by another version or "
+                "from another network?")
+        raise CheckpointError(f"{where} does not fit this model:{first}\n" + "\n".join(problems) + "\n" + hint)
     if missing or unexpected:
         log.warning("%s: skipped %d missing and %d unexpected keys (strict=False): %s", where, len(missing),
                     len(unexpected), listing(missing + unexpected))
@@ -466,7 +506,7 @@ def _fit(model: nn.Module, state: Mapping[str, torch.Tensor], *, where: str, str
 
 
 def load_weights(model: nn.Module, source: str | os.PathLike | Any, *, trusted: bool = False,
-                 strict: bool = True) -> nn.Module:
+                 strict: bool = True, name: str | None = None) -> nn.Module:
     """Load weights of any layout ``extract_state_dict`` knows into ``model`` and return it.
 
     Args:
@@ -476,12 +516,13 @@ def load_weights(model: nn.Module, source: str | os.PathLike | Any, *, trusted: 
         trusted: allow full unpickling for a file you trust (needed for files that store Python objects).
         strict: every key must match. With ``strict=False`` missing and unexpected keys are logged and skipped;
             shape mismatches are errors either way.
+        name: what the weights are called in messages when ``source`` is already loaded (a path names itself).
 
     Raises:
         CheckpointError: the file cannot be read, holds no weights, or does not fit the model; the message lists
             the missing, unexpected and mismatched keys.
     """
-    where = str(source) if isinstance(source, (str, os.PathLike)) else "the given weights"
+    where = str(source) if isinstance(source, (str, os.PathLike)) else name or "the given weights"
     obj = load_checkpoint(source, trusted=trusted) if isinstance(source, (str, os.PathLike)) else source
     try:
         state = extract_state_dict(obj)
@@ -511,6 +552,11 @@ def checkpoint_weights(checkpoint: Any, *, use_ema: bool = True,
         CheckpointError: no weights found (the message starts with ``source``).
     """
     if isinstance(checkpoint, Mapping):
+        only_ema = [k for k, plain in EMA_LAYOUTS if _holds_weights(checkpoint.get(k))
+                    and not _holds_weights(checkpoint.get(plain))]
+        if not use_ema and only_ema:
+            raise ConfigError(f"{source} holds EMA weights only (under {only_ema[0]!r}), no plain weights: drop "
+                              "--no_ema")
         for ema_key, plain_key in EMA_LAYOUTS:
             if _holds_weights(checkpoint.get(ema_key)) and _holds_weights(checkpoint.get(plain_key)):
                 log.info("%s holds EMA weights: using %s", source,
@@ -552,20 +598,67 @@ def model_config(checkpoint: Any, preset: str | None = None, *, arch: str | None
 
     Raises:
         ConfigError: ``arch`` or ``preset`` conflicts with the checkpoint's own.
+        CheckpointError: the checkpoint's own description cannot be built (``check_checkpoint_description``).
     """
     saved = checkpoint.get("model_config") if isinstance(checkpoint, Mapping) else None
-    if not saved:
+    if saved is None or (isinstance(saved, Mapping) and not saved):
         found = weights_arch(checkpoint) if checkpoint is not None else None
         if arch and found and arch != found:
             raise ConfigError(f"{source} holds {found} weights, not --arch {arch}: drop --arch (the weights' "
                               "network is used) or give another checkpoint")
         return {"arch": found or arch or ARCHS[0], "preset": preset or "official"}
+    check_checkpoint_description(saved, source)
     saved = {"arch": ARCHS[0], **saved}
     for option, given in (("arch", arch), ("preset", preset)):
         if given and given != saved.get(option, "official"):
             raise ConfigError(f"{source} holds a model of {option} {saved.get(option, 'official')!r}, not --{option} "
                               f"{given}: drop --{option} (the checkpoint's is used) or start a new run")
     return saved
+
+
+def check_checkpoint_description(config: Any, source: str) -> None:
+    """Refuse a checkpoint's ``model_config`` that this code cannot build: not a dict, an unknown network or preset,
+    an option the network does not have (as a newer version might write) or a value of the wrong kind. A
+    checkpoint's description of itself is input like any other, checked where it is read.
+
+    Raises:
+        CheckpointError: one message naming ``source`` and what is wrong.
+    """
+    where = f"{source}: its model_config"
+    if not isinstance(config, Mapping):
+        raise CheckpointError(f"{where} is a {type(config).__name__}, not a dict of model options: the file was not "
+                              "written by this toolkit, or is damaged; use another checkpoint")
+    arch = config.get("arch", ARCHS[0])
+    if not isinstance(arch, str) or arch not in ARCHS:
+        raise CheckpointError(f"{where} names the network {arch!r}, which this version does not know (it knows "
+                              f"{', '.join(ARCHS)}): it was written by another version; use that version")
+    network, presets = _network(arch)
+    params = inspect.signature(network).parameters
+    unknown = sorted(str(k) for k in config if k not in ("arch", "preset") and k not in params)
+    if unknown:
+        raise CheckpointError(f"{where} holds option(s) this version does not know ({listing(unknown)}): it was "
+                              f"written by another version; use that version, or a checkpoint of this one")
+    preset = config.get("preset", "official")
+    if not isinstance(preset, str) or preset not in presets:
+        raise CheckpointError(f"{where} names the preset {preset!r}, which this version does not know (it knows "
+                              f"{', '.join(presets)}): it was written by another version; use that version")
+    for key, value in config.items():
+        if key not in ("arch", "preset") and not _fits_default(value, params[key].default):
+            raise CheckpointError(f"{where} gives {key} = {value!r}, where a value like {params[key].default!r} "
+                                  "belongs: the file is damaged or of another program; use another checkpoint")
+
+
+def _fits_default(value: Any, default: Any) -> bool:
+    """Whether ``value`` is of the kind of ``default`` (a positive whole number, a positive finite number, or as
+    many positive whole numbers)."""
+    def whole(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    if isinstance(default, (tuple, list)):
+        return isinstance(value, (tuple, list)) and len(value) == len(default) and all(whole(v) for v in value)
+    if isinstance(default, float):
+        return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                and value > 0)
+    return whole(value)
 
 
 def model_from_checkpoint(checkpoint: Any, *, preset: str | None = None, arch: str | None = None,
@@ -587,7 +680,11 @@ def model_from_checkpoint(checkpoint: Any, *, preset: str | None = None, arch: s
         CheckpointError: no weights found, or they do not fit the model (every such key is listed).
     """
     source = source or "the given weights"
-    model = build_model(**model_config(checkpoint, preset, arch=arch, source=source))
+    config = model_config(checkpoint, preset, arch=arch, source=source)
+    try:
+        model = build_model(**config)
+    except ValueError as err:  # sizes that do not go together (heads that do not divide a width, an odd width)
+        raise CheckpointError(f"{source}: its model_config {config} cannot be built ({err})") from None
     return _fit(model, checkpoint_weights(checkpoint, use_ema=use_ema, source=source), where=source, strict=True)
 
 

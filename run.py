@@ -329,10 +329,31 @@ class StopRequest:
         if self.signum is not None:
             if time.monotonic() - self._first < self.REPEAT_S:
                 return
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt if signum == signal.SIGINT else utils.Interrupted(signum)  # said by its name
         self.signum, self._first = signum, time.monotonic()
         log.info(f"{signal.Signals(signum).name}: stopping after this optimizer update and writing last.pth "
                  "(send it again to quit at once, without saving)")
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Within, SIGTERM ends the work as Ctrl-C does (``utils.Interrupted``: the clean-ups of ``finally`` and ``except
+    BaseException`` run, a half-made output is removed, exit 130) instead of the process dying where it stands: for
+    the work outside a :class:`StopRequest` (a trainer's start-up data check, synthetic.py). Main thread only; an
+    ignored SIGTERM stays ignored; the handler found is restored on leaving."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise utils.Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ------------------------------------------------------------------------------------------- the processes

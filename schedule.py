@@ -14,7 +14,7 @@ from dataloader import DataError, make_train_loader
 from utils import ConfigError
 
 log = logging.getLogger(__name__)
-MIN_LR = 1e-6  # where the cosine ends
+MIN_LR = 1e-6  # where the cosine ends (a tenth of the peak for --lr below 1e-5: see schedule_floor)
 MIN_PATCH = 8  # the smallest crop side --patch_size and --progressive accept
 
 
@@ -157,6 +157,12 @@ class PhasePlan:
         return (f"{phase.batch_size} images x {accum} accumulation steps x {self.world} process(es) = "
                 f"{phase.batch_size * accum * self.world} per update; {math.ceil(batches / self.accum_steps)} updates "
                 "per epoch")
+
+
+def schedule_floor(lr):
+    """Where the cosine ends for the peak ``lr``: ``MIN_LR``, or a tenth of the peak when that is lower (a gentle
+    fine-tuning stage's --lr 1e-7 must decay, not climb to ``MIN_LR``)."""
+    return min(MIN_LR, lr / 10)
 
 
 def lr_at(step, *, peak_lr, warmup_steps, total_steps, min_lr):

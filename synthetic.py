@@ -37,6 +37,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from dataloader import to_8bit
+from run import terminate_as_interrupt
 from utils import ConfigError, positive_int, run_cli, setup_logging, to_uint8
 
 KINDS = ("rain", "snow")
@@ -284,7 +285,7 @@ def _load_photo(path: Path) -> Image.Image:
                 return Image.fromarray(to_8bit(np.asarray(img))).convert("RGB")
             alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
             return img.convert("RGBA" if alpha else "RGB")
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"synthetic.py: cannot read {path} ({err}); remove it or point --clean_dir at a folder of "
                          "PNG/JPEG photographs") from err
 
@@ -329,7 +330,7 @@ class PhotoCrops:
         try:
             with Image.open(path) as img:
                 return img.size
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, Image.DecompressionBombError) as err:  # a bomb: too large to decode safely
             raise ValueError(f"synthetic.py: cannot read {path} ({err}); remove it or point --clean_dir at a folder "
                              "of PNG/JPEG photographs") from err
 
@@ -501,8 +502,10 @@ def main(argv: list[str] | None = None) -> None:
 
     def work() -> Path:
         try:
-            return make_dataset(args.out, train_per_type=args.train_per_type, test_per_type=args.test_per_type,
-                                size=args.size, seed=args.seed, clean_dir=args.clean_dir, overwrite=args.overwrite)
+            with terminate_as_interrupt():  # SIGTERM removes the half-made data set, as Ctrl-C does
+                return make_dataset(args.out, train_per_type=args.train_per_type, test_per_type=args.test_per_type,
+                                    size=args.size, seed=args.seed, clean_dir=args.clean_dir,
+                                    overwrite=args.overwrite)
         except (ValueError, FileExistsError, FileNotFoundError) as err:  # what the options point at: usage errors
             raise ConfigError(str(err)) from None
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import re
 import signal
 import sys
@@ -42,9 +43,10 @@ from dataloader import DataError, build_loaders
 from ema import ModelEma
 from fast_path import enable_fast_path
 from GFL_Loss import LOSSES, WithFFT, build_loss, fft_weight_option
-from model import (MIN_SIZE, PRESETS, add_arch_argument, build_model, freeze_except, model_config,
+from model import (MIN_SIZE, PRESETS, add_arch_argument, build_model, freeze_except, load_weights, model_config,
                    model_from_checkpoint, trainable_summary)
-from schedule import MIN_LR, MIN_PATCH, Phase, PhasePlan, lr_at, training_phases  # noqa: F401 (Phase: the API)
+from schedule import (MIN_LR, MIN_PATCH, Phase, PhasePlan, lr_at, schedule_floor,  # noqa: F401 (Phase: API)
+                      training_phases)
 from utils import ConfigError
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 # What --resume needs from a checkpoint (weights alone start a fine-tuning run instead).
 TRAINING_STATE = ("model", "optimizer", "epoch", "step", "rng", "args")
+# The largest --seed: the generators take seed + epoch (the sampler) and seed + rank, and torch's take at most 2**64-1.
+MAX_SEED = 2**63 - 1
 TRAIN_DEFAULTS = {"lr": 2e-4, "epochs": 250, "warmup_epochs": 10, "loss": "gfl", "augment": "strong",
                   "save_dir": "checkpoints"}
 
@@ -151,11 +155,13 @@ def build_parser(defaults=None, *, fine_tune=False, description=None):
     speed.add_argument("--recompute", nargs="+", default=(), metavar="STAGE",
                        help="recompute these stages' blocks in backward instead of keeping their activations "
                             "(less GPU memory, more time), e.g. decoder_level1 refinement")
-    p.set_defaults(fine_tune=fine_tune, default_save_dir=d["save_dir"], checkpoint=None, trainable=None)
+    p.set_defaults(fine_tune=fine_tune, default_save_dir=d["save_dir"], checkpoint=None, trainable=None, no_ema=False)
     if fine_tune:
         ft = p.add_argument_group("fine-tuning")
         ft.add_argument("--checkpoint", help="weights to start from: a checkpoint, or a run folder (its best.pth); "
                         "required unless --resume")
+        ft.add_argument("--no_ema", action="store_true", help="start from the plain weights of a --checkpoint that "
+                        "also holds EMA weights (by default its EMA weights, as inference.py uses)")
         ft.add_argument("--trainable", nargs="+", default=d.get("trainable"), metavar="MODULE",
                         help="train only these top-level modules (default: "
                              f"{' '.join(d['trainable']) if d.get('trainable') else 'all'})")
@@ -177,10 +183,11 @@ class _Parser(argparse.ArgumentParser):
 # folder is given every time; the run folder defaults to the --resume folder (wherever it lies now); the device, the
 # data loader processes and the speed options belong to the machine (they do not change what is computed, and a
 # carried-over flag such as --compile could not be switched off again); trusting pickle is asked for each time; and
-# fine_tune, default_save_dir and checkpoint belong to the script (--checkpoint only seeds a new fine-tuning run).
+# fine_tune, default_save_dir, checkpoint and no_ema belong to the script (--checkpoint and --no_ema only seed a new
+# fine-tuning run).
 PER_INVOCATION = frozenset({"resume", "save_dir", "data_dir", "device", "trust_checkpoint", "num_workers", "cache",
                             "plain", "compile", "recompute", "fine_tune", "default_save_dir", "checkpoint",
-                            "no_curves"})
+                            "no_curves", "no_ema"})
 PRECISION_OPTIONS = ("precision", "fp16", "bf16")
 
 
@@ -253,6 +260,8 @@ def check_args(args):
                                alphas=dict(zip(STRONG_AUGMENTATIONS, args.aug_alphas)))
     except ValueError as err:
         raise ConfigError(f"--aug_rates / --aug_alphas: {err}") from None
+    if args.progressive and args.patch_size is not None:
+        log.warning(f"--patch_size {args.patch_size} is not used: the --progressive phases set the crops")
     if args.patch_size is not None and args.patch_size < MIN_PATCH:
         raise ConfigError(f"--patch_size must be at least {MIN_PATCH} pixels, got {args.patch_size}")
     if args.keep_last < 0:
@@ -268,6 +277,7 @@ def check_args(args):
                               "fine-tuning run)")
         args.checkpoint = str(run.checkpoint_file(args.checkpoint, prefer=run.BEST, option="--checkpoint"))
     args.save_dir = str(args.save_dir or (Path(args.resume).parent if args.resume else args.default_save_dir))
+    check_run_folder_outside_data(args)
     run.check_run_folder(args.save_dir, resume=args.resume)
     device = utils.resolve_device(args.device)
     utils.resolve_precision(args, device, training=True)
@@ -290,6 +300,9 @@ def _check_numbers(args):
                       ("seed", 0)):
         if getattr(args, name) < low:
             raise ConfigError(f"--{name} must be at least {low}, got {getattr(args, name)}")
+    if args.seed > MAX_SEED:
+        raise ConfigError(f"--seed must be at most {MAX_SEED} (2**63 - 1: the random generators take the seed plus "
+                          f"the epoch), got {args.seed}")
     if args.warmup_epochs >= args.epochs:
         raise ConfigError(f"--warmup_epochs ({args.warmup_epochs}) must be smaller than --epochs ({args.epochs}): "
                           "lower the warm-up or train longer")
@@ -303,6 +316,14 @@ def _check_numbers(args):
         raise ConfigError(f"--grad_clip must be at least 0 (0: no clipping), got {args.grad_clip}")
     if args.ema is not None and not 0 < args.ema < 1:
         raise ConfigError(f"--ema is a decay between 0 and 1 (e.g. 0.999), got {args.ema}")
+
+
+def check_run_folder_outside_data(args):
+    """Refuse a --save_dir inside --data_dir: its checkpoints and pictures would join the data set."""
+    save, data = Path(args.save_dir).resolve(), Path(args.data_dir).resolve()
+    if save == data or data in save.parents:
+        raise ConfigError(f"--save_dir {args.save_dir} is inside --data_dir {args.data_dir}: the run's files would "
+                          "join the data set; choose a folder outside it")
 
 
 # -------------------------------------------------------------------------------------------- the update
@@ -394,7 +415,8 @@ class Update:
             epoch (int): the 0-based epoch, for losses that change with it.
             step (int | None): the 0-based number of this update in the run (skipped ones included), which sets the
                 EMA's decay; required with an EMA.
-            stop_requested (bool): this process was asked to stop.
+            stop_requested (bool | Callable[[], bool]): this process was asked to stop; a callable is asked at the
+                end of the update, so that a stop during it ends the run after it.
 
         Returns:
             UpdateResult
@@ -424,8 +446,10 @@ class Update:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf"))
+        if callable(stop_requested):  # read now, at the end of the update in flight, not when it started
+            stop_requested = stop_requested()
         flags = torch.stack([~torch.isfinite(norm) | ~torch.isfinite(loss_sum),
-                             torch.tensor(stop_requested, device=self.device)]).float()
+                             torch.tensor(bool(stop_requested), device=self.device)]).float()
         if self.ddp_model is not None:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         skipped, stop, value = torch.cat([flags, loss_sum.view(1).float()]).tolist()
@@ -570,7 +594,8 @@ class TrainingState:
         Raises:
             ConfigError: the checkpoint was trained with other modules or another precision.
         """
-        self.model.load_state_dict(checkpoint["model"])
+        self.check(checkpoint, source=source)
+        load_weights(self.model, checkpoint["model"], name=source)  # checked: keys, shapes, finite values
         try:
             load_optimizer_state(self.optimizer, checkpoint["optimizer"])
         except ValueError as err:
@@ -582,7 +607,8 @@ class TrainingState:
         if self.scaler is not None:
             self.scaler.load_state_dict(checkpoint["scaler"])
         if self.ema is not None:
-            self.ema.module.load_state_dict(checkpoint["ema"] if checkpoint["ema"] is not None else checkpoint["model"])
+            load_weights(self.ema.module, checkpoint["ema"] if checkpoint["ema"] is not None
+                         else checkpoint["model"], name=f"{source} (EMA weights)")
         self.epoch, self.step, self.best_psnr = checkpoint["epoch"], checkpoint["step"], checkpoint["best_psnr"]
         self.bad_steps_in_a_row = checkpoint["bad_run"]
         self.epoch_sums = EpochSums(**checkpoint["partial"])
@@ -610,7 +636,8 @@ def build_network(args, config, start, device):
     fine-tuning run, its EMA weights where it has some) when given, frozen but for --trainable, on the fast path
     unless --plain."""
     if start is not None:
-        model = model_from_checkpoint(start, preset=args.preset, arch=args.arch, source=args.checkpoint)
+        model = model_from_checkpoint(start, preset=args.preset, arch=args.arch, use_ema=not args.no_ema,
+                                      source=args.checkpoint)
     else:
         model = build_model(**config)
     if args.trainable:
@@ -668,6 +695,34 @@ def check_resume(checkpoint, state, args, *, layout, done, updates):
                           "(other batches would skip or repeat images of the epoch and stretch the schedule)")
 
 
+def pair_names(train_loader, val_loader, data_dir):
+    """The run's pairs as ``[degraded, clean]`` paths relative to --data_dir, sorted: what a checkpoint records so
+    that a resume can tell the same data set from another one of as many pairs."""
+    pairs = [*train_loader.dataset.pairs, *(val_loader.dataset.pairs if val_loader is not None else ())]
+    return sorted([os.path.relpath(p.degraded, data_dir), os.path.relpath(p.clean, data_dir)] for p in pairs)
+
+
+def check_same_pairs(saved, now, args):
+    """Refuse a resume on pairs other than those the run started with (``pair_names``): with other names the split
+    into training and validation changes, and an image trained on could be validated on. Checkpoints that record no
+    pairs are not checked.
+
+    Raises:
+        ConfigError: saying which pairs were added and which are gone.
+    """
+    if not isinstance(saved, list) or saved == now:
+        return
+    old, new = ({" -> ".join(map(str, pair)) for pair in pairs} for pairs in (saved, now))
+    added, gone = sorted(new - old), sorted(old - new)
+    if not added and not gone:
+        return
+    changes = "; ".join(f"{what} ({len(names)}): {utils.listing(names, limit=5)}"
+                        for what, names in (("added", added), ("gone", gone)) if names)
+    raise ConfigError(f"--resume {args.resume} was trained on other pairs than --data_dir {args.data_dir} holds "
+                      f"({changes}): resume with the data set the run started with (the split into training and "
+                      "validation follows the names), or start a new run")
+
+
 def sum_over_processes(sums, processes):
     """An epoch's sums with the ``EpochSums.SUMMED`` entries added over the processes."""
     totals = torch.tensor([float(getattr(sums, k)) for k in EpochSums.SUMMED], dtype=torch.float64,
@@ -678,7 +733,7 @@ def sum_over_processes(sums, processes):
 
 
 @torch.no_grad()
-def validate(network, loader, loss_fn, *, epoch, processes):
+def validate(network, loader, loss_fn, *, epoch, processes, stopping=None):
     """Validation loss and the grader's PSNR (clamped, uint8-rounded), per degradation type and overall. Each process
     scores its share of ``loader``; the sums are combined. Outputs that are not finite give no PSNR: they would
     score as black images.
@@ -689,14 +744,19 @@ def validate(network, loader, loss_fn, *, epoch, processes):
         loss_fn (Callable): the training loss, ``loss_fn(pred, gt, epoch)``.
         epoch (int): epochs finished (the loss is that of the last one).
         processes (run.Processes): the processes validating together.
+        stopping (Callable[[], bool] | None): asked before each batch; True skips the rest of the validation.
 
     Returns:
-        dict: val_loss, and unless the outputs were not finite val_psnr and val_psnr_<kind> per type.
+        dict: val_loss, and unless the outputs were not finite val_psnr and val_psnr_<kind> per type; with
+        ``val_skipped`` and no scores when a stop skipped it.
     """
     network.eval()
     sums = defaultdict(lambda: [0.0, 0])  # kind -> [PSNR sum, images]; "" holds the validation loss
     for batch in tqdm(loader, desc="validation", unit="batch", leave=False, dynamic_ncols=True,
                       disable=processes.rank != 0):
+        if stopping is not None and stopping():
+            log.info(f"epoch {epoch}: stopping; validation skipped (this epoch is not compared for best.pth)")
+            return {"val_skipped": True}
         lq, gt = batch["lq"].to(processes.device), batch["gt"].to(processes.device)
         pred = network(lq).float()
         sums[""][0] += float(loss_fn(pred, gt, epoch - 1)) * lq.shape[0]
@@ -752,6 +812,9 @@ class Trainer:
         self.plan = PhasePlan(phases, first_loader, args=args, processes=self.processes)
         if resumed is None and args.resume:
             resumed = read_resume(args)
+        self.data_pairs = pair_names(first_loader, self.val_loader, args.data_dir)
+        if resumed is not None:
+            check_same_pairs(resumed.get("data_pairs"), self.data_pairs, args)
         self._phase = self.plan.phase_of(resumed["epoch"] if resumed is not None else 0)
         self.train_loader = self.plan.loaders[self._phase]
         self._build(resumed, checked.policy)
@@ -780,7 +843,10 @@ class Trainer:
                              autocast_dtype=utils.PRECISIONS[args.precision], grad_clip=args.grad_clip, scaler=scaler,
                              ema=self.ema, policy=policy, ddp_model=self.ddp_model)
         self.schedule = {"peak_lr": args.lr, "warmup_steps": self.plan.start_of(args.warmup_epochs),
-                         "total_steps": self.plan.start_of(args.epochs), "min_lr": MIN_LR}
+                         "total_steps": self.plan.start_of(args.epochs), "min_lr": schedule_floor(args.lr)}
+        if self.schedule["min_lr"] < MIN_LR:
+            log.info(f"--lr {args.lr:g} is below ten times the usual floor of the cosine ({MIN_LR:g}): it decays to "
+                     f"{self.schedule['min_lr']:g}, a tenth of the peak")
         self.state = TrainingState(self.model, self.optimizer, vars(args), self.model_config, ema=self.ema,
                                    scaler=scaler, loader_generator=self.train_loader.generator)
 
@@ -822,7 +888,8 @@ class Trainer:
                     state.epoch_sums = sum_over_processes(state.epoch_sums, self.processes)
                     self._save({"last.pth"})
                     break
-                self._end_epoch(run_log)
+                self._end_epoch(run_log, stop)
+                stopped = stopped or stop.signum is not None  # asked during validation: the next epoch waits
         if stopped:
             log.info(f"stopped after update {state.step}; continue with --resume {self.run_dir}")
         elif self.is_primary and not self.args.no_curves:
@@ -891,7 +958,8 @@ class Trainer:
     def _take_step(self, group, stop):
         """One optimizer update (``self.update``) at the learning rate of its step."""
         self._set_lr(self.state.step)
-        return self.update(group, epoch=self.state.epoch, step=self.state.step, stop_requested=stop.signum is not None)
+        return self.update(group, epoch=self.state.epoch, step=self.state.step,
+                           stop_requested=lambda: stop.signum is not None)
 
     def _set_lr(self, step):
         """Give every parameter group the learning rate of update ``step``."""
@@ -920,7 +988,7 @@ class Trainer:
         return TrainingError(f"{err}. last.pth holds the run after update {self.state.step}: continue it with "
                          f"--resume {self.run_dir} once the file is back")
 
-    def _end_epoch(self, run_log):
+    def _end_epoch(self, run_log, stop=None):
         """Validate when it is time; write last.pth (and best.pth when validation improved, or every epoch without
         validation); log the epoch and say how it went."""
         sums, state = sum_over_processes(self.state.epoch_sums, self.processes), self.state
@@ -937,7 +1005,7 @@ class Trainer:
                   "skipped_steps": sums.skipped, "time_s": sums.time_s, "val_loss": None, "val_psnr": None}
         if self.val_loader is not None and (state.epoch % self.args.val_interval == 0
                                             or state.epoch == self.args.epochs):
-            record.update(self.validate())
+            record.update(self.validate(stop))
         improved = record["val_psnr"] is not None and record["val_psnr"] > state.best_psnr
         if improved:
             state.best_psnr = record["val_psnr"]
@@ -950,10 +1018,12 @@ class Trainer:
         log.info(f"epoch {state.epoch}/{self.args.epochs}: {shown}" + (" (best)" if improved else ""))
 
     # ----------------------------------------------------------------------------------------- validation
-    def validate(self):
-        """Validate the EMA weights when they are kept, else the model's (see ``validate``)."""
+    def validate(self, stop=None):
+        """Validate the EMA weights when they are kept, else the model's (see ``validate``); a stop asked for before
+        or during it skips the rest (one process: with several, all must take part in each batch)."""
+        stopping = (lambda: stop.signum is not None) if stop is not None and not self.processes.distributed else None
         record = validate(self.ema.module if self.ema else self.model, self.val_loader, self.loss_fn,
-                          epoch=self.state.epoch, processes=self.processes)
+                          epoch=self.state.epoch, processes=self.processes, stopping=stopping)
         self.model.train()
         return record
 
@@ -966,6 +1036,7 @@ class Trainer:
             dist.all_gather_object(rng, utils.get_rng_state())
         if self.is_primary:
             checkpoint = self.state.state_dict(rng=rng, epoch_layout=self.plan.layout(self.state.epoch))
+            checkpoint["data_pairs"] = self.data_pairs  # a resume must find the same pairs (check_same_pairs)
             run.save(sorted(self.run_dir / name for name in names), checkpoint, run_dir=self.run_dir)
         if self.processes.distributed:
             dist.barrier()
@@ -984,8 +1055,9 @@ def main(argv=None, *, parser=None):
     utils.setup_logging()
     parser = parser or build_parser()
     def work():
-        args, resumed = command_line(parser, argv)
-        return train(args, resumed=resumed)
+        with run.terminate_as_interrupt():  # a SIGTERM before the loop (the data check) ends with one line
+            args, resumed = command_line(parser, argv)
+            return train(args, resumed=resumed)
 
     result = utils.run_cli(parser.prog, work)
     if result.signal is not None:

@@ -15,8 +15,10 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +26,11 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: outputs are not locked
+    fcntl = None
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -56,6 +63,15 @@ class ConfigError(UserError, ValueError):
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint file is missing, unreadable, damaged, or needs pickle to load."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The work stopped by a signal other than Ctrl-C's (SIGTERM): handled as Ctrl-C is (clean-ups run, exit 130),
+    and said by its name (``run.terminate_as_interrupt``, a second SIGTERM to a training run)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def _os_error_message(err: OSError) -> str:
@@ -101,8 +117,9 @@ def run_cli(prog: str, fn: Callable[[], Any]) -> Any:
         return fn()
     except ToolkitError as err:
         code, text = err.exit_code, str(err)
-    except KeyboardInterrupt:
-        code, text = 130, ("interrupted (Ctrl-C); files already written are complete, the one in progress was not "
+    except KeyboardInterrupt as err:
+        name = err.args[0] if isinstance(err, Interrupted) else "Ctrl-C"
+        code, text = 130, (f"interrupted ({name}); files already written are complete, the one in progress was not "
                            "written")
     except OSError as err:
         code, text = 1, _os_error_message(err)
@@ -162,6 +179,11 @@ def check_output_path(path: str | os.PathLike, option: str, *, folder: bool = Fa
     if clash is not None:
         raise ConfigError(f"{option} {path} is one of the inputs ({clash}): an output never replaces an input; "
                           "write elsewhere")
+    if not folder and path.is_file() and _run_file(path):
+        raise ConfigError(f"{option} {path} is the {path.name} of the training run in {path.parent}: an output never "
+                          "replaces a run's file; give another file name")
+    if not folder:
+        check_name_length(path.parent, path.name, f"{option} {path}")
     existing = (path if folder else path.parent).absolute()
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -174,6 +196,102 @@ def check_output_path(path: str | os.PathLike, option: str, *, folder: bool = Fa
         raise ConfigError(f"{option} {path}: cannot write in {existing} ({err.strerror or err}); choose a folder "
                           "you can write to") from None
     return path
+
+
+# The files of a training run's folder (run.py's; utils cannot import it), and the suffixes of checkpoints and
+# images: an output path naming an existing one of them is refused.
+RUN_FILE_NAMES = ("args.json", "log.jsonl", "last.pth", "best.pth", ".lock")
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors", ".bin")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# What atomic_write adds to a file's name for its temporary: "." before, ".XXXXXXXX.tmp" after.
+TEMPORARY_NAME_EXTRA = 14
+
+
+def _run_file(path: Path) -> bool:
+    return path.name in RUN_FILE_NAMES and any((path.parent / name).is_file() for name in RUN_FILE_NAMES[:4])
+
+
+def check_not_an_input(path: str | os.PathLike, option: str) -> None:
+    """Refuse an output file that would replace a checkpoint or an image (``check_output_path`` refuses a run's
+    files for every output; a command whose outputs are never checkpoints or images adds this). A file that does
+    not exist yet, or an earlier output of another kind, is fine.
+
+    Raises:
+        ConfigError: naming the option, the file and what it is.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return
+    if path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        what = "a checkpoint"
+    elif path.suffix.lower() in IMAGE_SUFFIXES:
+        what = "an image"
+    else:
+        return
+    raise ConfigError(f"{option} {path} is {what}: an output never replaces it; give another file name")
+
+
+def check_name_length(folder: str | os.PathLike, name: str, what: str) -> None:
+    """Refuse, before the work, a file name too long for the file system once ``atomic_write`` makes its temporary
+    name of it (the write would fail after the work, naming a hidden temporary).
+
+    Raises:
+        ConfigError: naming ``what`` (an option and its path, or the input image) and the limit.
+    """
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = 255
+    length = len(name.encode(errors="surrogateescape"))
+    if length + TEMPORARY_NAME_EXTRA > limit:
+        raise ConfigError(f"{what}: the file name {name[:40]}... is {length} bytes long, and the file system takes "
+                          f"{limit} (less {TEMPORARY_NAME_EXTRA} for the temporary written first): shorten it")
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike, option: str) -> Iterator[None]:
+    """Hold ``.NAME.lock`` beside the output ``path`` while a command makes it, so that two runs never write one
+    output (the file of one beside the scores of the other). A second run is refused while the first holds it; the
+    lock ends with the process however it ends, and its file is removed on leaving.
+
+    Raises:
+        ConfigError: another process holds it (its process id is given when known).
+    """
+    path = Path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    if fcntl is None:
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        file = open(lock, "a+")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            file.seek(0)
+            holder = file.read().strip() or "unknown"
+            file.close()
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise ConfigError(f"{option} {path} is being written by another run (process {holder}): wait for it to "
+                              "end, or write elsewhere") from None
+        try:
+            if os.fstat(file.fileno()).st_ino == os.stat(lock).st_ino:
+                break  # else a run that just ended removed the file this one locked: lock the new one
+        except FileNotFoundError:
+            pass
+        file.close()
+    try:
+        file.truncate(0)
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        file.close()
 
 
 def listing(items: Sequence[Any], *, limit: int = 20, sep: str = ", ", prefix: str = "") -> str:
@@ -270,6 +388,13 @@ def setup_logging(level: int = logging.INFO) -> None:
         root.addHandler(handler)
     root.setLevel(level)
     logging.captureWarnings(True)
+    warnings.formatwarning = _warning_text
+
+
+def _warning_text(message: Any, category: type, filename: str, lineno: int, line: str | None = None) -> str:
+    """A library's warning as its user reads it: the kind and the message, without the library's file path and
+    source line (which name no file of the user's and nothing to do)."""
+    return f"{category.__name__}: {message}"
 
 
 # ----------------------------------------------------------------------------------------------------------- metrics
@@ -374,6 +499,9 @@ def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_locat
                               f"checkpoint {path} is not a file: give a .pth file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): a write that never finished? Use another file")
+    foreign = _foreign_format(path)
+    if foreign:
+        raise CheckpointError(f"{path} is {foreign}")
     try:
         if mmap and zipfile.is_zipfile(path):
             return torch.load(path, map_location=map_location, weights_only=not trusted, mmap=True)
@@ -391,6 +519,26 @@ def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_locat
         detail = type(err).__name__ + (f": {detail}" if detail and "Weights only load failed" not in detail else "")
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: it is damaged (truncated or corrupt) or "
                               f"another kind of file ({detail}). Use an intact copy or another checkpoint") from err
+
+
+def _foreign_format(path: Path) -> str:
+    """What ``path`` is when it is a known kind of file that holds no checkpoint ``torch.load`` reads, with the fix;
+    else an empty string."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+            return ("a safetensors file, which this toolkit does not read: convert it with "
+                    "safetensors.torch.load_file and torch.save into a .pth file")
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                if any(name.split("/", 1)[-1] in ("constants.pkl", "code/") or "/code/" in name
+                       for name in archive.namelist()):
+                    return ("a TorchScript archive (a compiled model), not a checkpoint of weights: give the .pth "
+                            "that trainer.py wrote, or save the model's state_dict() with torch.save")
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return ""  # torch.load says what is wrong with it
+    return ""
 
 
 def _first_line(text: str, containing: str = "") -> str:
@@ -456,6 +604,9 @@ def plot_curves(run_dir: str | os.PathLike) -> list[Path]:
         fig.savefig(run_dir / name, dpi=120)
         plt.close(fig)
         written.append(run_dir / name)
+    if not written:
+        raise RunFolderError(f"{run_dir / LOG_NAME} holds {len(records)} epoch record(s) but no loss, PSNR or learning "
+                             "rate to draw: is it the log of a trainer.py run?")
     return written
 
 

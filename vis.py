@@ -12,9 +12,11 @@ from black (0) to white (``ERROR_SCALE`` levels or more) on the same scale in ev
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +29,11 @@ from inference import check_npz, npz_path, scan_inputs
 from scoring import psnr
 from utils import atomic_write, check_output_path, listing, naming, positive_int, run_cli, setup_logging
 
+log = logging.getLogger(__name__)
 ERROR_SCALE = 64  # 8-bit levels drawn as white in the error maps
 PANEL_INCHES = 3.2
+MAX_ASPECT = 4  # a panel is at most this many times as tall as wide (a 6x3000 strip drew a picture Pillow refused)
+GRID_NAME = re.compile(r"^grid_[0-9]+\.png$")
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,7 @@ def draw_grid(examples: Sequence[Example], path: str | os.PathLike) -> Path:
 
     with_clean = any(ex.clean is not None for ex in examples)
     cols = 4 if with_clean else 2
-    aspect = max(ex.degraded.shape[1] / ex.degraded.shape[2] for ex in examples)
+    aspect = min(max(ex.degraded.shape[1] / ex.degraded.shape[2] for ex in examples), MAX_ASPECT)
     fig, axes = plt.subplots(len(examples), cols, squeeze=False,
                              figsize=(cols * PANEL_INCHES, len(examples) * (PANEL_INCHES * aspect + 0.5)))
     for row, ex in zip(axes, examples):
@@ -129,8 +134,21 @@ def visualize(pred_npz: str | os.PathLike, input_folder: str | os.PathLike, out_
     check_output_path(out_dir, "--out_dir", folder=True, inputs=[f for f in (input_folder, gt_folder) if f])
     examples = load_examples(pred_npz, input_folder, gt_folder=gt_folder, names=names, num=num, seed=seed)
     digits = len(str(math.ceil(len(examples) / per_grid)))
-    return [draw_grid(examples[i:i + per_grid], Path(out_dir) / f"grid_{i // per_grid + 1:0{digits}d}.png")
-            for i in range(0, len(examples), per_grid)]
+    written = [draw_grid(examples[i:i + per_grid], Path(out_dir) / f"grid_{i // per_grid + 1:0{digits}d}.png")
+               for i in range(0, len(examples), per_grid)]
+    _remove_earlier_grids(Path(out_dir), written)
+    return written
+
+
+def _remove_earlier_grids(out_dir: Path, written: Sequence[Path]) -> None:
+    """Remove the grids an earlier run left in ``out_dir`` beside this run's (only files named as grids), saying so:
+    the folder then shows this run's pictures alone."""
+    earlier = sorted(p for p in out_dir.glob("grid_*.png") if GRID_NAME.match(p.name) and p not in written)
+    for path in earlier:
+        path.unlink(missing_ok=True)
+    if earlier:
+        log.info("removed %d grid(s) of an earlier run from %s: %s", len(earlier), out_dir,
+                 listing([p.name for p in earlier], limit=5))
 
 
 def build_parser() -> argparse.ArgumentParser:
