@@ -22,6 +22,7 @@ import re
 import signal
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ except ImportError:  # Windows: no lock on the run folder
     fcntl = None
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 import utils
 from utils import CheckpointError, ConfigError, UserError, WorkError
@@ -401,3 +403,81 @@ def process_group(device: torch.device) -> Iterator[Processes]:
     finally:
         console.setLevel(level)
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------- resuming a run
+# How the epoch in progress is cut into updates. A resume inside an epoch needs all of it again, or the rest of the
+# epoch would skip or repeat images; at an epoch's end, the update the next epoch starts at (the schedule's count).
+EPOCH_LAYOUT = {"batch_size": "--batch_size", "accum_steps": "--accum_steps", "processes": "processes",
+                "train_pairs": "training pairs", "epoch_start": "the epoch starting at update"}
+
+
+def check_resume(checkpoint, state, args, *, layout, done, updates):
+    """Refuse a resume with nothing left to do, or whose epoch in progress is cut into updates otherwise than when
+    it was saved.
+
+    Args:
+        checkpoint (dict): the --resume checkpoint, restored into ``state``.
+        state (TrainingState): the restored state.
+        args (argparse.Namespace): this run's options.
+        layout (dict): this run's ``EPOCH_LAYOUT`` of the epoch in progress.
+        done (int): the updates of that epoch done, by this run's counts.
+        updates (int): the updates of that epoch, by this run's counts.
+    """
+    if state.epoch >= args.epochs:
+        raise ConfigError(f"--resume {args.resume} has already completed {state.epoch} of --epochs {args.epochs}: "
+                          "pass a larger --epochs to train longer")
+    saved = checkpoint["epoch_layout"]
+    inside = state.step != saved["epoch_start"]
+    changed = [f"{EPOCH_LAYOUT[key]} {saved[key]}, not {layout[key]}" for key in EPOCH_LAYOUT
+               if (inside or key == "epoch_start") and saved[key] != layout[key]]
+    if changed or not 0 <= done < updates:
+        raise ConfigError(f"--resume {args.resume} stopped at update {state.step} of epoch {state.epoch + 1}, which "
+                          f"has {updates} updates here{', with ' if changed else ''}{', '.join(changed)}: resume "
+                          "with the same data, --batch_size (or --progressive), --accum_steps and number of processes "
+                          "(other batches would skip or repeat images of the epoch and stretch the schedule)")
+
+
+def pair_names(train_loader, val_loader, data_dir):
+    """The run's pairs as ``[degraded, clean]`` paths relative to --data_dir, sorted: what a checkpoint records so
+    that a resume can tell the same data set from another one of as many pairs."""
+    pairs = [*train_loader.dataset.pairs, *(val_loader.dataset.pairs if val_loader is not None else ())]
+    return sorted([os.path.relpath(p.degraded, data_dir), os.path.relpath(p.clean, data_dir)] for p in pairs)
+
+
+def check_same_pairs(saved, now, args):
+    """Refuse a resume on pairs other than those the run started with (``pair_names``): with other names the split
+    into training and validation changes, and an image trained on could be validated on. Checkpoints that record no
+    pairs are not checked.
+
+    Raises:
+        ConfigError: saying which pairs were added and which are gone.
+    """
+    if not isinstance(saved, list) or saved == now:
+        return
+    old, new = ({" -> ".join(map(str, pair)) for pair in pairs} for pairs in (saved, now))
+    added, gone = sorted(new - old), sorted(old - new)
+    if not added and not gone:
+        return
+    changes = "; ".join(f"{what} ({len(names)}): {utils.listing(names, limit=5)}"
+                        for what, names in (("added", added), ("gone", gone)) if names)
+    raise ConfigError(f"--resume {args.resume} was trained on other pairs than --data_dir {args.data_dir} holds "
+                      f"({changes}): resume with the data set the run started with (the split into training and "
+                      "validation follows the names), or start a new run")
+
+
+def check_run_folder_outside_data(args):
+    """Refuse a --save_dir inside --data_dir: its checkpoints and pictures would join the data set."""
+    save, data = Path(args.save_dir).resolve(), Path(args.data_dir).resolve()
+    if save == data or data in save.parents:
+        raise ConfigError(f"--save_dir {args.save_dir} is inside --data_dir {args.data_dir}: the run's files would "
+                          "join the data set; choose a folder outside it")
+
+
+def wrap_ddp(model, device):
+    """``model``'s DistributedDataParallel wrapper; every process starts from rank 0's weights."""
+    # The fast path's channels-last activations give some convolution weight gradients other strides than their
+    # parameters (on the CPU only along size-1 dimensions: the same memory, tested). DDP copies every gradient into
+    # its buckets anyway; a strided copy of the weights' size costs nothing next to a step.
+    warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides", UserWarning)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.index is not None else None)

@@ -123,7 +123,7 @@ class PhasePlan:
         return self.epoch_updates[min(epoch, len(self.epoch_updates) - 1)]
 
     def layout(self, epoch):
-        """How epoch ``epoch`` is cut into updates (``EPOCH_LAYOUT``)."""
+        """How epoch ``epoch`` is cut into updates (``run.EPOCH_LAYOUT``)."""
         return {"batch_size": self.phases[self.phase_of(epoch)].batch_size, "accum_steps": self.accum_steps,
                 "processes": self.world, "train_pairs": self.train_pairs, "epoch_start": self.start_of(epoch)}
 

@@ -17,12 +17,10 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import re
 import signal
 import sys
 import time
-import warnings
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -31,7 +29,6 @@ from typing import ClassVar
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import recipes
@@ -277,7 +274,7 @@ def check_args(args):
                               "fine-tuning run)")
         args.checkpoint = str(run.checkpoint_file(args.checkpoint, prefer=run.BEST, option="--checkpoint"))
     args.save_dir = str(args.save_dir or (Path(args.resume).parent if args.resume else args.default_save_dir))
-    check_run_folder_outside_data(args)
+    run.check_run_folder_outside_data(args)
     run.check_run_folder(args.save_dir, resume=args.resume)
     device = utils.resolve_device(args.device)
     utils.resolve_precision(args, device, training=True)
@@ -316,14 +313,6 @@ def _check_numbers(args):
         raise ConfigError(f"--grad_clip must be at least 0 (0: no clipping), got {args.grad_clip}")
     if args.ema is not None and not 0 < args.ema < 1:
         raise ConfigError(f"--ema is a decay between 0 and 1 (e.g. 0.999), got {args.ema}")
-
-
-def check_run_folder_outside_data(args):
-    """Refuse a --save_dir inside --data_dir: its checkpoints and pictures would join the data set."""
-    save, data = Path(args.save_dir).resolve(), Path(args.data_dir).resolve()
-    if save == data or data in save.parents:
-        raise ConfigError(f"--save_dir {args.save_dir} is inside --data_dir {args.data_dir}: the run's files would "
-                          "join the data set; choose a folder outside it")
 
 
 # -------------------------------------------------------------------------------------------- the update
@@ -534,7 +523,7 @@ class TrainingState:
         Args:
             rng (list[dict] | None): every process's ``utils.get_rng_state()``, indexed by rank (default: this
                 process's alone, which is all there is with one process).
-            epoch_layout (dict | None): how the epoch in progress is cut into updates (``EPOCH_LAYOUT``), which a
+            epoch_layout (dict | None): how the epoch in progress is cut into updates (``run.EPOCH_LAYOUT``), which a
                 resume must find again.
         """
         return {"format_version": FORMAT_VERSION, "model": self.model.state_dict(),
@@ -654,75 +643,6 @@ def build_network(args, config, start, device):
     return model
 
 
-def wrap_ddp(model, device):
-    """``model``'s DistributedDataParallel wrapper; every process starts from rank 0's weights."""
-    # The fast path's channels-last activations give some convolution weight gradients other strides than their
-    # parameters (on the CPU only along size-1 dimensions: the same memory, tested). DDP copies every gradient into
-    # its buckets anyway; a strided copy of the weights' size costs nothing next to a step.
-    warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides", UserWarning)
-    return DistributedDataParallel(model, device_ids=[device.index] if device.index is not None else None)
-
-
-# How the epoch in progress is cut into updates. A resume inside an epoch needs all of it again, or the rest of the
-# epoch would skip or repeat images; at an epoch's end, the update the next epoch starts at (the schedule's count).
-EPOCH_LAYOUT = {"batch_size": "--batch_size", "accum_steps": "--accum_steps", "processes": "processes",
-                "train_pairs": "training pairs", "epoch_start": "the epoch starting at update"}
-
-
-def check_resume(checkpoint, state, args, *, layout, done, updates):
-    """Refuse a resume with nothing left to do, or whose epoch in progress is cut into updates otherwise than when
-    it was saved.
-
-    Args:
-        checkpoint (dict): the --resume checkpoint, restored into ``state``.
-        state (TrainingState): the restored state.
-        args (argparse.Namespace): this run's options.
-        layout (dict): this run's ``EPOCH_LAYOUT`` of the epoch in progress.
-        done (int): the updates of that epoch done, by this run's counts.
-        updates (int): the updates of that epoch, by this run's counts.
-    """
-    if state.epoch >= args.epochs:
-        raise ConfigError(f"--resume {args.resume} has already completed {state.epoch} of --epochs {args.epochs}: "
-                          "pass a larger --epochs to train longer")
-    saved = checkpoint["epoch_layout"]
-    inside = state.step != saved["epoch_start"]
-    changed = [f"{EPOCH_LAYOUT[key]} {saved[key]}, not {layout[key]}" for key in EPOCH_LAYOUT
-               if (inside or key == "epoch_start") and saved[key] != layout[key]]
-    if changed or not 0 <= done < updates:
-        raise ConfigError(f"--resume {args.resume} stopped at update {state.step} of epoch {state.epoch + 1}, which "
-                          f"has {updates} updates here{', with ' if changed else ''}{', '.join(changed)}: resume "
-                          "with the same data, --batch_size (or --progressive), --accum_steps and number of processes "
-                          "(other batches would skip or repeat images of the epoch and stretch the schedule)")
-
-
-def pair_names(train_loader, val_loader, data_dir):
-    """The run's pairs as ``[degraded, clean]`` paths relative to --data_dir, sorted: what a checkpoint records so
-    that a resume can tell the same data set from another one of as many pairs."""
-    pairs = [*train_loader.dataset.pairs, *(val_loader.dataset.pairs if val_loader is not None else ())]
-    return sorted([os.path.relpath(p.degraded, data_dir), os.path.relpath(p.clean, data_dir)] for p in pairs)
-
-
-def check_same_pairs(saved, now, args):
-    """Refuse a resume on pairs other than those the run started with (``pair_names``): with other names the split
-    into training and validation changes, and an image trained on could be validated on. Checkpoints that record no
-    pairs are not checked.
-
-    Raises:
-        ConfigError: saying which pairs were added and which are gone.
-    """
-    if not isinstance(saved, list) or saved == now:
-        return
-    old, new = ({" -> ".join(map(str, pair)) for pair in pairs} for pairs in (saved, now))
-    added, gone = sorted(new - old), sorted(old - new)
-    if not added and not gone:
-        return
-    changes = "; ".join(f"{what} ({len(names)}): {utils.listing(names, limit=5)}"
-                        for what, names in (("added", added), ("gone", gone)) if names)
-    raise ConfigError(f"--resume {args.resume} was trained on other pairs than --data_dir {args.data_dir} holds "
-                      f"({changes}): resume with the data set the run started with (the split into training and "
-                      "validation follows the names), or start a new run")
-
-
 def sum_over_processes(sums, processes):
     """An epoch's sums with the ``EpochSums.SUMMED`` entries added over the processes."""
     totals = torch.tensor([float(getattr(sums, k)) for k in EpochSums.SUMMED], dtype=torch.float64,
@@ -812,9 +732,9 @@ class Trainer:
         self.plan = PhasePlan(phases, first_loader, args=args, processes=self.processes)
         if resumed is None and args.resume:
             resumed = read_resume(args)
-        self.data_pairs = pair_names(first_loader, self.val_loader, args.data_dir)
+        self.data_pairs = run.pair_names(first_loader, self.val_loader, args.data_dir)
         if resumed is not None:
-            check_same_pairs(resumed.get("data_pairs"), self.data_pairs, args)
+            run.check_same_pairs(resumed.get("data_pairs"), self.data_pairs, args)
         self._phase = self.plan.phase_of(resumed["epoch"] if resumed is not None else 0)
         self.train_loader = self.plan.loaders[self._phase]
         self._build(resumed, checked.policy)
@@ -831,7 +751,7 @@ class Trainer:
         self.model_config = model_config(resumed or start, args.preset, arch=args.arch,
                                          source=args.resume or args.checkpoint)
         self.model = build_network(args, self.model_config, start, self.device)
-        self.ddp_model = wrap_ddp(self.model, self.device) if self.processes.distributed else None
+        self.ddp_model = run.wrap_ddp(self.model, self.device) if self.processes.distributed else None
         self.ema = ModelEma(self.model, decay=args.ema, warmup=not args.ema_no_warmup) if args.ema else None
         self.loss_fn = build_loss(args.loss, num_epochs=args.epochs)
         if args.fft_weight:
@@ -853,7 +773,7 @@ class Trainer:
     def _restore(self, resumed):
         """Continue the state of the --resume checkpoint, once it is known to fit this run."""
         self.state.load_state_dict(resumed, rank=self.processes.rank, source=self.args.resume)
-        check_resume(resumed, self.state, self.args, layout=self.plan.layout(self.state.epoch),
+        run.check_resume(resumed, self.state, self.args, layout=self.plan.layout(self.state.epoch),
                      done=self._updates_done_in_epoch(), updates=self.updates_per_epoch)
         for group, decay in zip(self.optimizer.param_groups, (self.args.weight_decay, 0.0)):
             group["weight_decay"] = decay  # a --weight_decay given now holds (unchanged, it is the saved one)

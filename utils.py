@@ -546,16 +546,6 @@ def _first_line(text: str, containing: str = "") -> str:
     return next((line for line in lines if containing and containing in line), lines[0] if lines else "")
 
 
-def __getattr__(name: str) -> Any:
-    """Names that moved to ``run.py`` (a run folder's files), served from there until every caller imports them
-    from it."""
-    if name in ("LOG_NAME", "RunLog", "RunFolderError", "read_log", "remove_stale_temporaries"):
-        import run
-
-        return getattr(run, name)
-    raise AttributeError(f"module 'utils' has no attribute {name!r}")
-
-
 # ------------------------------------------------------------------------------------------------------ curves
 def _series(records: Iterable[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
     xs, ys = [], []
