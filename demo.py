@@ -110,10 +110,9 @@ def _step(number: str, script: str, main: Any, argv: list[str]) -> Any:
                          "own: run demo.py again, which starts it over in the same --out", code) from None
 
 
-def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """The whole pipeline of the demo, as ``main`` describes it."""
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
+def prepare_output(out: Path) -> Path:
+    """The demo's output folder, emptied of an earlier demo (naming any files of the user's it also held) and
+    marked as running; a link or a folder of other contents is refused."""
     if out.is_symlink():
         raise ConfigError(f"--out {out} is a link (to {out.readlink()}): the demo never replaces what a link points "
                           "at; name a folder itself, or a new one")
@@ -129,6 +128,13 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         raise ConfigError(str(err)) from None
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text(json.dumps({"status": "running"}))
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """The whole pipeline of the demo, as ``main`` describes it."""
+    torch.set_num_threads(args.threads)
+    out = prepare_output(Path(args.out))
     start = time.time()
     data = out / "data"
     ft_epochs = max(1, args.epochs // 3)
