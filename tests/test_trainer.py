@@ -1,6 +1,7 @@
 """trainer.py and the fine-tuning scripts: command line, exact accumulation and resume, stopping on a signal,
 skipping non-finite steps, fine-tuning stages, and that training on real rain learns."""
 import math
+import multiprocessing
 import os
 import shlex
 import signal
@@ -177,7 +178,8 @@ def test_resume_takes_the_options_recorded_in_the_checkpoint(tmp_path, trained):
 def test_the_readme_resume_command_continues_the_run_as_it_was_started(data, tmp_path, monkeypatch):
     """A charbonnier + EMA run of 3 epochs stopped after 2 and resumed through trainer.main with only --data_dir
     and --resume (the README's command) uses CharbonnierLoss and EMA again and ends with the weights and EMA of
-    the same run done straight (torch.equal); the resumed checkpoint is read once."""
+    the same run done straight (torch.equal); the resumed checkpoint is read once, and the data loader's worker
+    processes end with the run."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the resumed run picks its default device
     extra = ("--loss", "charbonnier", "--ema", 0.9, "--epochs", 3)
     trainer.train(tiny(data, tmp_path / "a", *extra))
@@ -193,6 +195,7 @@ def test_the_readme_resume_command_continues_the_run_as_it_was_started(data, tmp
     monkeypatch.setattr(utils, "load_checkpoint", lambda path, **kw: reads.append(Path(path)) or load(path, **kw))
     monkeypatch.setattr(trainer, "Trainer", Recording)
     trainer.main(["--data_dir", str(data), "--resume", str(tmp_path / "b")])
+    assert not multiprocessing.active_children()  # its 4 loader workers ended with the run, not at a later collection
     assert reads == [tmp_path / "b" / "last.pth"]
     (resumed,) = made
     assert isinstance(resumed.loss_fn, CharbonnierLoss) and resumed.ema is not None and resumed.ema.decay == 0.9
