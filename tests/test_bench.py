@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from benchmarks import bench_speed, gpu_check
-from benchmarks.bench_speed import FAILED, OK, PENDING, RUNNING, SKIPPED, Row, latest, load_rows
+from benchmarks.bench_speed import FAILED, OK, PENDING, PLAIN_FP32, RUNNING, SKIPPED, Row, latest, load_rows
 from conftest import ROOT
 
 
@@ -34,28 +34,36 @@ def test_bench_speed_smoke_table(tmp_path):
         row = ceilings[("ceilings", name)]
         assert row.status == OK and row.rate > 0 and row.spread is not None and "timed twice" in row.notes
     profiled = [r for r in rows if r[0].lstrip("| ").startswith("profile")]
-    assert [r[1] for r in profiled] == ["fast bf16"]  # a smoke run profiles one variant
+    assert [r[1] for r in profiled] == [bench_speed.PLAIN_FP32]  # a smoke run profiles one variant
     assert all(float(r[2]) > 0 and "largest (ms): aten::" in r[6] for r in profiled)
-    assert "aten::" in (tmp_path / "bench_profile_fast_bf16.txt").read_text()
+    assert "aten::" in (tmp_path / "bench_profile_plain_fp32.txt").read_text()
 
 
-def test_bench_speed_trained_psnr_case_and_failed_variant(tmp_path, monkeypatch):
-    """The trained-PSNR case runs trainer.py once per path and precision and reports the fast path's best validation
-    PSNR against the plain one's; a variant that raises becomes a 'failed' row and the variants after it still run."""
-    real = bench_speed.enable_fast_path
+def test_a_variant_that_raises_becomes_a_failed_row_and_the_next_ones_run(monkeypatch):
+    """In a real case, a variant whose code raises becomes a 'failed' row naming the error; the variant before it
+    was measured, the one after it runs, and the next case is reached."""
+    real, calls = bench_speed.enable_fast_path, []
 
-    def broken_nchw(model, *, channels_last=True, **kwargs):
-        if not channels_last:
+    def broken_second_call(model, **kwargs):
+        calls.append(model)
+        if len(calls) == 2:
             raise RuntimeError("injected failure | for the test")
-        return real(model, channels_last=channels_last, **kwargs)
+        return real(model, **kwargs)
 
-    monkeypatch.setattr(bench_speed, "enable_fast_path", broken_nchw)
-    text = bench_speed.main(["--smoke", "--quick", "--cases", "gpu-train-b8,gpu-compiled-train,gpu-psnr"])
+    monkeypatch.setattr(bench_speed, "enable_fast_path", broken_second_call)
+    text = bench_speed.main(["--smoke", "--quick", "--cases", "gpu-accuracy,gpu-compiled-train"])
     rows = {(r[0].lstrip("| "), r[1]): r for r in table_rows(text)}
-    failed = rows[("train b8 16x16", "fast bf16, NCHW")]
-    assert "failed: RuntimeError: injected failure / for the test" in failed[6] and failed[2] == "-"
-    assert float(rows[("train b8 16x16", "fast bf16")][2]) > 0  # the variant before it was measured
-    assert "skipped: needs CUDA" in rows[("train b8 16x16", "fast bf16 compiled")][6]  # and the one after it reached
+    first, failed, after = (rows[("accuracy b2 16x16", name)] for name, _, _ in bench_speed.ACCURACY[:3])
+    assert "failed: RuntimeError: injected failure / for the test" in failed[6] and failed[5] == "-"
+    assert float(first[5]) <= 1e-5 and float(after[5]) <= 1e-2
+    assert "skipped: needs CUDA" in rows[("train b8 16x16", "fast bf16 compiled")][6]
+
+
+def test_bench_speed_trained_psnr_case():
+    """The trained-PSNR case runs trainer.py once per path and precision and reports the fast path's best validation
+    PSNR against the plain one's."""
+    text = bench_speed.main(["--smoke", "--quick", "--cases", "gpu-psnr"])
+    rows = {(r[0].lstrip("| "), r[1]): r for r in table_rows(text)}
     psnr = {name: float(re.search(r"best val PSNR ([\d.]+) dB", row[6]).group(1))
             for (case, name), row in rows.items() if case.startswith("trained PSNR")}
     assert set(psnr) == {"plain fp32", "fast fp32", "plain bf16", "fast bf16"}
@@ -217,7 +225,8 @@ def test_accuracy_runs_without_autotuning_and_main_restores_the_settings(monkeyp
     monkeypatch.setattr(bench_speed, "rel_err", recording)
     torch.set_float32_matmul_precision("medium")
     try:
-        text = bench_speed.main(["--smoke", "--quick", "--cases", "gpu-accuracy,gpu-train-recipe"])
+        monkeypatch.setattr(bench_speed, "TRAIN_B8", [v for v in bench_speed.TRAIN_B8 if v.name == PLAIN_FP32])
+        text = bench_speed.main(["--smoke", "--quick", "--cases", "gpu-accuracy,gpu-train-b8"])
         after = (torch.get_float32_matmul_precision(), cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic)
     finally:
         torch.set_float32_matmul_precision(before)
