@@ -392,6 +392,10 @@ class Bench:
     def remaining(self) -> float:
         return self.deadline - self.clock()
 
+    def timing_room(self) -> float:
+        """The seconds a variant's second timing may take: none on a smoke run, which checks code and times once."""
+        return 0.0 if self.smoke else self.remaining()
+
     # ---------------------------------------------------------------------------------------- runner
     def run(self, case: str, variant: str, measure: Callable[[], dict | list[Row]], *,
             needs_cuda: bool = False, own_process: bool = False) -> Row | None:
@@ -696,13 +700,16 @@ def time_twice(fn: Callable[[], object], *, warmup: int, reps: int, device: str,
     return timings, spread(timings)
 
 
+ONCE_LATE, ONCE_SMOKE = "the case's share was running out", "a smoke run times once"
+
+
 def spread(timings: Sequence[float]) -> float | None:
     return abs(timings[0] - timings[1]) / min(timings) if len(timings) == 2 and min(timings) > 0 else None
 
 
-def timing_note(timings: Sequence[float], reps: int) -> str:
+def timing_note(timings: Sequence[float], reps: int, *, smoke: bool = False) -> str:
     if len(timings) == 1:
-        return f"median of {reps}, timed once (the case's share was running out)"
+        return f"median of {reps}, timed once ({ONCE_SMOKE if smoke else ONCE_LATE})"
     return f"medians of {reps}, timed twice: {timings[0]:.1f} and {timings[1]:.1f} ms (spread {spread(timings):.0%})"
 
 
@@ -859,9 +866,10 @@ def train_case(bench: Bench, variants: Sequence[TrainVariant], *, batch: int, si
         if v.graph:
             step.capture()
         skipped_before = step.skipped
-        timings, spread_ = time_twice(step, warmup=warmup, reps=steps, device=device, room_s=bench.remaining)
+        timings, spread_ = time_twice(step, warmup=warmup, reps=steps, device=device, room_s=bench.timing_room)
         ms, peak = statistics.mean(timings), peak_memory(device)
-        notes = [f"first update {first_s:.1f} s" + (" (compiles)" if v.compile else ""), timing_note(timings, steps),
+        notes = [f"first update {first_s:.1f} s" + (" (compiles)" if v.compile else ""),
+                 timing_note(timings, steps, smoke=bench.smoke),
                  "peak memory from after the warm-up", bench.machine_use(fast=v.fast, batch=batch, size=size,
                                                                           train=True, amp=v.amp, times=accum, ms=ms)]
         if step.skipped:
@@ -1093,11 +1101,11 @@ def infer_case(bench: Bench, variants: Sequence[tuple[str, bool, torch.dtype | N
                 return time.perf_counter() - start
 
             timings = [end_to_end()]
-            if bench.remaining() >= 2 * timings[0]:
+            if bench.timing_room() >= 2 * timings[0]:
                 timings.append(end_to_end())
             seconds, peak = statistics.mean(timings), peak_memory(device)
             twice = (f"timed twice: {timings[0]:.2f} and {timings[1]:.2f} s (spread {spread(timings):.0%})"
-                     if len(timings) == 2 else "timed once (the case's share was running out)")
+                     if len(timings) == 2 else f"timed once ({ONCE_SMOKE if bench.smoke else ONCE_LATE})")
             notes = [f"{count} images end to end in {seconds:.2f} s (checkpoint load, decoding, 8 views each, "
                      f"pred.npz); {twice}", f"warm-up {warm_s:.1f} s" + (" (compiles)" if compiled else ""),
                      "peak memory from after the warm-up",

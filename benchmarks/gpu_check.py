@@ -295,9 +295,9 @@ def write_pairs(root: Path, *, per_kind: int, size: int) -> Path:
 
 def case_torchrun(bench, log: Path) -> None:
     """trainer.py under a one-process torchrun (NCCL on CUDA, gloo on a smoke run) on a tiny random set: 2 epochs,
-    a resume to 3 (two launches, each with ``--num_workers 0``: no loader process forked beside NCCL's threads), then
-    inference.py on the run folder, called in this process (``inference.main``). A step whose run is missing (kept
-    from an earlier call) trains first."""
+    a resume to 3 (two launches, each with ``--num_workers 0``: no loader process forked beside NCCL's threads; no
+    curves), then inference.py on the run folder, called in this process (``inference.main``). A step whose run is
+    missing (kept from an earlier call) trains first."""
     import numpy as np
 
     import run
@@ -314,7 +314,7 @@ def case_torchrun(bench, log: Path) -> None:
         data, run_dir = Path(tmp) / "data", Path(tmp) / "run"
         common = ["--data_dir", str(data), "--preset", "tiny", "--device", device, "--num_workers", "0",
                   "--batch_size", "2", "--accum_steps", "1", "--patch_size", "16", "--val_per_type", "1",
-                  "--warmup_epochs", "1", "--lr", "1e-3", "--epochs", "2", "--save_dir", str(run_dir)]
+                  "--warmup_epochs", "1", "--lr", "1e-3", "--epochs", "2", "--save_dir", str(run_dir), "--no_curves"]
 
         def step(command: list[str], what: str) -> tuple[str, float]:
             code, seconds, text = run_logged(command, log, timeout=bench.remaining(), env=env)
@@ -357,7 +357,7 @@ def case_torchrun(bench, log: Path) -> None:
         def resume() -> dict:
             first, before = trained()
             text, seconds = step(torchrun + ["--data_dir", str(data), "--resume", str(run_dir), "--epochs", "3",
-                                             "--num_workers", "0"], "the resume")
+                                             "--num_workers", "0", "--no_curves"], "the resume")
             state = utils.load_checkpoint(run_dir / "last.pth")
             records = run.read_log(run_dir)
             if state["epoch"] != 3 or len(records) != 3 or state["step"] <= first["step"]:
