@@ -37,7 +37,6 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Container, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -709,20 +708,15 @@ def _loader_options(num_workers: int) -> dict:
     return {"num_workers": num_workers, "pin_memory": torch.cuda.is_available(), "persistent_workers": num_workers > 0}
 
 
-@contextmanager
-def workers_closed(*loaders: DataLoader | None) -> Iterator[None]:
-    """Within, the loaders keep their persistent workers; on leaving, the workers end at once. Left to the garbage
-    collector, a loader inside a reference cycle (a trainer holds its loaders) can lose its queues before its
-    workers hear the end, and then waits 5 s per worker before killing it. A loader iterated again starts new
-    workers."""
-    try:
-        yield
-    finally:
-        for loader in loaders:
-            iterator = getattr(loader, "_iterator", None)
-            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-                iterator._shutdown_workers()
-                loader._iterator = None
+def close_workers(*loaders: DataLoader | None) -> None:
+    """End the loaders' persistent worker processes now; a loader iterated again starts new ones. Left to the garbage
+    collector, a loader inside a reference cycle (a trainer holds its loaders) can lose its queues before its workers
+    hear the end, and then waits 5 s per worker before killing it."""
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            loader._iterator = None
 
 
 def make_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int, seed: int, world: int = 1,

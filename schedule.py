@@ -8,9 +8,11 @@ import bisect
 import itertools
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-from dataloader import DataError, make_train_loader
+from dataloader import DataError, close_workers, make_train_loader
 from utils import ConfigError
 
 log = logging.getLogger(__name__)
@@ -132,6 +134,15 @@ class PhasePlan:
         loader = self.loaders[index]
         if all(other is not loader for other in self.loaders[index + 1:]):
             self.loaders = [None if other is loader else other for other in self.loaders]
+            close_workers(loader)
+
+    @contextmanager
+    def workers_closed(self, *others) -> Iterator[None]:
+        """Within, the phases' loaders (and ``others``) keep their workers; on leaving, the workers end at once."""
+        try:
+            yield
+        finally:
+            close_workers(*self.loaders, *others)
 
     def describe(self):
         """The run's batches and updates in words."""

@@ -36,7 +36,7 @@ import run
 import scoring
 import utils
 from augment import DEFAULT_ALPHAS, DEFAULT_RATES, STRONG_AUGMENTATIONS, AugmentPolicy
-from dataloader import DataError, build_loaders, workers_closed
+from dataloader import DataError, build_loaders
 from ema import ModelEma
 from fast_path import enable_fast_path
 from GFL_Loss import LOSSES, WithFFT, build_loss, fft_weight_option
@@ -800,7 +800,7 @@ class Trainer:
         last_epoch, state, stopped = min(until_epoch or self.args.epochs, self.args.epochs), self.state, False
         folder = run.open_run_folder(self.args.save_dir, vars(self.args), resume=self.args.resume, epoch=state.epoch,
                                      epochs=self.args.epochs) if self.is_primary else nullcontext()
-        with folder as run_log, run.StopRequest() as stop, workers_closed(*self.plan.loaders, self.val_loader):
+        with folder as run_log, run.StopRequest() as stop, self.plan.workers_closed(self.val_loader):
             self._describe_run()
             while state.epoch < last_epoch and not stopped:
                 stopped = self._train_epoch(stop)

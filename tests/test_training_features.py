@@ -1,6 +1,7 @@
 """Training features of trainer.py: the EMA's warm-up, progressive patch training (--progressive) and weight
 snapshots for averaging (--keep_last), each with exact resume."""
 import argparse
+import multiprocessing
 import signal
 
 import pytest
@@ -181,6 +182,23 @@ def test_a_resume_inside_an_epoch_that_the_new_schedule_cannot_hold_is_refused(d
                                                   r"--progressive"):
         trainer.Trainer(tiny(data, None, "--epochs", 4, "--progressive", "8:5:1", "16:2:2", "whole:5:1",
                              "--resume", run))
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_loader_workers_end_with_their_phase_and_with_the_run(data, tmp_path):
+    """A phase's loader workers end when the run moves to the next phase (not at some later garbage collection), and
+    every loader's workers end when fit() returns."""
+    t = trainer.Trainer(tiny(data, tmp_path / "r", "--num_workers", 1, "--progressive", "16:2:1", "whole:2:1"))
+    alive, release = [], t.plan.release
+
+    def recording(index):
+        release(index)
+        alive.append(len(multiprocessing.active_children()))
+
+    t.plan.release = recording
+    t.fit()
+    assert alive == [1]  # the validation loader's worker; the first phase's is gone, the second's not started yet
+    assert not multiprocessing.active_children()
 
 
 def test_progressive_phases_shard_the_data_over_two_processes(tmp_path):
