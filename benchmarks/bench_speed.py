@@ -1046,6 +1046,16 @@ def write_random_images(folder: Path, count: int, size: int) -> None:
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
 
 
+def seconds_of_inference(argv: list[str], root: Path, device: str) -> float:
+    """Seconds of one ``inference.main(argv)`` call, end to end, writing a fresh npz in ``root``."""
+    import inference
+
+    start = time.perf_counter()
+    inference.main([*argv, "--output_npz", str(root / f"pred_{time.monotonic_ns()}.npz")])
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 INFER_VARIANTS = [("fast bf16", True, BF16), ("fast fp32 (tf32)", True, None), ("plain bf16", False, BF16),
                   (PLAIN_FP32, False, None)]
 COMPILED_INFER_VARIANTS = [("fast bf16 compiled", True, BF16), ("fast fp32 (tf32) compiled", True, None)]
@@ -1089,20 +1099,12 @@ def infer_case(bench: Bench, variants: Sequence[tuple[str, bool, torch.dtype | N
             del model
             reset_peak(device)  # the peak of inference.py's own run, without the warm-up's autotuning workspaces
 
-            def end_to_end() -> float:
-                argv = ["--checkpoint", str(checkpoint), "--input_folder", str(folder), "--output_npz",
-                        str(root / f"pred_{time.monotonic_ns()}.npz"), "--tta", "8", "--device", device,
-                        "--no_progress"]
-                argv += ([] if fast else ["--plain"]) + (["--compile"] if compiled else [])
-                argv += {None: [], BF16: ["--bf16"], FP16: ["--fp16"]}[amp]
-                start = time.perf_counter()
-                inference.main(argv)
-                synchronize(device)
-                return time.perf_counter() - start
-
-            timings = [end_to_end()]
+            argv = ["--checkpoint", str(checkpoint), "--input_folder", str(folder), "--tta", "8", "--device", device,
+                    "--no_progress", *([] if fast else ["--plain"]), *(["--compile"] if compiled else []),
+                    *{None: [], BF16: ["--bf16"], FP16: ["--fp16"]}[amp]]
+            timings = [seconds_of_inference(argv, root, device)]
             if bench.timing_room() >= 2 * timings[0]:
-                timings.append(end_to_end())
+                timings.append(seconds_of_inference(argv, root, device))
             seconds, peak = statistics.mean(timings), peak_memory(device)
             twice = (f"timed twice: {timings[0]:.2f} and {timings[1]:.2f} s (spread {spread(timings):.0%})"
                      if len(timings) == 2 else f"timed once ({ONCE_SMOKE if bench.smoke else ONCE_LATE})")

@@ -293,101 +293,117 @@ def write_pairs(root: Path, *, per_kind: int, size: int) -> Path:
     return root
 
 
+def guarded(fn):
+    """``fn`` as a variant's measurement: a step stopped at the budget is pending (for --rest), a failed one failed."""
+    import utils
+    from benchmarks.bench_speed import FAILED, PENDING
+
+    def measure() -> dict:
+        try:
+            return fn()
+        except TimeoutError as err:
+            return {"status": PENDING, "notes": f"{err}; run it again with --rest"}
+        except (RuntimeError, OSError, utils.ToolkitError) as err:
+            return {"status": FAILED, "notes": f"failed: {err}"}
+    return measure
+
+
+class TorchrunCheck:
+    """The steps of ``case_torchrun`` on one tiny data set and run folder in ``tmp``."""
+
+    def __init__(self, bench, log: Path, tmp: Path):
+        self.bench, self.log, self.tmp = bench, log, tmp
+        self.device = bench.device
+        self.backend = "nccl" if self.device == "cuda" else "gloo"
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1"} | ({"NCCL_DEBUG": "INFO"} if self.backend == "nccl" else {})
+        self.torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                         "trainer.py"]
+        self.data, self.run_dir = tmp / "data", tmp / "run"
+        self.common = ["--data_dir", str(self.data), "--preset", "tiny", "--device", self.device, "--num_workers",
+                       "0", "--batch_size", "2", "--accum_steps", "1", "--patch_size", "16", "--val_per_type", "1",
+                       "--warmup_epochs", "1", "--lr", "1e-3", "--epochs", "2", "--save_dir", str(self.run_dir),
+                       "--no_curves"]
+
+    def step(self, command: list[str], what: str) -> tuple[str, float]:
+        code, seconds, text = run_logged(command, self.log, timeout=self.bench.remaining(), env=self.env)
+        if code is None:
+            raise TimeoutError(f"{what} stopped at the budget after {seconds:.0f} s")
+        if code != 0:
+            raise RuntimeError(f"{what} exited with code {code}: {_last_line(text)}")
+        return text, seconds
+
+    def nccl_note(self, text: str) -> str:
+        if self.backend != "nccl":
+            return "gloo (smoke run)"
+        return "NCCL initialised (NCCL INFO lines in check_torchrun.log)" if "NCCL INFO" in text else \
+            "no NCCL INFO line in the output although NCCL_DEBUG=INFO was set"
+
+    def trained(self) -> tuple[dict, str]:
+        """The run's last.pth, trained first when an earlier call left none, and how the training went."""
+        import utils
+
+        if not (self.run_dir / "last.pth").is_file():
+            if not self.data.is_dir():
+                write_pairs(self.data, per_kind=3, size=24)
+            text, seconds = self.step(self.torchrun + self.common, "training")
+            return utils.load_checkpoint(self.run_dir / "last.pth"), f"{self.nccl_note(text)}; {seconds:.1f} s"
+        return utils.load_checkpoint(self.run_dir / "last.pth"), ""
+
+    def train(self) -> dict:
+        state, notes = self.trained()
+        if state["epoch"] != 2:
+            raise RuntimeError(f"last.pth holds epoch {state['epoch']}, not 2")
+        return {"notes": f"2 epochs, {state['step']} updates; {notes}"}
+
+    def resume(self) -> dict:
+        import run
+        import utils
+
+        first, before = self.trained()
+        text, seconds = self.step(self.torchrun + ["--data_dir", str(self.data), "--resume", str(self.run_dir),
+                                                   "--epochs", "3", "--num_workers", "0", "--no_curves"], "the resume")
+        state = utils.load_checkpoint(self.run_dir / "last.pth")
+        records = run.read_log(self.run_dir)
+        if state["epoch"] != 3 or len(records) != 3 or state["step"] <= first["step"]:
+            raise RuntimeError(f"after the resume last.pth holds epoch {state['epoch']} (step {state['step']}) "
+                               f"and the log {len(records)} epochs; expected 3 and 3")
+        return {"notes": f"epoch 2 -> 3, updates {first['step']} -> {state['step']}, 3 log records; "
+                         f"{self.nccl_note(text)}; {seconds:.1f} s" + (f" (trained first: {before})" if before else "")}
+
+    def infer(self) -> dict:
+        import numpy as np
+
+        import inference
+
+        _, before = self.trained()
+        npz = self.tmp / "pred.npz"
+        argv = ["--checkpoint", str(self.run_dir), "--input_folder", str(self.data / "train" / "degraded"),
+                "--gt_folder", str(self.data / "train" / "clean"), "--output_npz", str(npz), "--device", self.device,
+                "--no_progress"]
+        with open(self.log, "a") as f:
+            f.write(f"\n$ inference.main({argv!r}) (in the check's process)\n")
+        start = time.perf_counter()
+        inference.main(argv)  # a failure exits (SystemExit), which the runner reports as a failed row
+        seconds = time.perf_counter() - start
+        if not npz.is_file():
+            raise RuntimeError(f"inference.main returned but wrote no {npz.name}")
+        with np.load(npz) as held:
+            images = len(held.files)
+        return {"notes": f"pred.npz of {images} images, scored; {seconds:.1f} s"
+                         + (f" (trained first: {before})" if before else "")}
+
+
 def case_torchrun(bench, log: Path) -> None:
     """trainer.py under a one-process torchrun (NCCL on CUDA, gloo on a smoke run) on a tiny random set: 2 epochs,
     a resume to 3 (two launches, each with ``--num_workers 0``: no loader process forked beside NCCL's threads; no
     curves), then inference.py on the run folder, called in this process (``inference.main``). A step whose run is
     missing (kept from an earlier call) trains first."""
-    import numpy as np
-
-    import run
-    import utils
-    from benchmarks.bench_speed import FAILED, PENDING
-
-    device = bench.device
-    backend = "nccl" if device == "cuda" else "gloo"
-    case = f"torchrun, 1 process ({backend})"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"} | ({"NCCL_DEBUG": "INFO"} if backend == "nccl" else {})
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "trainer.py"]
-
     with tempfile.TemporaryDirectory() as tmp:
-        data, run_dir = Path(tmp) / "data", Path(tmp) / "run"
-        common = ["--data_dir", str(data), "--preset", "tiny", "--device", device, "--num_workers", "0",
-                  "--batch_size", "2", "--accum_steps", "1", "--patch_size", "16", "--val_per_type", "1",
-                  "--warmup_epochs", "1", "--lr", "1e-3", "--epochs", "2", "--save_dir", str(run_dir), "--no_curves"]
-
-        def step(command: list[str], what: str) -> tuple[str, float]:
-            code, seconds, text = run_logged(command, log, timeout=bench.remaining(), env=env)
-            if code is None:
-                raise TimeoutError(f"{what} stopped at the budget after {seconds:.0f} s")
-            if code != 0:
-                raise RuntimeError(f"{what} exited with code {code}: {_last_line(text)}")
-            return text, seconds
-
-        def nccl_note(text: str) -> str:
-            if backend != "nccl":
-                return "gloo (smoke run)"
-            return "NCCL initialised (NCCL INFO lines in check_torchrun.log)" if "NCCL INFO" in text else \
-                "no NCCL INFO line in the output although NCCL_DEBUG=INFO was set"
-
-        def trained() -> tuple[dict, str]:
-            if not (run_dir / "last.pth").is_file():
-                if not data.is_dir():
-                    write_pairs(data, per_kind=3, size=24)
-                text, seconds = step(torchrun + common, "training")
-                return utils.load_checkpoint(run_dir / "last.pth"), f"{nccl_note(text)}; {seconds:.1f} s"
-            return utils.load_checkpoint(run_dir / "last.pth"), ""
-
-        def guarded(fn):
-            def measure() -> dict:
-                try:
-                    return fn()
-                except TimeoutError as err:
-                    return {"status": PENDING, "notes": f"{err}; run it again with --rest"}
-                except (RuntimeError, OSError, utils.ToolkitError) as err:
-                    return {"status": FAILED, "notes": f"failed: {err}"}
-            return measure
-
-        def train() -> dict:
-            state, notes = trained()
-            if state["epoch"] != 2:
-                raise RuntimeError(f"last.pth holds epoch {state['epoch']}, not 2")
-            return {"notes": f"2 epochs, {state['step']} updates; {notes}"}
-
-        def resume() -> dict:
-            first, before = trained()
-            text, seconds = step(torchrun + ["--data_dir", str(data), "--resume", str(run_dir), "--epochs", "3",
-                                             "--num_workers", "0", "--no_curves"], "the resume")
-            state = utils.load_checkpoint(run_dir / "last.pth")
-            records = run.read_log(run_dir)
-            if state["epoch"] != 3 or len(records) != 3 or state["step"] <= first["step"]:
-                raise RuntimeError(f"after the resume last.pth holds epoch {state['epoch']} (step {state['step']}) "
-                                   f"and the log {len(records)} epochs; expected 3 and 3")
-            return {"notes": f"epoch 2 -> 3, updates {first['step']} -> {state['step']}, 3 log records; "
-                             f"{nccl_note(text)}; {seconds:.1f} s" + (f" (trained first: {before})" if before else "")}
-
-        def infer() -> dict:
-            _, before = trained()
-            import inference
-
-            npz = Path(tmp) / "pred.npz"
-            argv = ["--checkpoint", str(run_dir), "--input_folder", str(data / "train" / "degraded"), "--gt_folder",
-                    str(data / "train" / "clean"), "--output_npz", str(npz), "--device", device, "--no_progress"]
-            with open(log, "a") as f:
-                f.write(f"\n$ inference.main({argv!r}) (in the check's process)\n")
-            start = time.perf_counter()
-            inference.main(argv)  # a failure exits (SystemExit), which the runner reports as a failed row
-            seconds = time.perf_counter() - start
-            if not npz.is_file():
-                raise RuntimeError(f"inference.main returned but wrote no {npz.name}")
-            with np.load(npz) as held:
-                images = len(held.files)
-            return {"notes": f"pred.npz of {images} images, scored; {seconds:.1f} s"
-                             + (f" (trained first: {before})" if before else "")}
-
-        bench.run(case, "train 2 epochs", guarded(train), own_process=True)
-        bench.run(case, "resume to 3 epochs", guarded(resume), own_process=True)
-        bench.run(case, "inference.py on the run's best.pth", guarded(infer))  # in this process
+        check = TorchrunCheck(bench, log, Path(tmp))
+        case = f"torchrun, 1 process ({check.backend})"
+        bench.run(case, "train 2 epochs", guarded(check.train), own_process=True)
+        bench.run(case, "resume to 3 epochs", guarded(check.resume), own_process=True)
+        bench.run(case, "inference.py on the run's best.pth", guarded(check.infer))  # in this process
 
 
 def settle(rows, code: int | None, log_name: str):
