@@ -1032,8 +1032,8 @@ def case_profile(bench: Bench) -> None:
             path.write_text(averages.table(sort_by=sort, row_limit=40) + "\n")
         return {"ms": total_ms, "peak_bytes": peak_memory(device), "notes": f"largest (ms): {notes}"}
 
-    # a smoke run checks the code with one variant, the plain fp32 one: on the CPU the fast path's bf16 step (its
-    # attention in bands of rows) records 9 times as many events, and the profiler's bookkeeping of them takes 16 s
+    # a smoke run checks the code with one variant, the plain fp32 one: on the CPU the fast path's bf16 step records
+    # 9 times as many events as an fp32 step, and the profiler's bookkeeping of them takes 16 s
     for name, fast, amp in ((PLAIN_FP32, False, None), ("fast bf16", True, BF16))[:1 if bench.tiny else 2]:
         bench.run(case, name, lambda a=(name, fast, amp): measure(*a))
 
