@@ -20,6 +20,7 @@ import inference
 import synthetic
 import trainer
 import utils
+from conftest import make_homework_set
 from model import build_model
 from run import read_log
 
@@ -28,16 +29,7 @@ SIZE = 16
 
 def make_set(root, *, per_kind=4, seed=0):
     """A homework-layout set (train/degraded + train/clean) of ``per_kind`` random rain and snow pairs."""
-    rng = np.random.default_rng(seed)
-    for side in ("degraded", "clean"):
-        (root / "train" / side).mkdir(parents=True, exist_ok=True)
-    for kind in ("rain", "snow"):
-        for i in range(1, per_kind + 1):
-            clean = rng.integers(0, 200, (SIZE, SIZE, 3))
-            degraded = np.clip(clean + rng.integers(0, 56, (SIZE, SIZE, 1)), 0, 255)
-            Image.fromarray(clean.astype(np.uint8)).save(root / "train" / "clean" / f"{kind}_clean-{i}.png")
-            Image.fromarray(degraded.astype(np.uint8)).save(root / "train" / "degraded" / f"{kind}-{i}.png")
-    return root
+    return make_homework_set(root, per_kind=per_kind, size=SIZE, seed=seed)
 
 
 def train_argv(data, run, *extra):
